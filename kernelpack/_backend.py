@@ -1,0 +1,173 @@
+"""Array backends for the canonical decode: numpy (CPU) and torch (CPU or CUDA).
+
+Each form's decode is written once against the small :class:`Ops` interface, so
+the numpy path (used by ONNX Runtime services, which must not import torch) and
+the torch path (which runs the arithmetic on the GPU) cannot drift apart. Only
+operations whose results are fixed by IEEE 754 are exposed: float64 products and
+sums of exact integers, scaling by powers of two, round-half-even, and the final
+float64 -> float32 rounding. See spec/FORMAT.md, "Bit-exact decode".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+#: numpy dtypes of stored arrays by spec name. bfloat16 travels as its raw bits.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"), "int8": np.dtype("i1"), "uint8": np.dtype("u1"),
+    "int16": np.dtype("<i2"), "uint16": np.dtype("<u2"), "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"), "bool": np.dtype("?"),
+}
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bits to float32 exactly (a bfloat16 is a truncated float32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class Ops(Protocol):
+    """What a decode may do to arrays. ``Array`` is numpy.ndarray or torch.Tensor."""
+
+    def from_stored(self, stored: np.ndarray, dtype: str) -> Any: ...
+    def float64(self, stored: np.ndarray, dtype: str) -> Any: ...
+    def absmax(self, x: Any) -> float: ...
+    def scale(self, x: Any, factor: float) -> Any: ...
+    def rint(self, x: Any) -> Any: ...
+    def matmul(self, a: Any, b: Any) -> Any: ...
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any: ...
+    def reshape(self, x: Any, shape: Sequence[int]) -> Any: ...
+    def transpose2(self, x: Any) -> Any: ...
+    def take(self, x: Any, index: np.ndarray) -> Any: ...
+    def scatter(self, size: int, positions: np.ndarray, values: Any) -> Any: ...
+    def concat(self, parts: Sequence[Any]) -> Any: ...
+    def to_float32(self, x: Any) -> Any: ...
+    def to_numpy(self, x: Any) -> np.ndarray: ...
+
+
+class NumpyOps:
+    """The reference backend: numpy on the CPU, no torch import."""
+
+    name = "numpy"
+
+    def from_stored(self, stored: np.ndarray, dtype: str) -> np.ndarray:
+        return bfloat16_bits_to_float32(stored) if dtype == "bfloat16" else stored
+
+    def float64(self, stored: np.ndarray, dtype: str) -> np.ndarray:
+        return self.from_stored(stored, dtype).astype(np.float64)
+
+    def absmax(self, x: np.ndarray) -> float:
+        return float(np.max(np.abs(x))) if x.size else 0.0
+
+    def scale(self, x: np.ndarray, factor: float) -> np.ndarray:
+        return x * factor
+
+    def rint(self, x: np.ndarray) -> np.ndarray:
+        return np.rint(x)
+
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a @ b
+
+    def moveaxis(self, x: np.ndarray, source: int, destination: int) -> np.ndarray:
+        return np.moveaxis(x, source, destination)
+
+    def reshape(self, x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        return np.ascontiguousarray(x).reshape(tuple(shape))
+
+    def transpose2(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.T)
+
+    def take(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return x[index]
+
+    def scatter(self, size: int, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        out = np.zeros(size, dtype=np.float64)
+        out[positions] = values
+        return out
+
+    def concat(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=0)
+
+    def to_float32(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x)
+
+
+class TorchOps:
+    """torch on any device; on CUDA every product and sum of the decode runs on the GPU."""
+
+    name = "torch"
+
+    def __init__(self, device: Any = "cpu") -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+
+    def from_stored(self, stored: np.ndarray, dtype: str) -> Any:
+        stored = np.ascontiguousarray(stored)
+        t = self.torch.from_numpy(stored if stored.flags.writeable else stored.copy())
+        if dtype == "bfloat16":
+            t = t.view(self.torch.bfloat16)
+        return t.to(self.device)
+
+    def float64(self, stored: np.ndarray, dtype: str) -> Any:
+        return self.from_stored(stored, dtype).to(self.torch.float64)
+
+    def absmax(self, x: Any) -> float:
+        return float(x.abs().max()) if x.numel() else 0.0
+
+    def scale(self, x: Any, factor: float) -> Any:
+        return x * factor
+
+    def rint(self, x: Any) -> Any:
+        return self.torch.round(x)  # round half to even on every device
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        return a @ b
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
+        return self.torch.movedim(x, source, destination)
+
+    def reshape(self, x: Any, shape: Sequence[int]) -> Any:
+        return x.contiguous().reshape(tuple(shape))
+
+    def transpose2(self, x: Any) -> Any:
+        return x.T.contiguous()
+
+    def take(self, x: Any, index: np.ndarray) -> Any:
+        return x[self.torch.from_numpy(index.astype(np.int64)).to(self.device)]
+
+    def scatter(self, size: int, positions: np.ndarray, values: Any) -> Any:
+        out = self.torch.zeros(size, dtype=self.torch.float64, device=self.device)
+        out[self.torch.from_numpy(positions.astype(np.int64)).to(self.device)] = values
+        return out
+
+    def concat(self, parts: Sequence[Any]) -> Any:
+        return self.torch.cat(list(parts), dim=0)
+
+    def to_float32(self, x: Any) -> Any:
+        return x.to(self.torch.float32).contiguous()
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        x = x.detach().cpu().contiguous()
+        if x.dtype == self.torch.bfloat16:
+            return x.view(self.torch.uint16).numpy()
+        return x.numpy()
+
+
+def get_ops(backend: str = "numpy", device: Any = "cpu") -> Ops:
+    """The ops for a backend name: 'numpy', or 'torch' on ``device``."""
+    if backend == "numpy":
+        if str(device) != "cpu":
+            raise ValueError("the numpy backend runs on the CPU only")
+        return NumpyOps()
+    if backend == "torch":
+        return TorchOps(device)
+    raise ValueError(f"unknown backend {backend!r}: use 'numpy' or 'torch'")

@@ -1,0 +1,177 @@
+"""The canonical decode arithmetic: exact integer products in float64.
+
+Floating-point sums differ in the last bit when BLAS or a GPU adds in another
+order. kernelpack therefore never sums rounded numbers. Every reduction in a
+decode is a *fixed-point matmul* (spec/FORMAT.md, section "Fixed-point
+matmul"):
+
+1. both operands are rounded (half to even) onto integer grids scaled by a power
+   of two taken from their own largest magnitude, with bit widths chosen from the
+   reduction length K so that every product and every partial sum is an integer
+   of magnitude at most 2**53;
+2. the integer matmul then runs in float64, where such integers are exact, so
+   every summation order on every device gives the same bits;
+3. the exact result is scaled back by a power of two (exact).
+
+The tables (DCT and Chebyshev bases) are computed here with IEEE-754 basic
+operations only (no libm transcendental, whose last bit differs between
+machines), in a fixed order, on the CPU in numpy, so they are identical
+everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from kernelpack._backend import Ops
+
+#: The longest reduction a decode may perform (bounds the grid widths below).
+MAX_REDUCTION = 1 << 16
+
+
+def grid_bits(k: int) -> tuple[int, int]:
+    """Bit widths (left P, right S) of the integer grids for a reduction of length ``k``.
+
+    With L = ceil(log2 k), S = min(24, floor((53 - L) / 2)) and P = 53 - L - S, the
+    K products of P- and S-bit integers sum to at most 2**(P+S+L) = 2**53.
+    """
+    if not 1 <= k <= MAX_REDUCTION:
+        raise ValueError(f"reduction length {k} outside 1..{MAX_REDUCTION}")
+    lg = (k - 1).bit_length()
+    s = min(24, (53 - lg) // 2)
+    return 53 - lg - s, s
+
+
+def quantize(ops: Ops, x: Any, bits: int) -> tuple[Any, int]:
+    """Round ``x`` onto the grid 2**(e - bits), e the binary exponent of max|x|.
+
+    Returns integer-valued float64 ``q`` with |q| <= 2**bits and ``e`` such that
+    x ~= q * 2**(e - bits). An all-zero ``x`` gives q = x and e = 0.
+    """
+    peak = ops.absmax(x)
+    if peak == 0.0:
+        return x, 0
+    e = math.frexp(peak)[1]  # peak < 2**e
+    return ops.rint(ops.scale(x, math.ldexp(1.0, bits - e))), e
+
+
+def fixed_matmul(ops: Ops, a: Any, b: Any) -> Any:
+    """``a @ b`` (float64, 2-D) by the fixed-point rule; identical bits on every device."""
+    p, s = grid_bits(b.shape[0])
+    qa, ea = quantize(ops, a, p)
+    qb, eb = quantize(ops, b, s)
+    return ops.scale(ops.matmul(qa, qb), math.ldexp(1.0, ea - p + eb - s))
+
+
+def transform_axis(ops: Ops, x: Any, axis: int, table: np.ndarray) -> Any:
+    """Replace axis ``axis`` of ``x`` (length K) by ``x`` contracted with ``table`` (K, M)."""
+    moved = ops.moveaxis(x, axis, -1)
+    lead = tuple(moved.shape[:-1])
+    flat = ops.reshape(moved, (-1, table.shape[0]))
+    out = fixed_matmul(ops, flat, ops.float64(table, "float64"))
+    return ops.moveaxis(ops.reshape(out, lead + (table.shape[1],)), -1, axis)
+
+
+# --- tables -----------------------------------------------------------------------
+# Signed Taylor coefficients (-1)^j / (2j)! and (-1)^j / (2j+1)!, j = 0..12, as float64.
+_COS_TERMS = [(-1.0) ** j / math.factorial(2 * j) for j in range(13)]
+_SIN_TERMS = [(-1.0) ** j / math.factorial(2 * j + 1) for j in range(13)]
+
+
+def _horner_even(t: np.ndarray, terms: list[float]) -> np.ndarray:
+    """sum_j terms[j] * t**(2j) by Horner's rule in a fixed order (|t| <= pi/4)."""
+    t2 = t * t
+    acc = np.full_like(t, terms[-1])
+    for c in reversed(terms[:-1]):
+        acc = acc * t2 + c
+    return acc
+
+
+def cospi(num: np.ndarray, den: int) -> np.ndarray:
+    """cos(pi * num / den) for integer ``num`` and ``den`` > 0, reproducible bit for bit.
+
+    The rational argument is reduced exactly in integers to r in [0, 1/4] (cosine)
+    or (1/4, 1/2] (sine of 1/2 - r); then t = (r_num / r_den) * PI is evaluated
+    with two correctly rounded operations and a fixed Taylor polynomial.
+    """
+    num = np.asarray(num, dtype=np.int64)
+    m = np.mod(2 * num, 4 * den)  # angle in units of pi/(2 den), reduced mod 2 pi
+    m = np.where(m > 2 * den, 4 * den - m, m)  # cos is even: m in [0, 2 den]
+    negate = m > den  # cos(pi - x) = -cos(x)
+    m = np.where(negate, 2 * den - m, m)  # m in [0, den]: angle in [0, pi/2]
+    use_sin = 2 * m > den  # angle > pi/4: cos(x) = sin(pi/2 - x)
+    m = np.where(use_sin, den - m, m)  # angle in [0, pi/4]
+    t = (m.astype(np.float64) / float(2 * den)) * math.pi
+    value = np.where(use_sin, _horner_even(t, _SIN_TERMS) * t, _horner_even(t, _COS_TERMS))
+    return np.where(negate, -value, value)
+
+
+@lru_cache(maxsize=256)
+def dct_table(n: int, k: int) -> np.ndarray:
+    """Rows 0..k-1 of the orthonormal DCT-III synthesis matrix of length ``n``.
+
+    table[f, x] = a_f * cos(pi * (2x + 1) * f / (2n)), a_0 = sqrt(1/n), a_f = sqrt(2/n).
+    Read-only and cached.
+    """
+    f = np.arange(k, dtype=np.int64)[:, None]
+    x = np.arange(n, dtype=np.int64)[None, :]
+    c = cospi((2 * x + 1) * f, 2 * n)
+    alpha = np.where(f == 0, np.sqrt(1.0 / n), np.sqrt(2.0 / n))
+    table = alpha * c
+    table.flags.writeable = False
+    return table
+
+
+def named_points(name: str, k: int) -> np.ndarray:
+    """Sample points in [-1, 1] of a named set: 'cgl' (Chebyshev-Gauss-Lobatto) or 'uniform'."""
+    i = np.arange(k, dtype=np.int64)
+    if k == 1:
+        return np.array([1.0 if name == "cgl" else 0.0])
+    if name == "cgl":
+        return cospi(i, k - 1)
+    if name == "uniform":
+        return (2 * i - (k - 1)).astype(np.float64) / float(k - 1)
+    raise ValueError(f"unknown point set {name!r}")
+
+
+def chebyshev_table(n_terms: int, points: np.ndarray) -> np.ndarray:
+    """table[p, i] = T_p(x_i) by T_{p+1} = (2x) T_p - T_{p-1}, in float64, in that order."""
+    x = np.asarray(points, dtype=np.float64)
+    rows = [np.ones_like(x), x.copy()]
+    two_x = 2.0 * x
+    while len(rows) < n_terms:
+        rows.append(two_x * rows[-1] - rows[-2])
+    table = np.stack(rows[:n_terms]) if n_terms else np.zeros((0, x.size))
+    table.flags.writeable = False
+    return table
+
+
+# --- zigzag order -----------------------------------------------------------------
+def zigzag_positions(shape: tuple[int, ...], axes: tuple[int, ...], boundary: int) -> np.ndarray:
+    """The first ``boundary`` multi-indices of ``shape`` in zigzag order, as an (boundary, ndim) array.
+
+    Zigzag order sorts multi-indices by the sum of their components on ``axes``
+    (the L1 norm of the frequency index), ties in row-major (C) order. Work and
+    memory are proportional to the box that can hold the kept indices, not to the
+    whole tensor.
+    """
+    ndim = len(shape)
+    if boundary == 0:
+        return np.zeros((0, ndim), dtype=np.int64)
+    other = math.prod(shape[a] for a in range(ndim) if a not in axes)
+    counts = np.ones(1, dtype=np.int64)
+    for a in axes:  # count of frequency indices by L1 norm: product of box polynomials
+        counts = np.convolve(counts, np.ones(shape[a], dtype=np.int64))
+    level = int(np.searchsorted(np.cumsum(counts) * other, boundary))  # norm of the last kept
+    box = tuple(min(d, level + 1) if a in axes else d for a, d in enumerate(shape))
+    norm = np.zeros(box, dtype=np.int64)
+    for a in axes:
+        norm = norm + np.arange(box[a], dtype=np.int64).reshape([-1 if b == a else 1 for b in range(ndim)])
+    flat = norm.reshape(-1)
+    candidates = np.flatnonzero(flat <= level)
+    chosen = candidates[np.argsort(flat[candidates], kind="stable")[:boundary]]
+    return np.stack(np.unravel_index(chosen, box), axis=1).astype(np.int64)

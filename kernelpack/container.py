@@ -1,0 +1,453 @@
+"""The .kpk container: byte layout, atomic writer, validating reader (spec/FORMAT.md).
+
+Layout::
+
+    0   8   magic b"\\x89KPK\\r\\n\\x1a\\n"
+    8   2   format major (uint16 LE)      10  2   format minor (uint16 LE)
+    12  4   header length H (uint32 LE)   16  32  SHA-256 of bytes 0..16 and the header
+    48  H   header (msgpack map)
+        ... zero bytes up to a multiple of 64: the data area starts there
+        payloads, each at a 64-aligned offset right after the previous one, zero gaps
+
+The reader checks the whole header (every field, limits, layout) before it reads
+or allocates any payload; every payload is checked against its SHA-256 before it
+is decompressed; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import msgpack
+import numpy as np
+
+from kernelpack._backend import NUMPY_DTYPES, NumpyOps, Ops, get_ops
+from kernelpack.errors import KernelpackError
+from kernelpack.forms import FORMS, Encoded
+from kernelpack.forms._base import ArraySpec, Stored, need, need_int, need_shape
+
+MAGIC = b"\x89KPK\r\n\x1a\n"
+VERSION = (1, 0)
+PREAMBLE = 48
+ALIGN = 64
+MAX_HEADER = 64 << 20
+MAX_NAME = 1024
+CODECS = ("none", "zstd")
+TOP_KEYS = frozenset({"metadata", "banks", "tensors"})
+TENSOR_KEYS = frozenset({"form", "shape", "dtype", "digest", "fields", "arrays"})
+ARRAY_KEYS = frozenset({"dtype", "shape", "offset", "length", "codec", "sha256"})
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def digest(array: np.ndarray, dtype: str) -> bytes:
+    """SHA-256 of a decoded tensor: its little-endian C-order bytes in ``dtype``.
+
+    A bfloat16 tensor decoded by numpy arrives widened to float32; its digest is
+    taken over the bfloat16 bits (the upper halves), which the widening kept.
+    """
+    if dtype == "bfloat16" and array.dtype == np.float32:
+        array = (np.ascontiguousarray(array).view(np.uint32) >> 16).astype(np.uint16)
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).tobytes()).digest()
+
+
+# --- writing --------------------------------------------------------------------------
+def _payload(stored: Stored, level: int) -> tuple[bytes, dict[str, Any]]:
+    import zstandard
+
+    raw = np.ascontiguousarray(stored.data, dtype=NUMPY_DTYPES[stored.dtype]).tobytes()
+    packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw) if raw else b""
+    codec, body = ("zstd", packed) if len(packed) < len(raw) else ("none", raw)
+    ref = {"dtype": stored.dtype, "shape": list(stored.spec.shape), "codec": codec,
+           "length": len(body), "sha256": hashlib.sha256(body).digest()}
+    return body, ref
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
+          metadata: Mapping[str, str] | None = None, level: int = 19) -> None:
+    """Write a container atomically: a temporary file in the same folder, fsync, rename.
+
+    A writer killed at any moment leaves the previous file (or none), never a part.
+    """
+    path = os.fspath(path)
+    meta = dict(metadata or {})
+    for key, value in meta.items():
+        need(isinstance(key, str) and isinstance(value, str), "metadata", "must map str to str")
+    banks: dict[str, Stored] = {}
+    for name, tensor in tensors.items():
+        _check_name(name, "tensor name", path)
+        for bank_name, bank in tensor.banks().items():
+            old = banks.setdefault(bank_name, bank)
+            if old is not bank and not (old.dtype == bank.dtype and np.array_equal(old.data, bank.data)):
+                raise KernelpackError(f"two different banks are both named {bank_name!r}",
+                                      path=path, tensor=name, field="bank")
+    bodies: list[bytes] = []
+    end = 0  # bytes of the data area so far
+
+    def place(stored: Stored) -> dict[str, Any]:
+        nonlocal end
+        body, ref = _payload(stored, level)
+        ref["offset"] = _align(end)
+        bodies.extend([b"\0" * (ref["offset"] - end), body])
+        end = ref["offset"] + len(body)
+        return ref
+
+    header: dict[str, Any] = {"metadata": meta, "banks": {}, "tensors": {}}
+    for bank_name in sorted(banks):
+        header["banks"][bank_name] = place(banks[bank_name])
+    ops = NumpyOps()
+    for name, tensor in tensors.items():
+        header["tensors"][name] = {
+            "form": tensor.form, "shape": list(tensor.shape), "dtype": tensor.dtype,
+            "digest": digest(tensor.decode(ops), tensor.dtype), "fields": tensor.fields(),
+            "arrays": {k: place(v) for k, v in tensor.arrays().items()},
+        }
+    head = msgpack.packb(header, use_bin_type=True)
+    if len(head) > MAX_HEADER:
+        raise KernelpackError(f"header of {len(head)} bytes exceeds the limit {MAX_HEADER}", path=path)
+    fixed = MAGIC + struct.pack("<HHI", VERSION[0], VERSION[1], len(head))
+    start = fixed + hashlib.sha256(fixed + head).digest() + head
+    _atomic_write(path, [start, b"\0" * (_align(len(start)) - len(start)), *bodies])
+
+
+def _atomic_write(path: str, chunks: list[bytes]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --- reading --------------------------------------------------------------------------
+def _check_name(name: Any, what: str, path: str) -> None:
+    ok = isinstance(name, str) and 1 <= len(name.encode("utf-8", "replace")) <= MAX_NAME \
+        and name.isprintable()
+    if not ok:
+        raise KernelpackError(f"{what} {name!r} must be 1..{MAX_NAME} bytes of printable text", path=path)
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """A stored array's header entry: what it is and where its payload lies."""
+
+    spec: ArraySpec
+    offset: int
+    length: int
+    codec: str
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's header entry, validated."""
+
+    name: str
+    form: str
+    shape: tuple[int, ...]
+    dtype: str
+    digest: bytes
+    fields: Mapping[str, Any]
+    arrays: Mapping[str, ArrayRef]
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of this tensor's payloads in the file (banks not included)."""
+        return sum(ref.length for ref in self.arrays.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the tensor as dense float32 (the reference for compression ratios)."""
+        return int(np.prod(self.shape, dtype=np.int64)) * 4
+
+
+def _parse_ref(value: Any, field: str, file_size: int) -> ArrayRef:
+    need(isinstance(value, dict), field, "must be a map")
+    unknown = sorted(set(value) - ARRAY_KEYS, key=str)
+    need(not unknown, f"{field}.{unknown[0] if unknown else ''}", "is not a field of a stored array")
+    dtype = value.get("dtype")
+    need(dtype in NUMPY_DTYPES, f"{field}.dtype", f"unknown dtype {dtype!r}")
+    spec = ArraySpec(dtype, need_shape(value.get("shape"), f"{field}.shape"))
+    offset = need_int(value.get("offset"), f"{field}.offset", 0, file_size)
+    length = need_int(value.get("length"), f"{field}.length", 0, file_size)
+    codec = value.get("codec")
+    need(codec in CODECS, f"{field}.codec", f"must be one of {CODECS}, got {codec!r}")
+    if codec == "none":
+        need(length == spec.nbytes, f"{field}.length",
+             f"uncompressed payload must be {spec.nbytes} bytes for its dtype and shape, got {length}")
+    sha = value.get("sha256")
+    need(isinstance(sha, bytes) and len(sha) == 32, f"{field}.sha256", "must be 32 bytes")
+    return ArrayRef(spec, offset, length, codec, sha)
+
+
+class Container:
+    """An open container: validated header, lazy access to single tensors.
+
+    Use as ``with kernelpack.open(path) as c: c.get_tensor(name)``. Reading is
+    thread-safe (positional reads on one descriptor).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            raise KernelpackError(f"cannot open: {exc.strerror}", path=self.path) from None
+        try:
+            self._size = os.fstat(self._fd).st_size
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    # context manager and lifetime
+    def __enter__(self) -> "Container":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    # header
+    def _error(self, exc: KernelpackError, tensor: str | None = None) -> KernelpackError:
+        return exc.located(path=self.path, tensor=tensor)
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise KernelpackError(f"truncated: {length} bytes expected at offset {offset}", path=self.path)
+        return data
+
+    def _read_header(self) -> None:
+        if self._size < PREAMBLE:
+            raise KernelpackError(f"truncated: {self._size} bytes, shorter than the "
+                                  f"{PREAMBLE}-byte preamble", path=self.path, field="preamble")
+        fixed = self._pread(PREAMBLE, 0)
+        if fixed[:8] != MAGIC:
+            raise KernelpackError("not a kernelpack container (bad magic)", path=self.path, field="magic")
+        major, minor, length = struct.unpack("<HHI", fixed[8:16])
+        if major != VERSION[0]:
+            raise KernelpackError(
+                f"format version {major}.{minor} needs a kernelpack reader for format {major}.x; "
+                f"this reader reads {VERSION[0]}.0 to {VERSION[0]}.{VERSION[1]}",
+                path=self.path, field="version")
+        self.version = (major, minor)
+        if length > MAX_HEADER or PREAMBLE + length > self._size:
+            raise KernelpackError(f"header length {length} exceeds the file or the limit {MAX_HEADER}",
+                                  path=self.path, field="header_length")
+        head = self._pread(length, PREAMBLE)
+        if hashlib.sha256(fixed[:16] + head).digest() != fixed[16:48]:
+            raise KernelpackError("header checksum mismatch: the file is corrupted",
+                                  path=self.path, field="header_sha256")
+        try:
+            header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True)
+        except Exception as exc:  # msgpack raises many types; report one
+            raise KernelpackError(f"header is not valid msgpack: {exc}", path=self.path,
+                                  field="header") from None
+        self._header_end = PREAMBLE + length
+        self._data_start = _align(self._header_end)
+        try:
+            self._parse(header)
+        except KernelpackError as exc:
+            raise self._error(exc) from None
+
+    def _known(self, keys: Any, allowed: frozenset[str], field: str) -> None:
+        """Unknown keys are errors, unless the file has a newer minor version (then ignored)."""
+        unknown = sorted(set(keys) - allowed, key=str)
+        if unknown and self.version[1] <= VERSION[1]:
+            raise KernelpackError(f"unknown field in a version {self.version[0]}.{self.version[1]} file",
+                                  field=f"{field}{unknown[0]}")
+
+    def _parse(self, header: Any) -> None:
+        need(isinstance(header, dict), "header", "must be a map")
+        self._known(header, TOP_KEYS, "")
+        meta = header.get("metadata", {})
+        need(isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in meta.items()), "metadata", "must map str to str")
+        self.metadata: dict[str, str] = meta
+        banks, tensors = header.get("banks", {}), header.get("tensors")
+        need(isinstance(banks, dict), "banks", "must be a map")
+        need(isinstance(tensors, dict), "tensors", "must be a map")
+        self._banks: dict[str, ArrayRef] = {}
+        for name, value in banks.items():
+            _check_name(name, "bank name", self.path)
+            self._banks[name] = _parse_ref(value, f"banks.{name}", self._size)
+            need(len(self._banks[name].spec.shape) >= 2, f"banks.{name}.shape",
+                 "must be [n, *filter_shape] with n >= 1")
+        self._tensors: dict[str, TensorInfo] = {}
+        for name, entry in tensors.items():
+            _check_name(name, "tensor name", self.path)
+            try:
+                self._tensors[name] = self._parse_tensor(name, entry)
+            except KernelpackError as exc:
+                raise exc.located(tensor=name) from None
+        self._check_layout()
+        self._bank_cache: dict[str, Stored] = {}
+
+    def _parse_tensor(self, name: str, entry: Any) -> TensorInfo:
+        need(isinstance(entry, dict), "", "entry must be a map")
+        self._known(entry, TENSOR_KEYS, "")
+        form = entry.get("form")
+        need(isinstance(form, str), "form", "must be a string")
+        shape = need_shape(entry.get("shape"), "shape")
+        dtype = entry.get("dtype")
+        need(dtype in NUMPY_DTYPES, "dtype", f"unknown dtype {dtype!r}")
+        dig = entry.get("digest")
+        need(isinstance(dig, bytes) and len(dig) == 32, "digest", "must be 32 bytes (SHA-256)")
+        fields, arrays = entry.get("fields", {}), entry.get("arrays")
+        need(isinstance(fields, dict), "fields", "must be a map")
+        need(isinstance(arrays, dict) and all(isinstance(k, str) for k in arrays), "arrays",
+             "must be a map of stored arrays")
+        refs = {k: _parse_ref(v, f"arrays.{k}", self._size) for k, v in arrays.items()}
+        cls = FORMS.get(form)
+        if cls is None:
+            need(self.version[1] > VERSION[1], "form", f"unknown form {form!r}")
+        else:
+            self._known(fields, cls.FIELDS, "fields.")
+            need(form == "dense" or dtype == "float32", "dtype", "compressed forms decode to float32")
+            cls.check(shape, dtype, fields, {k: r.spec for k, r in refs.items()},
+                      {k: r.spec for k, r in self._banks.items()})
+        return TensorInfo(name, form, shape, dtype, dig, fields, refs)
+
+    def _regions(self) -> list[tuple[int, int, str]]:
+        regions = [(r.offset, r.length, f"banks.{n}") for n, r in self._banks.items()]
+        for t in self._tensors.values():
+            regions += [(r.offset, r.length, f"{t.name}: arrays.{k}") for k, r in t.arrays.items()]
+        return sorted(regions)
+
+    def _check_layout(self) -> None:
+        """Payloads tile the data area in order: each at the first 64-aligned offset after the last."""
+        end = 0
+        for offset, length, where in self._regions():
+            need(offset == _align(end), f"{where}.offset",
+                 f"must be {_align(end)} (payloads are packed in order, 64-aligned, no overlap)")
+            end = offset + length
+        need(self._data_start + end == self._size, "size", f"file is {self._size} bytes; its header describes {self._data_start + end}")
+
+    def check_padding(self) -> None:
+        """Every byte outside header and payloads is zero (so every bit of the file is checked)."""
+        spans = [(self._header_end, self._data_start)]
+        end = 0
+        for offset, length, _ in self._regions():
+            spans.append((self._data_start + end, self._data_start + offset))
+            end = offset + length
+        for lo, hi in spans:
+            if hi > lo and any(self._pread(hi - lo, lo)):
+                raise KernelpackError(f"non-zero padding bytes at {lo}..{hi}: the file is corrupted",
+                                      path=self.path, field="padding")
+
+    # access
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._tensors:
+            raise KeyError(name)
+        return self._tensors[name]
+
+    def bank_info(self) -> dict[str, ArrayRef]:
+        return dict(self._banks)
+
+    def read_array(self, ref: ArrayRef, field: str, tensor: str | None = None) -> Stored:
+        """One payload: checked against its SHA-256, decompressed to exactly its declared size."""
+        body = self._pread(ref.length, self._data_start + ref.offset)
+        if hashlib.sha256(body).digest() != ref.sha256:
+            raise KernelpackError("payload checksum mismatch: the file is corrupted",
+                                  path=self.path, tensor=tensor, field=field)
+        if ref.codec == "zstd":
+            body = self._inflate(body, ref.spec.nbytes, field, tensor)
+        data = np.frombuffer(body, dtype=NUMPY_DTYPES[ref.spec.dtype]).reshape(ref.spec.shape)
+        return Stored(data, ref.spec.dtype)
+
+    def _inflate(self, body: bytes, size: int, field: str, tensor: str | None) -> bytes:
+        import zstandard
+
+        try:
+            params = zstandard.get_frame_parameters(body)
+            if params.content_size not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+                raise KernelpackError(f"compressed payload declares {params.content_size} bytes, "
+                                      f"its dtype and shape {size}", path=self.path, tensor=tensor,
+                                      field=field)
+            out = zstandard.ZstdDecompressor().decompress(body, max_output_size=size)
+        except zstandard.ZstdError as exc:
+            raise KernelpackError(f"bad zstd payload: {exc}", path=self.path, tensor=tensor,
+                                  field=field) from None
+        if len(out) != size:
+            raise KernelpackError(f"payload inflates to {len(out)} bytes, its dtype and shape say {size}",
+                                  path=self.path, tensor=tensor, field=field)
+        return out
+
+    def encoded(self, name: str) -> Encoded:
+        """The tensor in its stored form, payloads read and checked."""
+        info = self.info(name)
+        cls = FORMS.get(info.form)
+        if cls is None:
+            raise KernelpackError(f"form {info.form!r} needs a newer kernelpack (file format "
+                                  f"{self.version[0]}.{self.version[1]})", path=self.path, tensor=name,
+                                  field="form")
+        arrays = {k: self.read_array(r, f"arrays.{k}", name) for k, r in info.arrays.items()}
+        bank_name = info.fields.get("bank") if info.form == "basis" else None
+        banks = {bank_name: self._bank(bank_name)} if bank_name is not None else {}
+        try:
+            return cls.build(info.shape, info.dtype, info.fields, arrays, banks)
+        except KernelpackError as exc:
+            raise exc.located(path=self.path, tensor=name) from None
+
+    def _bank(self, name: str) -> Stored:
+        if name not in self._bank_cache:
+            self._bank_cache[name] = self.read_array(self._banks[name], f"banks.{name}")
+        return self._bank_cache[name]
+
+    def decode(self, name: str, ops: Ops) -> Any:
+        """Decode one tensor with ``ops`` (numpy or torch backend)."""
+        return self.encoded(name).decode(ops)
+
+    def get_numpy(self, name: str) -> np.ndarray:
+        """One tensor decoded by numpy (no torch import). bfloat16 comes widened to float32."""
+        return self.decode(name, NumpyOps())
+
+    def get_tensor(self, name: str, device: Any = "cpu") -> Any:
+        """One tensor decoded by torch on ``device`` (the arithmetic runs there)."""
+        return self.decode(name, get_ops("torch", device))
+
+    def verify(self, backend: str = "numpy", device: Any = "cpu") -> dict[str, bool]:
+        """Decode every tensor and compare with the digest recorded at pack time."""
+        self.check_padding()
+        ops = get_ops(backend, device)
+        return {name: digest(ops.to_numpy(self.decode(name, ops)), info.dtype) == info.digest
+                for name, info in self._tensors.items()}

@@ -1,0 +1,174 @@
+"""Form ``basis``: every filter slice is a * g + b for one filter g of a shared bank.
+
+From few-unique-filters.txt: depthwise (or ordinary) filters replaced by the
+closest linear transformation of one filter of a small bank.
+
+Fields: ``bank`` (the name of a bank stored once in the container, shape
+(n, *filter_shape), shared by any number of tensors), and the arrays ``index``
+(uint8 or uint16, one bank index per slice), ``a`` and ``b`` (one scale and one
+offset per slice). A slice is a trailing block of the tensor shaped like a bank
+filter; for a (C_out, C_in, kh, kw) convolution there are C_out * C_in slices.
+Decode: W[s] = a[s] * bank[index[s]] + b[s] in float64 (a * g is exact: two
+24-bit significands), then rounded to float32. No reduction, so no grid.
+
+Encoder: the paper's normalisation trick. With bank filters centred and scaled
+to unit norm (g^), the best a for a slice f is <g^, f> and b = mean(f); one
+matrix product scores every slice against every filter and the largest |a| wins.
+Since the stored bank is rounded, a and b are then re-solved by least squares
+against the stored filter. Banks come from the caller or from k-means of the
+tensor's own normalised slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from kernelpack._backend import Ops
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
+                                    need_array, need_finite, need_only, to_stored)
+
+NAME = "basis"
+INDEX_DTYPES = ("uint8", "uint16")
+MAX_BANK = 1 << 16
+
+
+def bank_name_ok(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= 256 and value.isprintable()
+
+
+@dataclass
+class BasisTensor(Encoded):
+    shape: tuple[int, ...]
+    bank_name: str
+    bank: Stored
+    index: Stored
+    a: Stored
+    b: Stored
+
+    form = NAME
+    FIELDS = frozenset({"bank"})
+
+    def fields(self) -> dict[str, Any]:
+        return {"bank": self.bank_name}
+
+    def arrays(self) -> dict[str, Stored]:
+        return {"index": self.index, "a": self.a, "b": self.b}
+
+    def banks(self) -> dict[str, Stored]:
+        return {self.bank_name: self.bank}
+
+    @classmethod
+    def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
+        name = fields.get("bank")
+        need(bank_name_ok(name) and name in banks, "bank", f"names no bank of this file: {name!r}")
+        bank = banks[name]
+        filt = bank.shape[1:]
+        need(len(shape) >= len(filt) and tuple(shape[len(shape) - len(filt):]) == filt, "shape",
+             f"must end with the bank's filter shape {list(filt)}")
+        slices = (math.prod(shape[:len(shape) - len(filt)]),)
+        need_only(arrays, {"index", "a", "b"})
+        need_array(arrays, "index", INDEX_DTYPES, slices)
+        need_array(arrays, "a", FLOAT_DTYPES, slices)
+        need_array(arrays, "b", FLOAT_DTYPES, slices)
+
+    @classmethod
+    def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "BasisTensor":
+        bank = banks[fields["bank"]]
+        index = arrays["index"]
+        need(index.data.size == 0 or int(index.data.max()) < bank.data.shape[0], "arrays.index",
+             f"holds a bank index >= the bank size {bank.data.shape[0]}")
+        need_finite(arrays["a"], "a")
+        need_finite(arrays["b"], "b")
+        return cls(shape, fields["bank"], bank, index, arrays["a"], arrays["b"])
+
+    def decode(self, ops: Ops) -> Any:
+        bank = ops.float64(self.bank.data, self.bank.dtype)
+        n_slices = self.index.data.shape[0]
+        filters = ops.reshape(ops.take(bank, self.index.data.astype(np.int64)), (n_slices, -1))
+        a = ops.reshape(ops.float64(self.a.data, self.a.dtype), (n_slices, 1))
+        b = ops.reshape(ops.float64(self.b.data, self.b.dtype), (n_slices, 1))
+        return ops.to_float32(ops.reshape(filters * a + b, self.shape))
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Rows centred and scaled to unit norm (constant rows become zero)."""
+    centred = x - x.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(centred, axis=1, keepdims=True)
+    return np.divide(centred, norm, out=np.zeros_like(centred), where=norm > 0)
+
+
+def kmeans_bank(slices: np.ndarray, n_filters: int, seed: int = 0) -> np.ndarray:
+    """A bank of ``n_filters`` normalised filters: k-means (k-means++ start) of normalised slices.
+
+    Sign is folded first (a may be negative), so f and -f land in one cluster.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    unit = normalize_rows(slices)
+    peak = np.argmax(np.abs(unit), axis=1)
+    unit = unit * np.sign(unit[np.arange(len(unit)), peak])[:, None]
+    k = min(n_filters, len(unit))
+    centroids, _ = kmeans2(unit, k, minit="++", seed=seed)
+    return normalize_rows(centroids)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """Encoder settings.
+
+    ``bank``: an int builds a bank of that many filters by k-means of the tensor's
+    own slices; an array (n, *filter_shape) is a bank given by the caller, shared by
+    every tensor that uses the same array. ``bank_name`` names it in the file
+    (default: derived from its contents).
+    """
+
+    bank: int | np.ndarray = 16
+    bank_name: str | None = None
+    dtype: str = "float16"
+    seed: int = 0
+
+    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> BasisTensor:
+        w = np.asarray(array, dtype=np.float64)
+        given = None if isinstance(self.bank, (int, np.integer)) else np.asarray(self.bank, np.float64)
+        filt = given.shape[1:] if given is not None else w.shape[-2:]
+        need(w.ndim >= len(filt) >= 1 and tuple(w.shape[w.ndim - len(filt):]) == tuple(filt), "shape",
+             f"tensor shape {list(w.shape)} does not end with the filter shape {list(filt)}")
+        slices = w.reshape(-1, math.prod(filt))
+        need(len(slices) >= 1, "shape", "the basis form needs at least one slice")
+        if given is None:
+            need(1 <= int(self.bank) <= MAX_BANK, "bank", f"bank size must be in [1, {MAX_BANK}]")
+            unit_bank = kmeans_bank(slices, int(self.bank), self.seed)
+        else:
+            need(1 <= len(given) <= MAX_BANK, "bank", f"bank size must be in [1, {MAX_BANK}]")
+            unit_bank = normalize_rows(given.reshape(len(given), -1))
+        dtype = float_dtype(self.dtype)
+        bank = to_stored(unit_bank.reshape((-1,) + tuple(filt)), dtype)
+        index, a, b = fit_slices(slices, bank.values().astype(np.float64).reshape(len(unit_bank), -1))
+        name = self.bank_name or "bank-" + hashlib.sha256(bank.data.tobytes()).hexdigest()[:16]
+        idx_dtype = "uint8" if len(unit_bank) <= 256 else "uint16"
+        return BasisTensor(tuple(w.shape), name, bank, to_stored(index, idx_dtype),
+                           to_stored(a, dtype), to_stored(b, dtype))
+
+
+def fit_slices(slices: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Closest a * g + b for every slice (rows) over every bank filter g (rows).
+
+    Choice of g by the normalisation trick (one matmul), then exact least squares
+    for a and b against the chosen stored filter.
+    """
+    scores = slices @ normalize_rows(bank).T  # a for every (slice, filter) pair
+    index = np.argmax(np.abs(scores), axis=1)
+    g = bank[index]
+    g_mean = g.mean(axis=1, keepdims=True)
+    gc = g - g_mean
+    denom = np.einsum("ij,ij->i", gc, gc)
+    a = np.divide(np.einsum("ij,ij->i", gc, slices), denom, out=np.zeros(len(g)), where=denom > 0)
+    b = slices.mean(axis=1) - a * g_mean[:, 0]
+    return index, a, b

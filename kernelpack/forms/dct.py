@@ -1,0 +1,121 @@
+"""Form ``dct``: a tensor as its orthonormal DCT-II coefficients, zigzag-truncated.
+
+From frequency-regularization.txt: parameters live in the DCT domain and the
+high-frequency tail is dropped; the N-D inverse DCT (DCT-III) rebuilds them.
+
+Fields: ``axes`` (the transformed axes, ascending; all by default), ``boundary``
+(how many coefficients are kept) and the array ``coefficients`` (the first
+``boundary`` coefficients in zigzag order: ascending L1 norm of the frequency
+index over ``axes``, ties in row-major order). Decode: scatter the coefficients,
+then apply the orthonormal DCT-III along each transformed axis in ascending
+order with the fixed-point matmul (spec/FORMAT.md).
+
+Normalisation: orthonormal (``scipy.fft.dctn(norm='ortho')``). The paper drops
+the T0/2 term of its DCT-III and lets training absorb the scale; an orthonormal
+pair makes ``encode`` an exact inverse of ``decode`` up to truncation and lets
+trained-in-DCT tensors be packed as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from kernelpack._backend import Ops
+from kernelpack._exact import MAX_REDUCTION, dct_table, transform_axis, zigzag_positions
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
+                                    need_array, need_finite, need_int, need_only, to_stored)
+
+NAME = "dct"
+
+
+def check_axes(value: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``axes`` is a strictly ascending list of valid axes, each at most MAX_REDUCTION long."""
+    need(isinstance(value, (list, tuple)) and len(value) >= 1, "axes", "must be a non-empty list")
+    axes = tuple(need_int(a, "axes", 0, max(len(shape) - 1, 0)) for a in value)
+    need(all(x < y for x, y in zip(axes, axes[1:])), "axes", "must be strictly ascending")
+    for a in axes:
+        need(shape[a] <= MAX_REDUCTION, "axes", f"axis {a} has length {shape[a]} > {MAX_REDUCTION}")
+    return axes
+
+
+@dataclass
+class DCTTensor(Encoded):
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    coefficients: Stored
+
+    form = NAME
+    FIELDS = frozenset({"axes", "boundary"})
+
+    @property
+    def boundary(self) -> int:
+        return self.coefficients.spec.size
+
+    def fields(self) -> dict[str, Any]:
+        return {"axes": list(self.axes), "boundary": self.boundary}
+
+    def arrays(self) -> dict[str, Stored]:
+        return {"coefficients": self.coefficients}
+
+    @classmethod
+    def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
+        need(len(shape) >= 1 and min(shape) >= 1, "shape", "must have rank >= 1 and no empty axis")
+        check_axes(fields.get("axes"), shape)
+        boundary = need_int(fields.get("boundary"), "boundary", 0, math.prod(shape))
+        need_only(arrays, {"coefficients"})
+        need_array(arrays, "coefficients", FLOAT_DTYPES, (boundary,))
+
+    @classmethod
+    def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "DCTTensor":
+        need_finite(arrays["coefficients"], "coefficients")
+        return cls(shape, tuple(fields["axes"]), arrays["coefficients"])
+
+    def decode(self, ops: Ops) -> Any:
+        positions = zigzag_positions(self.shape, self.axes, self.boundary)
+        # Box holding every kept index: its extent K along a transformed axis is the
+        # reduction length of that axis's stage (it fixes the grid widths).
+        box = tuple((int(positions[:, a].max(initial=0)) + 1) if a in self.axes else d
+                    for a, d in enumerate(self.shape))
+        flat = np.ravel_multi_index(tuple(positions.T), box)
+        values = ops.float64(self.coefficients.data, self.coefficients.dtype)
+        x = ops.reshape(ops.scatter(math.prod(box), flat, values), box)
+        for a in self.axes:
+            x = transform_axis(ops, x, a, dct_table(self.shape[a], box[a]))
+        return ops.to_float32(x)
+
+
+@dataclass(frozen=True)
+class DCT:
+    """Encoder settings: keep a fraction ``keep`` of the coefficients, or exactly ``boundary``.
+
+    ``axes=None`` transforms every axis (the paper's N-D frequency regularisation).
+    """
+
+    keep: float | None = 0.25
+    boundary: int | None = None
+    axes: Sequence[int] | None = None
+    dtype: str = "float16"
+
+    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> DCTTensor:
+        from scipy.fft import dctn
+
+        x = np.asarray(array, dtype=np.float64)
+        shape = tuple(x.shape)
+        need(x.ndim >= 1 and x.size >= 1, "shape", "the dct form needs a non-empty tensor")
+        axes = check_axes(tuple(range(x.ndim)) if self.axes is None
+                          else sorted(a % x.ndim for a in self.axes), shape)
+        boundary = self.boundary if self.boundary is not None else self._boundary_from_keep(x.size)
+        need_int(boundary, "boundary", 0, x.size)
+        spectrum = dctn(x, type=2, norm="ortho", axes=axes)
+        positions = zigzag_positions(shape, axes, boundary)
+        return DCTTensor(shape, axes, to_stored(spectrum[tuple(positions.T)], float_dtype(self.dtype)))
+
+    def _boundary_from_keep(self, size: int) -> int:
+        need(self.keep is not None and 0.0 <= self.keep <= 1.0, "keep", "must be in [0, 1]")
+        return max(1, min(size, round(self.keep * size)))

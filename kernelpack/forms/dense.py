@@ -1,0 +1,74 @@
+"""Form ``dense``: a tensor stored as it is (biases, norms, anything that does not compress).
+
+Fields: one array ``data`` of the tensor's shape. The decoded dtype is the stored
+dtype, or float32 when float16/bfloat16 data stands for a float32 tensor (an
+exact widening). Decoding is a copy, so any dtype round-trips bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from kernelpack._backend import NUMPY_DTYPES, Ops
+from kernelpack.forms._base import (ArraySpec, Encoded, Stored, need, need_array, need_only,
+                                    to_stored)
+
+NAME = "dense"
+WIDENING = {"float16": "float32", "bfloat16": "float32"}
+
+
+@dataclass
+class DenseTensor(Encoded):
+    data: Stored
+    out_dtype: str
+
+    form = NAME
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.data.spec.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.out_dtype
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    def arrays(self) -> dict[str, Stored]:
+        return {"data": self.data}
+
+    @classmethod
+    def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
+        need_only(arrays, {"data"})
+        spec = need_array(arrays, "data", tuple(NUMPY_DTYPES), shape)
+        need(dtype in (spec.dtype, WIDENING.get(spec.dtype)), "dtype",
+             f"a dense tensor of stored dtype {spec.dtype} cannot decode to {dtype}")
+
+    @classmethod
+    def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "DenseTensor":
+        return cls(arrays["data"], dtype)
+
+    def decode(self, ops: Ops) -> Any:
+        value = ops.from_stored(self.data.data, self.data.dtype)
+        return ops.to_float32(value) if self.out_dtype != self.data.dtype else value
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Store as it is; ``dtype`` ('float16', 'bfloat16') stores a float32 tensor narrower."""
+
+    dtype: str | None = None
+
+    def encode(self, array: np.ndarray, source_dtype: str) -> DenseTensor:
+        """``array`` is the tensor as numpy (bfloat16 as uint16 bits, named by ``source_dtype``)."""
+        if self.dtype is None or self.dtype == source_dtype:
+            return DenseTensor(Stored(np.ascontiguousarray(array), source_dtype), source_dtype)
+        need(source_dtype == "float32" and self.dtype in WIDENING, "dtype",
+             f"dense storage as {self.dtype} is only for float32 tensors, got {source_dtype}")
+        return DenseTensor(to_stored(array, self.dtype), "float32")

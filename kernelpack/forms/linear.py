@@ -1,0 +1,145 @@
+"""Form ``linear``: a layer's filters as p primaries plus linear combinations of them.
+
+From linearconv.txt: W = [W_p; W_s] with W_s = A^T W_p, A (p x s); optionally low
+rank, A = A1 A2 with A1 (p x r), A2 (r x s). Filters are the slices along axis 0
+(output channels / output features).
+
+Fields: the arrays ``primaries`` (p, *shape[1:]), either ``A`` (p, s) or ``A1``
+(p, r) and ``A2`` (r, s), where s = shape[0] - p, and an optional ``order``
+(int32, shape[0]): row j of [W_p; W_s] is output filter order[j]. Without
+``order`` the primaries come first (a layer trained as LinearConv); layers
+converted after training store the permutation their primaries were picked with.
+
+Decode: A = A1 A2 (fixed-point matmul, K = r) when low rank; W_s = A^T W_p
+(fixed-point matmul, K = p); primaries are copied exactly.
+
+Encoder: primaries by QR with column pivoting of the filter matrix (the most
+linearly independent filters first), A by least squares against the *stored*
+(rounded) primaries, and a truncated SVD of A for the low-rank variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from kernelpack._backend import Ops
+from kernelpack._exact import MAX_REDUCTION, fixed_matmul
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
+                                    need_array, need_finite, need_int, need_only, to_stored)
+
+NAME = "linear"
+
+
+@dataclass
+class LinearTensor(Encoded):
+    shape: tuple[int, ...]
+    primaries: Stored
+    coefficients: tuple[Stored, ...]  # (A,) or (A1, A2)
+    order: Stored | None = None
+
+    form = NAME
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    def arrays(self) -> dict[str, Stored]:
+        names = ("A",) if len(self.coefficients) == 1 else ("A1", "A2")
+        arrays = {"primaries": self.primaries, **dict(zip(names, self.coefficients))}
+        if self.order is not None:
+            arrays["order"] = self.order
+        return arrays
+
+    @classmethod
+    def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
+        need(len(shape) >= 2 and min(shape) >= 1, "shape", "must have rank >= 2 and no empty axis")
+        need_only(arrays, {"primaries", "A", "A1", "A2", "order"})
+        primaries = need_array(arrays, "primaries", FLOAT_DTYPES)
+        p = primaries.shape[0] if primaries.shape else 0
+        need(primaries.shape[1:] == shape[1:] and 1 <= p <= min(shape[0], MAX_REDUCTION),
+             "arrays.primaries.shape", f"must be [p, {', '.join(map(str, shape[1:]))}] with "
+             f"1 <= p <= {min(shape[0], MAX_REDUCTION)}, got {list(primaries.shape)}")
+        s = shape[0] - p
+        if "A" in arrays:
+            need("A1" not in arrays and "A2" not in arrays, "arrays.A1", "A and A1/A2 are exclusive")
+            need_array(arrays, "A", FLOAT_DTYPES, (p, s))
+        else:
+            a1 = need_array(arrays, "A1", FLOAT_DTYPES)
+            r = a1.shape[1] if len(a1.shape) == 2 else 0
+            need(len(a1.shape) == 2 and a1.shape[0] == p and 1 <= r <= MAX_REDUCTION,
+                 "arrays.A1.shape", f"must be [{p}, r] with 1 <= r <= {MAX_REDUCTION}")
+            need_array(arrays, "A2", FLOAT_DTYPES, (r, s))
+        if "order" in arrays:
+            need_array(arrays, "order", ("int32",), (shape[0],))
+
+    @classmethod
+    def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "LinearTensor":
+        names = ("A",) if "A" in arrays else ("A1", "A2")
+        for name in ("primaries",) + names:
+            need_finite(arrays[name], name)
+        order = arrays.get("order")
+        if order is not None:
+            counts = np.bincount(np.clip(order.data, 0, shape[0]), minlength=shape[0] + 1)
+            need(bool(np.all(counts[:shape[0]] == 1)), "arrays.order",
+                 f"must be a permutation of 0..{shape[0] - 1}")
+        return cls(shape, arrays["primaries"], tuple(arrays[n] for n in names), order)
+
+    def decode(self, ops: Ops) -> Any:
+        p = self.primaries.data.shape[0]
+        primaries = ops.reshape(ops.float64(self.primaries.data, self.primaries.dtype), (p, -1))
+        parts = [primaries]
+        if self.shape[0] > p:
+            a = [ops.float64(c.data, c.dtype) for c in self.coefficients]
+            coeff = fixed_matmul(ops, a[0], a[1]) if len(a) == 2 else a[0]
+            parts.append(fixed_matmul(ops, ops.transpose2(coeff), primaries))
+        rows = ops.concat(parts)
+        if self.order is not None:
+            rows = ops.take(rows, np.argsort(self.order.data, kind="stable"))
+        return ops.to_float32(ops.reshape(rows, self.shape))
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Encoder settings: ``alpha`` the share of primaries (or ``primaries`` p), ``rank`` r of A."""
+
+    alpha: float = 0.5
+    primaries: int | None = None
+    rank: int | None = None
+    dtype: str = "float16"
+
+    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> LinearTensor:
+        from scipy.linalg import qr
+
+        w = np.asarray(array, dtype=np.float64)
+        need(w.ndim >= 2 and w.size >= 1, "shape", "the linear form needs filters (C_out, ...)")
+        c_out = w.shape[0]
+        p = self.primaries if self.primaries is not None else round(self.alpha * c_out)
+        need_int(p, "primaries", 1, min(c_out, MAX_REDUCTION))
+        dtype = float_dtype(self.dtype)
+        filters = w.reshape(c_out, -1)
+        _, _, pivots = qr(filters.T, mode="economic", pivoting=True)
+        chosen = np.concatenate([pivots[:p], np.sort(pivots[p:])])
+        primaries = to_stored(filters[chosen[:p]].reshape((p,) + w.shape[1:]), dtype)
+        wp = primaries.values().astype(np.float64).reshape(p, -1)
+        a = np.linalg.lstsq(wp.T, filters[chosen[p:]].T, rcond=None)[0]  # (p, s)
+        coefficients = self._factor(a, dtype)
+        identity = np.array_equal(chosen, np.arange(c_out))
+        order = None if identity else to_stored(chosen, "int32")
+        return LinearTensor(tuple(w.shape), primaries, coefficients, order)
+
+    def _factor(self, a: np.ndarray, dtype: str) -> tuple[Stored, ...]:
+        if self.rank is None:
+            return (to_stored(a, dtype),)
+        need_int(self.rank, "rank", 1, MAX_REDUCTION)
+        u, sv, vt = np.linalg.svd(a, full_matrices=False)
+        r = self.rank
+        if r > len(sv):  # A has fewer singular values than asked: pad with zeros
+            u = np.pad(u, ((0, 0), (0, r - len(sv))))
+            vt = np.pad(vt, ((0, r - len(sv)), (0, 0)))
+            sv = np.pad(sv, (0, r - len(sv)))
+        root = np.sqrt(sv[:r])
+        return to_stored(u[:, :r] * root, dtype), to_stored(root[:, None] * vt[:r], dtype)

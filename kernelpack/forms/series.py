@@ -1,0 +1,150 @@
+"""Form ``series``: each kh x kw kernel slice as a 2-D cosine or Chebyshev series.
+
+From approxconv-cosine-chebyshev-series.txt: w(x, y) = sum_{p<Nx, q<Ny} c[p, q] T_p(x) T_q(y)
+sampled at kh x kw points.
+
+Fields: ``family`` ('cosine' or 'chebyshev'), ``harmonics`` [Nx, Ny] (Nx may differ
+from Ny), ``points`` [points_x, points_y], each a named set ('cgl', 'uniform') or
+an explicit list of float64 x-coordinates in [-1, 1], and the array
+``coefficients`` of shape shape[:-2] + [Nx, Ny].
+
+Decision (written into spec/FORMAT.md): the table is T_p(x_i) for both families.
+The cosine series at angles theta is the Chebyshev series at x = cos(theta)
+(cos(p theta) = T_p(cos theta)), so the paper's cosine series at equispaced points
+and its Chebyshev series at Chebyshev-Gauss-Lobatto points are the same table:
+the default point set 'cgl' serves both, and ``family`` records which the user
+asked for. Other conventions (the authors' code samples cosines on
+linspace(0.2 pi, 0.8 pi, k) and Chebyshev on linspace(-1, 1, k)) are explicit
+points or 'uniform'.
+
+Encoder: one closed-form least-squares solve for all slices at once
+(C = pinv(Tx^T) W pinv(Ty)), not gradient descent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from kernelpack._backend import Ops
+from kernelpack._exact import MAX_REDUCTION, chebyshev_table, named_points, transform_axis
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
+                                    need_array, need_finite, need_int, need_only, to_stored)
+
+NAME = "series"
+FAMILIES = ("cosine", "chebyshev")
+POINT_SETS = ("cgl", "uniform")
+Points = str | Sequence[float]
+
+
+def check_points(value: Any, field: str, k: int) -> Points:
+    """A named point set, or ``k`` finite float x-coordinates in [-1, 1]."""
+    if isinstance(value, str):
+        need(value in POINT_SETS, field, f"unknown point set {value!r}; known: {POINT_SETS}")
+        return value
+    need(isinstance(value, (list, tuple)) and len(value) == k, field,
+         f"must be one of {POINT_SETS} or a list of {k} floats")
+    need(all(isinstance(v, float) and math.isfinite(v) and -1.0 <= v <= 1.0 for v in value), field,
+         "explicit points must be floats in [-1, 1]")
+    return tuple(value)
+
+
+def sample_table(n_terms: int, points: Points, k: int) -> np.ndarray:
+    """The (n_terms, k) table T_p(x_i) for a point set."""
+    x = named_points(points, k) if isinstance(points, str) else np.array(points, dtype=np.float64)
+    return chebyshev_table(n_terms, x)
+
+
+@dataclass
+class SeriesTensor(Encoded):
+    shape: tuple[int, ...]
+    family: str
+    points: tuple[Points, Points]
+    coefficients: Stored
+
+    form = NAME
+    FIELDS = frozenset({"family", "harmonics", "points"})
+
+    @property
+    def harmonics(self) -> tuple[int, int]:
+        nx, ny = self.coefficients.spec.shape[-2:]
+        return nx, ny
+
+    def fields(self) -> dict[str, Any]:
+        return {"family": self.family, "harmonics": list(self.harmonics),
+                "points": [p if isinstance(p, str) else list(p) for p in self.points]}
+
+    def arrays(self) -> dict[str, Stored]:
+        return {"coefficients": self.coefficients}
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        (nx, ny), (kh, kw) = self.harmonics, self.shape[-2:]
+        return sample_table(nx, self.points[0], kh), sample_table(ny, self.points[1], kw)
+
+    @classmethod
+    def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
+        need(len(shape) >= 2 and min(shape) >= 1, "shape", "must have rank >= 2 and no empty axis")
+        need(fields.get("family") in FAMILIES, "family", f"must be one of {FAMILIES}")
+        harmonics = fields.get("harmonics")
+        need(isinstance(harmonics, (list, tuple)) and len(harmonics) == 2, "harmonics",
+             "must be a list [Nx, Ny]")
+        nx, ny = (need_int(n, "harmonics", 1, MAX_REDUCTION) for n in harmonics)
+        points = fields.get("points")
+        need(isinstance(points, (list, tuple)) and len(points) == 2, "points",
+             "must be a list [points_x, points_y]")
+        check_points(points[0], "points", shape[-2])
+        check_points(points[1], "points", shape[-1])
+        need_only(arrays, {"coefficients"})
+        need_array(arrays, "coefficients", FLOAT_DTYPES, shape[:-2] + (nx, ny))
+
+    @classmethod
+    def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
+              arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "SeriesTensor":
+        need_finite(arrays["coefficients"], "coefficients")
+        points = tuple(check_points(p, "points", k) for p, k in zip(fields["points"], shape[-2:]))
+        return cls(shape, fields["family"], points, arrays["coefficients"])  # type: ignore[arg-type]
+
+    def decode(self, ops: Ops) -> Any:
+        table_x, table_y = self.tables()
+        rank = len(self.shape)
+        x = ops.float64(self.coefficients.data, self.coefficients.dtype)
+        x = transform_axis(ops, x, rank - 2, table_x)
+        return ops.to_float32(transform_axis(ops, x, rank - 1, table_y))
+
+
+@dataclass(frozen=True)
+class Series:
+    """Encoder settings: ``harmonics`` N or (Nx, Ny); ``points`` a set name for both axes
+    or a pair (points_x, points_y) of names or explicit coordinates (default 'cgl')."""
+
+    family: str = "cosine"
+    harmonics: int | tuple[int, int] = 3
+    points: str | tuple[Points, Points] = "cgl"
+    dtype: str = "float16"
+
+    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> SeriesTensor:
+        w = np.asarray(array, dtype=np.float64)
+        need(w.ndim >= 2 and w.size >= 1, "shape", "the series form needs kernels (..., kh, kw)")
+        need(self.family in FAMILIES, "family", f"must be one of {FAMILIES}")
+        nx, ny = (self.harmonics, self.harmonics) if isinstance(self.harmonics, int) else self.harmonics
+        need_int(nx, "harmonics", 1, MAX_REDUCTION)
+        need_int(ny, "harmonics", 1, MAX_REDUCTION)
+        kh, kw = w.shape[-2:]
+        pair = (self.points, self.points) if isinstance(self.points, str) else tuple(self.points)
+        need(len(pair) == 2, "points", "must be a point-set name or a pair (points_x, points_y)")
+        points = (check_points(_as_field(pair[0]), "points", kh),
+                  check_points(_as_field(pair[1]), "points", kw))
+        table_x, table_y = sample_table(nx, points[0], kh), sample_table(ny, points[1], kw)
+        # W ~= Tx^T C Ty on the last two axes; the least-squares solution is separable.
+        coefficients = np.linalg.pinv(table_x.T) @ w @ np.linalg.pinv(table_y)
+        stored = to_stored(coefficients, float_dtype(self.dtype))
+        return SeriesTensor(tuple(w.shape), self.family, points, stored)  # type: ignore[arg-type]
+
+
+def _as_field(points: Points) -> Points:
+    """Explicit points as a tuple of Python floats (the header stores float64 exactly)."""
+    return points if isinstance(points, str) else tuple(float(v) for v in points)

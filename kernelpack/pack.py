@@ -1,0 +1,101 @@
+"""Packing: tensors or a model in, a container out (``kernelpack.save``).
+
+Forms are chosen per tensor by a config: a mapping from name patterns
+(``fnmatch``, first match wins) to form settings, e.g.
+``{"*.conv*.weight": Series(harmonics=3), "fc*.weight": DCT(keep=0.05)}``; tensors
+that match no pattern are stored dense. A tensor already in a stored form (from
+the converters' training-time parametrisations) is packed as it is, no re-fit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from kernelpack._backend import NUMPY_DTYPES
+from kernelpack.container import write
+from kernelpack.errors import KernelpackError
+from kernelpack.forms import Config, Dense, Encoded
+
+#: How a caller says which tensor gets which form.
+FormPlan = Config | Mapping[str, Config] | Callable[[str, Any], Config | None] | None
+
+SUPPORTED_DTYPES = frozenset(NUMPY_DTYPES)
+
+
+def as_numpy(value: Any) -> tuple[np.ndarray, str]:
+    """A torch tensor or array-like as (numpy array, spec dtype name); bfloat16 as raw bits."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        t = value.detach().cpu().contiguous()
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in SUPPORTED_DTYPES:
+            raise KernelpackError(f"unsupported dtype {t.dtype}", field="dtype")
+        if name == "bfloat16":
+            import torch
+
+            return t.view(torch.uint16).numpy(), "bfloat16"
+        return t.numpy(), name
+    array = np.asarray(value)
+    name = array.dtype.name
+    if name not in SUPPORTED_DTYPES:
+        raise KernelpackError(f"unsupported dtype {array.dtype}", field="dtype")
+    return array, name
+
+
+def choose(forms: FormPlan, name: str, value: Any) -> Config:
+    """The config for one tensor: first matching pattern, else dense."""
+    if forms is None:
+        return Dense()
+    if callable(forms) and not hasattr(forms, "encode"):
+        return forms(name, value) or Dense()
+    if hasattr(forms, "encode"):
+        return forms  # one config for every tensor
+    for pattern, config in forms.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return config
+    return Dense()
+
+
+def encode(name: str, value: Any, config: Config) -> Encoded:
+    """One tensor in the form ``config`` asks for; errors name the tensor."""
+    if isinstance(value, Encoded):
+        return value
+    array, dtype = as_numpy(value)
+    if not isinstance(config, Dense) and dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise KernelpackError(f"form {type(config).__name__} needs a floating tensor, got {dtype}",
+                              tensor=name, field="dtype")
+    if dtype == "bfloat16" and not isinstance(config, Dense):
+        from kernelpack._backend import bfloat16_bits_to_float32
+
+        array = bfloat16_bits_to_float32(array)
+    try:
+        return config.encode(array, dtype)
+    except KernelpackError as exc:
+        raise exc.located(tensor=name) from None
+
+
+def state_of(obj: Any) -> Mapping[str, Any]:
+    """A model's state_dict, or the mapping itself."""
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        return obj
+    raise TypeError("save() takes an nn.Module or a mapping of names to tensors")
+
+
+def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
+         metadata: Mapping[str, str] | None = None, level: int = 19) -> dict[str, Encoded]:
+    """Pack a model (its state_dict) or a dict of tensors into a container at ``path``.
+
+    Returns the encoded tensors (what was written). The write is atomic.
+    """
+    encoded = {name: encode(name, value, choose(forms, name, value))
+               for name, value in state_of(obj).items()}
+    try:
+        write(path, encoded, metadata, level)
+    except KernelpackError as exc:
+        raise exc.located(path=os.fspath(path)) from None
+    return encoded

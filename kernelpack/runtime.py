@@ -1,0 +1,51 @@
+"""The runtime: decode a container once into dense tensors, then run at dense speed.
+
+``load`` returns a state_dict decoded by torch on the requested device (on CUDA the
+decode arithmetic itself runs on the GPU); ``load_numpy`` decodes with numpy and
+never imports torch (for ONNX Runtime services); ``load_model`` fills a ready
+``nn.Module``. Every load checks the whole file: header, layout, zero padding and
+the SHA-256 of every payload.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from kernelpack.container import Container
+
+
+def open(path: str | os.PathLike) -> Container:  # noqa: A001 - mirrors safetensors.safe_open
+    """Open a container lazily: header validated, tensors decoded one at a time on request."""
+    return Container(path)
+
+
+def load(path: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:
+    """Every tensor decoded by torch on ``device``: a state_dict of dense tensors."""
+    from kernelpack._backend import TorchOps
+
+    ops = TorchOps(device)
+    with Container(path) as c:
+        c.check_padding()
+        return {name: c.decode(name, ops) for name in c.keys()}
+
+
+def load_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor decoded by numpy on the CPU (no torch import; bfloat16 widened to float32)."""
+    with Container(path) as c:
+        c.check_padding()
+        return {name: c.get_numpy(name) for name in c.keys()}
+
+
+def load_model(model: Any, path: str | os.PathLike, strict: bool = True,
+               device: Any = None) -> Any:
+    """Decode into a ready ``nn.Module`` (on its device unless ``device`` is given).
+
+    Returns what ``load_state_dict`` returns (missing and unexpected keys).
+    """
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else "cpu"
+    return model.load_state_dict(load(path, device=device), strict=strict)
