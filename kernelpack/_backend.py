@@ -43,6 +43,7 @@ class Ops(Protocol):
     def take(self, x: Any, index: np.ndarray) -> Any: ...
     def scatter(self, size: int, positions: np.ndarray, values: Any) -> Any: ...
     def concat(self, parts: Sequence[Any]) -> Any: ...
+    def concat_last(self, parts: Sequence[Any]) -> Any: ...
     def to_float32(self, x: Any) -> Any: ...
     def to_numpy(self, x: Any) -> np.ndarray: ...
 
@@ -74,10 +75,10 @@ class NumpyOps:
         return np.moveaxis(x, source, destination)
 
     def reshape(self, x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        return np.ascontiguousarray(x).reshape(tuple(shape))
+        return np.asarray(x, order="C").reshape(tuple(shape))
 
     def transpose2(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x.T)
+        return np.asarray(x.T, order="C")
 
     def take(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
         return x[index]
@@ -90,11 +91,14 @@ class NumpyOps:
     def concat(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts, axis=0)
 
+    def concat_last(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=-1)
+
     def to_float32(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.asarray(x, dtype=np.float32, order="C")
 
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x)
+        return np.asarray(x, order="C")
 
 
 class TorchOps:
@@ -111,7 +115,7 @@ class TorchOps:
             raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
 
     def from_stored(self, stored: np.ndarray, dtype: str) -> Any:
-        stored = np.ascontiguousarray(stored)
+        stored = np.asarray(stored, order="C")
         t = self.torch.from_numpy(stored if stored.flags.writeable else stored.copy())
         if dtype == "bfloat16":
             t = t.view(self.torch.bfloat16)
@@ -151,6 +155,9 @@ class TorchOps:
 
     def concat(self, parts: Sequence[Any]) -> Any:
         return self.torch.cat(list(parts), dim=0)
+
+    def concat_last(self, parts: Sequence[Any]) -> Any:
+        return self.torch.cat(list(parts), dim=-1)
 
     def to_float32(self, x: Any) -> Any:
         return x.to(self.torch.float32).contiguous()

@@ -22,8 +22,7 @@ everywhere.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,34 +45,57 @@ def grid_bits(k: int) -> tuple[int, int]:
     return 53 - lg - s, s
 
 
-def quantize(ops: Ops, x: Any, bits: int) -> tuple[Any, int]:
-    """Round ``x`` onto the grid 2**(e - bits), e the binary exponent of max|x|.
+def exponent(peak: float) -> int:
+    """The binary exponent e with peak < 2**e (0 for a zero peak)."""
+    return math.frexp(peak)[1] if peak > 0.0 else 0
 
-    Returns integer-valued float64 ``q`` with |q| <= 2**bits and ``e`` such that
-    x ~= q * 2**(e - bits). An all-zero ``x`` gives q = x and e = 0.
+
+def quantize(ops: Ops, x: Any, bits: int, e: int) -> Any:
+    """Round ``x`` half to even onto the grid 2**(e - bits): integers with |q| <= 2**bits."""
+    return ops.rint(ops.scale(x, math.ldexp(1.0, bits - e)))
+
+
+def exact_product(ops: Ops, qa: Any, qb: Any, scale_exponent: int) -> Any:
+    """The integer matmul (exact in float64, so order-free) scaled back by 2**scale_exponent.
+
+    Adding +0.0 makes every zero +0: a single product 0 * -1 is -0, and BLAS
+    libraries differ in whether a sum starts from +0.
     """
-    peak = ops.absmax(x)
-    if peak == 0.0:
-        return x, 0
-    e = math.frexp(peak)[1]  # peak < 2**e
-    return ops.rint(ops.scale(x, math.ldexp(1.0, bits - e))), e
+    return ops.scale(ops.matmul(qa, qb) + 0.0, math.ldexp(1.0, scale_exponent))
 
 
 def fixed_matmul(ops: Ops, a: Any, b: Any) -> Any:
     """``a @ b`` (float64, 2-D) by the fixed-point rule; identical bits on every device."""
     p, s = grid_bits(b.shape[0])
-    qa, ea = quantize(ops, a, p)
-    qb, eb = quantize(ops, b, s)
-    return ops.scale(ops.matmul(qa, qb), math.ldexp(1.0, ea - p + eb - s))
+    ea, eb = exponent(ops.absmax(a)), exponent(ops.absmax(b))
+    return exact_product(ops, quantize(ops, a, p, ea), quantize(ops, b, s, eb), ea - p + eb - s)
 
 
-def transform_axis(ops: Ops, x: Any, axis: int, table: np.ndarray) -> Any:
-    """Replace axis ``axis`` of ``x`` (length K) by ``x`` contracted with ``table`` (K, M)."""
+#: Largest table block materialised at once (entries), so decode memory stays bounded.
+TABLE_BLOCK = 1 << 22
+Table = Callable[[int, int], np.ndarray]
+
+
+def transform_axis(ops: Ops, x: Any, axis: int, table: Table, k: int, m: int) -> Any:
+    """Replace axis ``axis`` of ``x`` (length k) by its contraction with a (k, m) table.
+
+    Equal to ``fixed_matmul(x_moved, table)``; the table comes from ``table(start, stop)``
+    in column blocks, so a long axis never needs the whole k x m table in memory (its
+    grid exponent is the maximum over all blocks, found in a first pass).
+    """
     moved = ops.moveaxis(x, axis, -1)
     lead = tuple(moved.shape[:-1])
-    flat = ops.reshape(moved, (-1, table.shape[0]))
-    out = fixed_matmul(ops, flat, ops.float64(table, "float64"))
-    return ops.moveaxis(ops.reshape(out, lead + (table.shape[1],)), -1, axis)
+    flat = ops.reshape(moved, (-1, k))
+    width = max(1, TABLE_BLOCK // k)
+    blocks = [(lo, min(m, lo + width)) for lo in range(0, m, width)]
+    eb = max(exponent(float(np.max(np.abs(table(lo, hi))))) for lo, hi in blocks)
+    p, s = grid_bits(k)
+    ea = exponent(ops.absmax(flat))
+    qa = quantize(ops, flat, p, ea)
+    parts = [exact_product(ops, qa, quantize(ops, ops.float64(table(lo, hi), "float64"), s, eb),
+                           ea - p + eb - s) for lo, hi in blocks]
+    out = parts[0] if len(parts) == 1 else ops.concat_last(parts)
+    return ops.moveaxis(ops.reshape(out, lead + (m,)), -1, axis)
 
 
 # --- tables -----------------------------------------------------------------------
@@ -110,20 +132,15 @@ def cospi(num: np.ndarray, den: int) -> np.ndarray:
     return np.where(negate, -value, value)
 
 
-@lru_cache(maxsize=256)
-def dct_table(n: int, k: int) -> np.ndarray:
-    """Rows 0..k-1 of the orthonormal DCT-III synthesis matrix of length ``n``.
+def dct_table(n: int, k: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows 0..k-1, columns start..stop-1 of the orthonormal DCT-III synthesis matrix of length n.
 
     table[f, x] = a_f * cos(pi * (2x + 1) * f / (2n)), a_0 = sqrt(1/n), a_f = sqrt(2/n).
-    Read-only and cached.
     """
     f = np.arange(k, dtype=np.int64)[:, None]
-    x = np.arange(n, dtype=np.int64)[None, :]
-    c = cospi((2 * x + 1) * f, 2 * n)
+    x = np.arange(start, n if stop is None else stop, dtype=np.int64)[None, :]
     alpha = np.where(f == 0, np.sqrt(1.0 / n), np.sqrt(2.0 / n))
-    table = alpha * c
-    table.flags.writeable = False
-    return table
+    return alpha * cospi((2 * x + 1) * f, 2 * n)
 
 
 def named_points(name: str, k: int) -> np.ndarray:
@@ -145,9 +162,7 @@ def chebyshev_table(n_terms: int, points: np.ndarray) -> np.ndarray:
     two_x = 2.0 * x
     while len(rows) < n_terms:
         rows.append(two_x * rows[-1] - rows[-2])
-    table = np.stack(rows[:n_terms]) if n_terms else np.zeros((0, x.size))
-    table.flags.writeable = False
-    return table
+    return np.stack(rows[:n_terms]) if n_terms else np.zeros((0, x.size))
 
 
 # --- zigzag order -----------------------------------------------------------------
@@ -164,13 +179,14 @@ def zigzag_positions(shape: tuple[int, ...], axes: tuple[int, ...], boundary: in
         return np.zeros((0, ndim), dtype=np.int64)
     other = math.prod(shape[a] for a in range(ndim) if a not in axes)
     counts = np.ones(1, dtype=np.int64)
-    for a in axes:  # count of frequency indices by L1 norm: product of box polynomials
-        counts = np.convolve(counts, np.ones(shape[a], dtype=np.int64))
+    for a in axes:  # count of frequency indices by L1 norm: convolve with a box, in O(n)
+        total = np.cumsum(np.concatenate([counts, np.zeros(shape[a] - 1, dtype=np.int64)]))
+        counts = total - np.concatenate([np.zeros(shape[a], dtype=np.int64), total[:-shape[a]]])
     level = int(np.searchsorted(np.cumsum(counts) * other, boundary))  # norm of the last kept
     box = tuple(min(d, level + 1) if a in axes else d for a, d in enumerate(shape))
-    norm = np.zeros(box, dtype=np.int64)
+    norm = np.zeros(box, dtype=np.int32)  # sums of at most 8 indices < 2**16
     for a in axes:
-        norm = norm + np.arange(box[a], dtype=np.int64).reshape([-1 if b == a else 1 for b in range(ndim)])
+        norm = norm + np.arange(box[a], dtype=np.int32).reshape([-1 if b == a else 1 for b in range(ndim)])
     flat = norm.reshape(-1)
     candidates = np.flatnonzero(flat <= level)
     chosen = candidates[np.argsort(flat[candidates], kind="stable")[:boundary]]

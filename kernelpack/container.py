@@ -29,18 +29,26 @@ import numpy as np
 from kernelpack._backend import NUMPY_DTYPES, NumpyOps, Ops, get_ops
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import FORMS, Encoded
-from kernelpack.forms._base import ArraySpec, Stored, need, need_int, need_shape
+from kernelpack.forms._base import ArraySpec, Stored, need, need_int, need_name, need_shape
+from kernelpack.forms.basis import MAX_BANK
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
 VERSION = (1, 0)
 PREAMBLE = 48
 ALIGN = 64
 MAX_HEADER = 64 << 20
-MAX_NAME = 1024
 CODECS = ("none", "zstd")
 TOP_KEYS = frozenset({"metadata", "banks", "tensors"})
 TENSOR_KEYS = frozenset({"form", "shape", "dtype", "digest", "fields", "arrays"})
 ARRAY_KEYS = frozenset({"dtype", "shape", "offset", "length", "codec", "sha256"})
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A msgpack map with no repeated key (readers would disagree on which one counts)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a map repeats a key")
+    return out
 
 
 def _align(n: int) -> int:
@@ -54,15 +62,15 @@ def digest(array: np.ndarray, dtype: str) -> bytes:
     taken over the bfloat16 bits (the upper halves), which the widening kept.
     """
     if dtype == "bfloat16" and array.dtype == np.float32:
-        array = (np.ascontiguousarray(array).view(np.uint32) >> 16).astype(np.uint16)
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).tobytes()).digest()
+        array = (np.asarray(array, order="C").view(np.uint32) >> 16).astype(np.uint16)
+    return hashlib.sha256(np.asarray(array, dtype=NUMPY_DTYPES[dtype], order="C").tobytes()).digest()
 
 
 # --- writing --------------------------------------------------------------------------
 def _payload(stored: Stored, level: int) -> tuple[bytes, dict[str, Any]]:
     import zstandard
 
-    raw = np.ascontiguousarray(stored.data, dtype=NUMPY_DTYPES[stored.dtype]).tobytes()
+    raw = np.asarray(stored.data, dtype=NUMPY_DTYPES[stored.dtype], order="C").tobytes()
     packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw) if raw else b""
     codec, body = ("zstd", packed) if len(packed) < len(raw) else ("none", raw)
     ref = {"dtype": stored.dtype, "shape": list(stored.spec.shape), "codec": codec,
@@ -82,12 +90,16 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
         need(isinstance(key, str) and isinstance(value, str), "metadata", "must map str to str")
     banks: dict[str, Stored] = {}
     for name, tensor in tensors.items():
-        _check_name(name, "tensor name", path)
         for bank_name, bank in tensor.banks().items():
             old = banks.setdefault(bank_name, bank)
             if old is not bank and not (old.dtype == bank.dtype and np.array_equal(old.data, bank.data)):
                 raise KernelpackError(f"two different banks are both named {bank_name!r}",
                                       path=path, tensor=name, field="bank")
+    for name, tensor in tensors.items():
+        try:
+            _check_writable(name, tensor, banks)
+        except KernelpackError as exc:
+            raise exc.located(path=path, tensor=name) from None
     bodies: list[bytes] = []
     end = 0  # bytes of the data area so far
 
@@ -117,6 +129,18 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     _atomic_write(path, [start, b"\0" * (_align(len(start)) - len(start)), *bodies])
 
 
+def _check_writable(name: str, tensor: Encoded, banks: Mapping[str, Stored]) -> None:
+    """Refuse what the reader would refuse (e.g. a float16 coefficient that overflowed)."""
+    need_name(name, "name")
+    for bank_name in tensor.banks():
+        need_name(bank_name, "bank")
+    arrays = tensor.arrays()
+    cls = type(tensor)
+    cls.check(tuple(tensor.shape), tensor.dtype, tensor.fields(), {k: v.spec for k, v in arrays.items()},
+              {k: v.spec for k, v in banks.items()})
+    cls.build(tuple(tensor.shape), tensor.dtype, tensor.fields(), arrays, banks)
+
+
 def _atomic_write(path: str, chunks: list[bytes]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -139,13 +163,6 @@ def _atomic_write(path: str, chunks: list[bytes]) -> None:
 
 
 # --- reading --------------------------------------------------------------------------
-def _check_name(name: Any, what: str, path: str) -> None:
-    ok = isinstance(name, str) and 1 <= len(name.encode("utf-8", "replace")) <= MAX_NAME \
-        and name.isprintable()
-    if not ok:
-        raise KernelpackError(f"{what} {name!r} must be 1..{MAX_NAME} bytes of printable text", path=path)
-
-
 @dataclass(frozen=True)
 class ArrayRef:
     """A stored array's header entry: what it is and where its payload lies."""
@@ -180,10 +197,12 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * 4
 
 
-def _parse_ref(value: Any, field: str, file_size: int) -> ArrayRef:
+def _parse_ref(value: Any, field: str, file_size: int, newer: bool) -> ArrayRef:
+    """An array ref; unknown keys are ignored only in a file of a newer minor version."""
     need(isinstance(value, dict), field, "must be a map")
     unknown = sorted(set(value) - ARRAY_KEYS, key=str)
-    need(not unknown, f"{field}.{unknown[0] if unknown else ''}", "is not a field of a stored array")
+    need(newer or not unknown, f"{field}.{unknown[0] if unknown else ''}",
+         "is not a field of a stored array")
     dtype = value.get("dtype")
     need(dtype in NUMPY_DTYPES, f"{field}.dtype", f"unknown dtype {dtype!r}")
     spec = ArraySpec(dtype, need_shape(value.get("shape"), f"{field}.shape"))
@@ -266,7 +285,8 @@ class Container:
             raise KernelpackError("header checksum mismatch: the file is corrupted",
                                   path=self.path, field="header_sha256")
         try:
-            header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True)
+            header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True,
+                                     object_pairs_hook=_unique_map)
         except Exception as exc:  # msgpack raises many types; report one
             raise KernelpackError(f"header is not valid msgpack: {exc}", path=self.path,
                                   field="header") from None
@@ -277,10 +297,15 @@ class Container:
         except KernelpackError as exc:
             raise self._error(exc) from None
 
+    @property
+    def _newer(self) -> bool:
+        """The file has a newer minor version than this reader: its unknown keys are ignored."""
+        return self.version[1] > VERSION[1]
+
     def _known(self, keys: Any, allowed: frozenset[str], field: str) -> None:
         """Unknown keys are errors, unless the file has a newer minor version (then ignored)."""
         unknown = sorted(set(keys) - allowed, key=str)
-        if unknown and self.version[1] <= VERSION[1]:
+        if unknown and not self._newer:
             raise KernelpackError(f"unknown field in a version {self.version[0]}.{self.version[1]} file",
                                   field=f"{field}{unknown[0]}")
 
@@ -296,14 +321,15 @@ class Container:
         need(isinstance(tensors, dict), "tensors", "must be a map")
         self._banks: dict[str, ArrayRef] = {}
         for name, value in banks.items():
-            _check_name(name, "bank name", self.path)
-            self._banks[name] = _parse_ref(value, f"banks.{name}", self._size)
-            need(len(self._banks[name].spec.shape) >= 2, f"banks.{name}.shape",
-                 "must be [n, *filter_shape] with n >= 1")
+            need_name(name, "banks")
+            self._banks[name] = _parse_ref(value, f"banks.{name}", self._size, self._newer)
+            bank_shape = self._banks[name].spec.shape
+            need(len(bank_shape) >= 2 and 1 <= bank_shape[0] <= MAX_BANK, f"banks.{name}.shape",
+                 f"must be [n, *filter_shape] with 1 <= n <= {MAX_BANK}")
         self._tensors: dict[str, TensorInfo] = {}
         for name, entry in tensors.items():
-            _check_name(name, "tensor name", self.path)
             try:
+                need_name(name, "name")
                 self._tensors[name] = self._parse_tensor(name, entry)
             except KernelpackError as exc:
                 raise exc.located(tensor=name) from None
@@ -324,10 +350,10 @@ class Container:
         need(isinstance(fields, dict), "fields", "must be a map")
         need(isinstance(arrays, dict) and all(isinstance(k, str) for k in arrays), "arrays",
              "must be a map of stored arrays")
-        refs = {k: _parse_ref(v, f"arrays.{k}", self._size) for k, v in arrays.items()}
+        refs = {k: _parse_ref(v, f"arrays.{k}", self._size, self._newer) for k, v in arrays.items()}
         cls = FORMS.get(form)
         if cls is None:
-            need(self.version[1] > VERSION[1], "form", f"unknown form {form!r}")
+            need(self._newer, "form", f"unknown form {form!r}")
         else:
             self._known(fields, cls.FIELDS, "fields.")
             need(form == "dense" or dtype == "float32", "dtype", "compressed forms decode to float32")
@@ -395,21 +421,26 @@ class Container:
         return Stored(data, ref.spec.dtype)
 
     def _inflate(self, body: bytes, size: int, field: str, tensor: str | None) -> bytes:
+        """One zstd frame that declares exactly ``size`` bytes and nothing after it.
+
+        zstd itself refuses to produce more than a frame's declared content size, so
+        a payload never inflates beyond what its dtype and shape say.
+        """
         import zstandard
 
+        def bad(message: str) -> KernelpackError:
+            return KernelpackError(message, path=self.path, tensor=tensor, field=field)
+
         try:
-            params = zstandard.get_frame_parameters(body)
-            if params.content_size not in (size, zstandard.CONTENTSIZE_UNKNOWN):
-                raise KernelpackError(f"compressed payload declares {params.content_size} bytes, "
-                                      f"its dtype and shape {size}", path=self.path, tensor=tensor,
-                                      field=field)
-            out = zstandard.ZstdDecompressor().decompress(body, max_output_size=size)
+            declared = zstandard.get_frame_parameters(body).content_size
+            if declared != size:
+                raise bad(f"compressed payload declares {declared} bytes; its dtype and shape say {size}")
+            inflater = zstandard.ZstdDecompressor().decompressobj()
+            out = inflater.decompress(body)
         except zstandard.ZstdError as exc:
-            raise KernelpackError(f"bad zstd payload: {exc}", path=self.path, tensor=tensor,
-                                  field=field) from None
-        if len(out) != size:
-            raise KernelpackError(f"payload inflates to {len(out)} bytes, its dtype and shape say {size}",
-                                  path=self.path, tensor=tensor, field=field)
+            raise bad(f"bad zstd payload: {exc}") from None
+        if len(out) != size or not inflater.eof or inflater.unused_data:
+            raise bad("zstd payload is not exactly one frame of its declared size")
         return out
 
     def encoded(self, name: str) -> Encoded:

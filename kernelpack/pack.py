@@ -15,10 +15,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from kernelpack._backend import NUMPY_DTYPES
+from kernelpack._backend import NUMPY_DTYPES, bfloat16_bits_to_float32
 from kernelpack.container import write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import Config, Dense, Encoded
+from kernelpack.forms._base import need
 
 #: How a caller says which tensor gets which form.
 FormPlan = Config | Mapping[str, Config] | Callable[[str, Any], Config | None] | None
@@ -63,16 +64,19 @@ def encode(name: str, value: Any, config: Config) -> Encoded:
     """One tensor in the form ``config`` asks for; errors name the tensor."""
     if isinstance(value, Encoded):
         return value
-    array, dtype = as_numpy(value)
-    if not isinstance(config, Dense) and dtype not in ("float16", "bfloat16", "float32", "float64"):
-        raise KernelpackError(f"form {type(config).__name__} needs a floating tensor, got {dtype}",
-                              tensor=name, field="dtype")
-    if dtype == "bfloat16" and not isinstance(config, Dense):
-        from kernelpack._backend import bfloat16_bits_to_float32
-
-        array = bfloat16_bits_to_float32(array)
     try:
-        return config.encode(array, dtype)
+        array, dtype = as_numpy(value)
+        if not isinstance(config, Dense):
+            need(dtype in ("float16", "bfloat16", "float32", "float64"), "dtype",
+                 f"form {type(config).__name__} needs a floating tensor, got {dtype}")
+            if dtype == "bfloat16":
+                array = bfloat16_bits_to_float32(array)
+        try:
+            return config.encode(array, dtype)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, KernelpackError):
+                raise
+            raise KernelpackError(f"bad settings {config!r}: {exc}", field="settings") from None
     except KernelpackError as exc:
         raise exc.located(tensor=name) from None
 

@@ -61,12 +61,14 @@ class Stored:
 def to_stored(values: Any, dtype: str) -> Stored:
     """Round ``values`` to a stored dtype; bfloat16 rounds half to even from float32."""
     if dtype == "bfloat16":
-        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        bits = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        return Stored(rounded.astype(np.uint16), dtype)
+        quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x40)  # NaN stays NaN (rounding could carry)
+        nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        return Stored(np.where(nan, quiet_nan, rounded).astype(np.uint16), dtype)
     if dtype not in NUMPY_DTYPES:
         raise KernelpackError(f"unknown dtype {dtype!r}", field="dtype")
-    return Stored(np.ascontiguousarray(values, dtype=NUMPY_DTYPES[dtype]), dtype)
+    return Stored(np.asarray(values, dtype=NUMPY_DTYPES[dtype], order="C"), dtype)
 
 
 def float_dtype(dtype: str) -> str:
@@ -81,6 +83,16 @@ def need(ok: bool, field: str, message: str) -> None:
     """Raise a field error unless ``ok``."""
     if not ok:
         raise KernelpackError(message, field=field)
+
+
+MAX_NAME = 1024
+
+
+def need_name(value: Any, field: str) -> str:
+    """Tensor and bank names: 1..MAX_NAME bytes of UTF-8, printable (no control characters)."""
+    need(isinstance(value, str) and 1 <= len(value.encode("utf-8", "replace")) <= MAX_NAME
+         and value.isprintable(), field, f"{value!r} must be 1..{MAX_NAME} bytes of printable text")
+    return value
 
 
 def need_int(value: Any, field: str, low: int, high: int) -> int:

@@ -30,15 +30,11 @@ import numpy as np
 
 from kernelpack._backend import Ops
 from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
-                                    need_array, need_finite, need_only, to_stored)
+                                    need_array, need_finite, need_name, need_only, to_stored)
 
 NAME = "basis"
 INDEX_DTYPES = ("uint8", "uint16")
 MAX_BANK = 1 << 16
-
-
-def bank_name_ok(value: Any) -> bool:
-    return isinstance(value, str) and 1 <= len(value) <= 256 and value.isprintable()
 
 
 @dataclass
@@ -66,11 +62,13 @@ class BasisTensor(Encoded):
     def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
         name = fields.get("bank")
-        need(bank_name_ok(name) and name in banks, "bank", f"names no bank of this file: {name!r}")
+        need(isinstance(name, str) and name in banks, "bank", f"names no bank of this file: {name!r}")
         bank = banks[name]
+        need(bank.dtype in FLOAT_DTYPES, f"banks.{name}.dtype", f"must be one of {FLOAT_DTYPES}")
         filt = bank.shape[1:]
         need(len(shape) >= len(filt) and tuple(shape[len(shape) - len(filt):]) == filt, "shape",
              f"must end with the bank's filter shape {list(filt)}")
+        need(min(shape) >= 1, "shape", "must have no empty axis")
         slices = (math.prod(shape[:len(shape) - len(filt)]),)
         need_only(arrays, {"index", "a", "b"})
         need_array(arrays, "index", INDEX_DTYPES, slices)
@@ -84,6 +82,7 @@ class BasisTensor(Encoded):
         index = arrays["index"]
         need(index.data.size == 0 or int(index.data.max()) < bank.data.shape[0], "arrays.index",
              f"holds a bank index >= the bank size {bank.data.shape[0]}")
+        need_finite(bank, "bank")
         need_finite(arrays["a"], "a")
         need_finite(arrays["b"], "b")
         return cls(shape, fields["bank"], bank, index, arrays["a"], arrays["b"])
@@ -152,6 +151,7 @@ class Basis:
         bank = to_stored(unit_bank.reshape((-1,) + tuple(filt)), dtype)
         index, a, b = fit_slices(slices, bank.values().astype(np.float64).reshape(len(unit_bank), -1))
         name = self.bank_name or "bank-" + hashlib.sha256(bank.data.tobytes()).hexdigest()[:16]
+        need_name(name, "bank")
         idx_dtype = "uint8" if len(unit_bank) <= 256 else "uint16"
         return BasisTensor(tuple(w.shape), name, bank, to_stored(index, idx_dtype),
                            to_stored(a, dtype), to_stored(b, dtype))

@@ -86,7 +86,8 @@ class DCTTensor(Encoded):
         values = ops.float64(self.coefficients.data, self.coefficients.dtype)
         x = ops.reshape(ops.scatter(math.prod(box), flat, values), box)
         for a in self.axes:
-            x = transform_axis(ops, x, a, dct_table(self.shape[a], box[a]))
+            n, k = self.shape[a], box[a]
+            x = transform_axis(ops, x, a, lambda lo, hi, n=n, k=k: dct_table(n, k, lo, hi), k, n)
         return ops.to_float32(x)
 
 

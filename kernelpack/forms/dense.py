@@ -52,7 +52,10 @@ class DenseTensor(Encoded):
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "DenseTensor":
-        return cls(arrays["data"], dtype)
+        data = arrays["data"]
+        if data.dtype == "bool":  # numpy and torch read other byte values differently
+            need(bool(np.all(data.data.view(np.uint8) <= 1)), "arrays.data", "bool bytes must be 0 or 1")
+        return cls(data, dtype)
 
     def decode(self, ops: Ops) -> Any:
         value = ops.from_stored(self.data.data, self.data.dtype)
@@ -68,7 +71,7 @@ class Dense:
     def encode(self, array: np.ndarray, source_dtype: str) -> DenseTensor:
         """``array`` is the tensor as numpy (bfloat16 as uint16 bits, named by ``source_dtype``)."""
         if self.dtype is None or self.dtype == source_dtype:
-            return DenseTensor(Stored(np.ascontiguousarray(array), source_dtype), source_dtype)
+            return DenseTensor(Stored(np.asarray(array, order="C"), source_dtype), source_dtype)
         need(source_dtype == "float32" and self.dtype in WIDENING, "dtype",
              f"dense storage as {self.dtype} is only for float32 tensors, got {source_dtype}")
         return DenseTensor(to_stored(array, self.dtype), "float32")

@@ -83,8 +83,8 @@ class LinearTensor(Encoded):
             need_finite(arrays[name], name)
         order = arrays.get("order")
         if order is not None:
-            counts = np.bincount(np.clip(order.data, 0, shape[0]), minlength=shape[0] + 1)
-            need(bool(np.all(counts[:shape[0]] == 1)), "arrays.order",
+            in_range = bool(np.all((order.data >= 0) & (order.data < shape[0])))
+            need(in_range and bool(np.all(np.bincount(order.data, minlength=1) == 1)), "arrays.order",
                  f"must be a permutation of 0..{shape[0] - 1}")
         return cls(shape, arrays["primaries"], tuple(arrays[n] for n in names), order)
 

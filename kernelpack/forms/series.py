@@ -109,11 +109,11 @@ class SeriesTensor(Encoded):
         return cls(shape, fields["family"], points, arrays["coefficients"])  # type: ignore[arg-type]
 
     def decode(self, ops: Ops) -> Any:
-        table_x, table_y = self.tables()
-        rank = len(self.shape)
         x = ops.float64(self.coefficients.data, self.coefficients.dtype)
-        x = transform_axis(ops, x, rank - 2, table_x)
-        return ops.to_float32(transform_axis(ops, x, rank - 1, table_y))
+        for axis, table in zip((-2, -1), self.tables()):
+            x = transform_axis(ops, x, len(self.shape) + axis,
+                               lambda lo, hi, t=table: t[:, lo:hi], *table.shape)
+        return ops.to_float32(x)
 
 
 @dataclass(frozen=True)

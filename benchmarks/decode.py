@@ -1,0 +1,259 @@
+"""CPU decode throughput and arithmetic error of every stored form, against a dense baseline.
+
+For each layer shape and form this measures, in one run:
+
+* load throughput in MB/s of dense float32 produced: ``kernelpack.load_numpy`` (numpy
+  backend) and ``kernelpack.load(device="cpu")`` (torch backend) of a one-tensor
+  container -- header checks, payload SHA-256, zstd and decode included -- against
+  ``safetensors.numpy.load_file`` of the same tensor stored as dense float32. Every
+  time is the median of ``--repeats`` runs (time.perf_counter) after one warm-up;
+  files are in the page cache, so this is decode cost, not disk speed;
+* the canonical decode's error against the exact transform, evaluated independently
+  in float64 (scipy's inverse DCT, numpy's Chebyshev Vandermonde matrix, plain BLAS
+  products), with the numbers stored as float32 so that the error is the arithmetic
+  alone (fixed-point grids and the final float32 rounding): max|decode - ref| / max|ref|,
+  next to the float16 rounding unit 2^-11 that default (float16) storage adds anyway;
+* whether numpy and torch decode to the same bits.
+
+    python benchmarks/decode.py            # full run (minutes on 2 cores)
+    python benchmarks/decode.py --quick    # smoke run on small shapes (seconds)
+    python benchmarks/decode.py --profile  # also: where each load spends its time (cProfile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import io
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+import kernelpack
+from kernelpack._backend import NumpyOps, TorchOps
+from kernelpack._exact import zigzag_positions
+from kernelpack.container import digest, write
+from kernelpack.forms import (DCT, Basis, BasisTensor, Config, DCTTensor, Dense, DenseTensor, Encoded,
+                              Linear, LinearTensor, Series, SeriesTensor)
+from kernelpack.forms.series import Points
+
+FP16_UNIT = 2.0 ** -11  # float16 rounding: half an ulp of 1.0
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A realistic weight shape and the forms worth trying on it."""
+
+    name: str
+    shape: tuple[int, ...]
+    forms: tuple[tuple[str, Config], ...]
+
+
+def layers(quick: bool) -> list[Layer]:
+    """ResNet-18-like 3x3 convolutions, a ConvNeXt-like 7x7 depthwise, a transformer-like linear."""
+    conv = (("dense fp16", Dense("float16")), ("dct 10%", DCT(keep=0.1)),
+            ("series 2x2", Series("cosine", 2)), ("basis 16", Basis(16)), ("linear a=0.5", Linear(0.5)))
+    depthwise = (("dense fp16", Dense("float16")), ("series 4x4", Series("cosine", 4)),
+                 ("basis 16", Basis(16)))
+    fc = (("dense fp16", Dense("float16")), ("dct 10%", DCT(keep=0.1)),
+          ("linear a=0.25 r=128", Linear(0.25, rank=128)))
+    if quick:
+        return [Layer("conv3x3 64->64", (64, 64, 3, 3), conv),
+                Layer("dw7x7 96", (96, 1, 7, 7), depthwise),
+                Layer("linear 512x256", (512, 256), fc)]
+    return [Layer("conv3x3 256->256", (256, 256, 3, 3), conv),
+            Layer("conv3x3 512->512", (512, 512, 3, 3), conv),
+            Layer("dw7x7 384", (384, 1, 7, 7), depthwise),
+            Layer("linear 4096x1024", (4096, 1024), fc)]
+
+
+def weights(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """He-initialised float32 weights (deterministic)."""
+    fan_in = int(np.prod(shape[1:]))
+    return (np.random.default_rng(seed).standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- independent float64 references -------------------------------------------------------
+def f64(stored: Any) -> np.ndarray:
+    return stored.values().astype(np.float64)
+
+
+def series_points(points: Points, k: int) -> np.ndarray:
+    """Sample points computed with libm cos (not kernelpack's reproducible cospi)."""
+    if not isinstance(points, str):
+        return np.array(points, dtype=np.float64)
+    if k == 1:
+        return np.array([1.0 if points == "cgl" else 0.0])
+    return np.cos(np.pi * np.arange(k) / (k - 1)) if points == "cgl" else np.linspace(-1.0, 1.0, k)
+
+
+def reference(tensor: Encoded) -> np.ndarray:
+    """The exact transform of the stored numbers, in float64, by code independent of the decoder."""
+    from scipy.fft import idctn
+
+    if isinstance(tensor, DenseTensor):
+        return f64(tensor.data)
+    if isinstance(tensor, DCTTensor):
+        full = np.zeros(tensor.shape)
+        full[tuple(zigzag_positions(tensor.shape, tensor.axes, tensor.boundary).T)] = f64(tensor.coefficients)
+        return idctn(full, type=2, norm="ortho", axes=tensor.axes)
+    if isinstance(tensor, SeriesTensor):
+        (nx, ny), (kh, kw) = tensor.harmonics, tensor.shape[-2:]
+        tx = np.polynomial.chebyshev.chebvander(series_points(tensor.points[0], kh), nx - 1)  # (kh, nx)
+        ty = np.polynomial.chebyshev.chebvander(series_points(tensor.points[1], kw), ny - 1)
+        return np.einsum("...pq,ip,jq->...ij", f64(tensor.coefficients), tx, ty)
+    if isinstance(tensor, BasisTensor):
+        n = tensor.index.data.size
+        g = f64(tensor.bank).reshape(len(tensor.bank.data), -1)[tensor.index.data.astype(np.int64)]
+        return (g * f64(tensor.a).reshape(n, 1) + f64(tensor.b).reshape(n, 1)).reshape(tensor.shape)
+    if isinstance(tensor, LinearTensor):
+        p = tensor.primaries.data.shape[0]
+        wp = f64(tensor.primaries).reshape(p, -1)
+        a = [f64(c) for c in tensor.coefficients]
+        coeff = a[0] @ a[1] if len(a) == 2 else a[0]
+        rows = np.concatenate([wp, coeff.T @ wp])
+        if tensor.order is not None:
+            rows = rows[np.argsort(tensor.order.data)]
+        return rows.reshape(tensor.shape)
+    raise TypeError(f"no reference for form {tensor.form!r}")
+
+
+# --- measurements ----------------------------------------------------------------------------
+@dataclass
+class Result:
+    """One row of the table: MB/s are of dense float32 produced."""
+
+    layer: str
+    form: str
+    stored_kb: float
+    load_numpy: float
+    load_torch: float
+    decode_numpy: float
+    decode_torch: float
+    dense: float
+    error: float
+    same_bits: bool
+
+    HEADER = ("| layer | form | stored KB | load numpy MB/s | load torch MB/s | decode-only numpy MB/s "
+              "| decode-only torch MB/s | safetensors MB/s | numpy / dense | torch / dense "
+              "| rel. error (fp32 storage) | error / 2^-11 | numpy == torch bits |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+
+    def row(self) -> str:
+        return (f"| {self.layer} | {self.form} | {self.stored_kb:.0f} | {self.load_numpy:.0f} "
+                f"| {self.load_torch:.0f} | {self.decode_numpy:.0f} | {self.decode_torch:.0f} "
+                f"| {self.dense:.0f} | {self.load_numpy / self.dense:.3f} | {self.load_torch / self.dense:.3f} "
+                f"| {self.error:.2e} | {self.error / FP16_UNIT:.1e} | {'yes' if self.same_bits else 'NO'} |")
+
+
+def measure(layer: Layer, label: str, config: Config, w: np.ndarray, path: str, repeats: int,
+            dense_mbs: float) -> Result:
+    """Throughput (default storage, written to ``path``) and arithmetic error (float32 storage).
+
+    ``load`` includes opening, header and payload checks and zstd; ``decode-only`` is the
+    form's decode of payloads already in memory.
+    """
+    mb = w.nbytes / 1e6
+    tensor = config.encode(w, "float32")
+    write(path, {"w": tensor})
+    numpy_ops, torch_ops = NumpyOps(), TorchOps("cpu")
+    speeds = [mb / median_seconds(fn, repeats) for fn in (
+        lambda: kernelpack.load_numpy(path), lambda: kernelpack.load(path, "cpu"),
+        lambda: tensor.decode(numpy_ops), lambda: tensor.decode(torch_ops))]
+    same_bits = digest(tensor.decode(numpy_ops), "float32") == \
+        digest(torch_ops.to_numpy(tensor.decode(torch_ops)), "float32")
+    exact = dataclasses.replace(config, dtype="float32").encode(w, "float32")  # type: ignore[type-var]
+    ref = reference(exact)
+    error = float(np.max(np.abs(exact.decode(numpy_ops) - ref)) / np.max(np.abs(ref)))
+    return Result(layer.name, label, os.path.getsize(path) / 1024, *speeds, dense_mbs, error, same_bits)
+
+
+def baseline(w: np.ndarray, folder: str, repeats: int) -> float:
+    """MB/s of safetensors.numpy.load_file reading the tensor as dense float32."""
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(folder, "w.safetensors")
+    save_file({"w": w}, path)
+    return w.nbytes / 1e6 / median_seconds(lambda: load_file(path), repeats)
+
+
+def profile(fn: Callable[[], Any], top: int) -> str:
+    """The ``top`` functions by own time in one call of ``fn`` (after a warm-up for caches)."""
+    fn()
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return "\n".join(ln.replace(os.path.dirname(np.__path__[0]) + os.sep, "")
+                     for ln in lines[start:start + top + 1])
+
+
+def environment() -> str:
+    import safetensors
+    import torch
+    import zstandard
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}; nproc {os.cpu_count()}; torch threads {torch.get_num_threads()}; "
+            f"python {platform.python_version()}; numpy {np.__version__}; torch {torch.__version__}; "
+            f"safetensors {safetensors.__version__}; zstandard {zstandard.__version__}; "
+            f"load average at start {os.getloadavg()[0]:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of each load")
+    parser.add_argument("--top", type=int, default=8, help="functions per profile (default 8)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    print(f"# kernelpack decode benchmark ({'quick' if args.quick else 'full'}, median of {repeats})\n")
+    print(environment() + "\n")
+    print(Result.HEADER)
+    profiles = []
+    with tempfile.TemporaryDirectory() as folder:
+        for seed, layer in enumerate(layers(args.quick)):
+            w = weights(layer.shape, seed)
+            dense_mbs = baseline(w, folder, repeats)
+            for label, config in layer.forms:
+                path = os.path.join(folder, "w.kpk")
+                print(measure(layer, label, config, w, path, repeats, dense_mbs).row(), flush=True)
+                if args.profile:
+                    for name, load in (("load_numpy", kernelpack.load_numpy), ("load cpu", kernelpack.load)):
+                        text = profile(lambda: load(path), args.top)
+                        profiles.append(f"{layer.name}, {label}, {name}:\n```\n{text}\n```")
+    if profiles:
+        print("\n" + "\n\n".join(profiles))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""The ``kernelpack`` command line: pack, inspect, verify, unpack, demo.
+
+Imports stay light (numpy, msgpack): torch loads only to read .pt files, to write
+bfloat16 tensors, to decode with the torch backend, and for the demo. Every
+``KernelpackError`` (a bad file, a bad argument) ends the command with one line
+``kernelpack: error: <message>`` on stderr and exit status 2; ``verify`` exits 1
+when a tensor does not decode to its recorded digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kernelpack._backend import bfloat16_bits_to_float32
+from kernelpack.container import Container, TensorInfo
+from kernelpack.errors import KernelpackError
+from kernelpack.forms import Config, config_from_dict
+from kernelpack.pack import as_numpy, save
+from kernelpack.runtime import load, load_numpy
+
+FORM_SYNTAX = """\
+form rules (--form, repeatable):
+  PATTERN=FORM[:KEY=VALUE,...]
+  PATTERN is an fnmatch pattern on tensor names ('*conv*.weight', 'fc*.weight', '*').
+  FORM is dense, dct, series, basis or linear; KEY=VALUE are that form's settings.
+  A VALUE is an int, a float, a word, or a list written with '/': harmonics=4/3 is
+  (4, 3), points=cgl/uniform; a list of one ends with '/': axes=1/.
+  Examples:
+    --form '*conv*.weight=series:harmonics=3'
+    --form 'conv2.weight=series:harmonics=4/3,points=cgl/uniform,dtype=bfloat16'
+    --form 'fc*.weight=dct:keep=0.05'       (or boundary=N, axes=0/1)
+    --form '*conv*.weight=basis:bank=16'
+    --form '*.weight=linear:alpha=0.5,rank=4'
+    --form '*.bias=dense:dtype=float16'
+
+form config (--config FILE.json), for what a command line cannot say (explicit
+series points, banks given as arrays):
+  {"default": {"form": "dense", "dtype": "float16"} or null,
+   "rules": [{"pattern": "*conv*.weight", "form": "series", "harmonics": [4, 3]}]}
+
+Which rule applies: the --form rules in the order given, then the config's rules in
+order; the first whose pattern matches the tensor name wins. A tensor no rule
+matches gets the config's "default", else dense (stored as it is).
+"""
+
+
+def need_module(name: str, purpose: str) -> Any:
+    """Import an optional dependency, or say in one line which extra provides it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise KernelpackError(f"{purpose} needs the '{name.split('.')[0]}' package: "
+                              "pip install 'kernelpack[demo]'") from None
+
+
+# --- form rules ---------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """One setting's value: int, float, word, or a '/'-separated list (trailing '/' for one)."""
+    if "/" in text:
+        items = text.split("/")
+        if items[-1] == "":
+            items.pop()
+        if not items or "" in items:
+            raise KernelpackError(f"bad list {text!r}: write items separated by '/', e.g. 4/3 or 1/")
+        return [parse_value(item) for item in items]
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_form(rule: str) -> tuple[str, Config]:
+    """``'*conv*.weight=series:harmonics=3'`` -> ``('*conv*.weight', Series(harmonics=3))``."""
+    try:
+        pattern, sep, form = rule.partition("=")
+        if not sep or not pattern or not form:
+            raise KernelpackError("expected PATTERN=FORM[:KEY=VALUE,...]")
+        name, _, settings_text = form.partition(":")
+        spec: dict[str, Any] = {"form": name}
+        for item in filter(None, settings_text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                raise KernelpackError(f"setting {item!r} is not KEY=VALUE")
+            spec[key] = parse_value(value)
+        return pattern, config_from_dict(spec)
+    except KernelpackError as exc:
+        raise KernelpackError(f"bad --form {rule!r}: {exc.reason}") from None
+
+
+def read_config(path: str) -> tuple[list[tuple[str, Config]], Config | None]:
+    """A JSON form config: its rules (pattern, config) in order and its default."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise KernelpackError(f"cannot read the form config: {exc.strerror}", path=path) from None
+    except ValueError as exc:
+        raise KernelpackError(f"form config is not valid JSON: {exc}", path=path) from None
+    if not isinstance(data, dict) or set(data) - {"default", "rules"}:
+        raise KernelpackError('form config must be {"default": ..., "rules": [...]}', path=path)
+    rules, default = data.get("rules", []), data.get("default")
+    if not isinstance(rules, list):
+        raise KernelpackError("form config: 'rules' must be a list", path=path)
+    parsed = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict) or not isinstance(rule.get("pattern"), str):
+            raise KernelpackError(f'rules[{i}] must be {{"pattern": "...", "form": "...", ...}}',
+                                  path=path)
+        spec = {k: v for k, v in rule.items() if k != "pattern"}
+        parsed.append((rule["pattern"], _config(spec, path, f"rules[{i}]")))
+    if default is not None and not isinstance(default, dict):
+        raise KernelpackError("form config: 'default' must be a form map or null", path=path)
+    return parsed, None if default is None else _config(default, path, "default")
+
+
+def _config(spec: dict, path: str, where: str) -> Config:
+    try:
+        return config_from_dict(spec)
+    except KernelpackError as exc:
+        raise KernelpackError(f"{where}: {exc.reason}", path=path) from None
+
+
+class Plan:
+    """Which form each tensor gets (see FORM_SYNTAX); remembers which patterns matched."""
+
+    def __init__(self, rules: list[tuple[str, Config]], default: Config | None) -> None:
+        self.rules, self.default = rules, default
+        self.used: set[int] = set()
+
+    def __call__(self, name: str, value: Any) -> Config | None:
+        for i, (pattern, config) in enumerate(self.rules):
+            if fnmatch.fnmatchcase(name, pattern):
+                self.used.add(i)
+                return config
+        return self.default
+
+    def unused(self) -> list[str]:
+        """Patterns that chose no tensor (a typo, or shadowed by an earlier rule)."""
+        return [p for i, (p, _) in enumerate(self.rules) if i not in self.used]
+
+
+# --- input files --------------------------------------------------------------------
+def read_tensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors (numpy arrays or torch tensors) and metadata from .safetensors, .pt/.pth or .npz.
+
+    Nothing is unpickled: .pt files load with ``weights_only=True``, .npz with
+    ``allow_pickle=False``.
+    """
+    readers: dict[str, Callable[[str], tuple[dict[str, Any], dict[str, str]]]] = {
+        ".safetensors": _read_safetensors, ".pt": _read_torch, ".pth": _read_torch, ".npz": _read_npz}
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in readers:
+        raise KernelpackError(f"unknown input type {ext!r}: use .safetensors, .pt, .pth or .npz",
+                              path=path)
+    if not os.path.isfile(path):
+        raise KernelpackError("no such file", path=path)
+    try:
+        return readers[ext](path)
+    except KernelpackError as exc:
+        raise exc.located(path=path) from None
+    except Exception as exc:  # each reader library raises its own types; report them as one
+        raise KernelpackError(f"cannot read as {ext}: {exc}", path=path) from None
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    safetensors = need_module("safetensors", "reading .safetensors")
+    with safetensors.safe_open(path, framework="numpy") as f:
+        metadata = dict(f.metadata() or {})
+        keys = list(f.keys())
+        if all(f.get_slice(k).get_dtype() != "BF16" for k in keys):
+            return {k: f.get_tensor(k) for k in keys}, metadata
+    need_module("torch", "reading bfloat16 tensors")  # numpy has no bfloat16
+    return dict(need_module("safetensors.torch", "reading .safetensors").load_file(path)), metadata
+
+
+def _read_torch(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    torch = need_module("torch", "reading .pt files")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise KernelpackError(f"holds a {type(state).__name__}, not a state_dict "
+                              "(save model.state_dict())")
+    for key, value in state.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise KernelpackError(f"entry {key!r} is a {type(value).__name__}, not a tensor; "
+                                  "a state_dict maps names to tensors")
+    return dict(state), {}
+
+
+def _read_npz(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    archive = np.load(path, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise KernelpackError("is not an .npz archive")
+    with archive:
+        return {k: archive[k] for k in archive.files}, {}
+
+
+def parse_metadata(items: Sequence[str]) -> dict[str, str]:
+    metadata = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KernelpackError(f"bad --metadata {item!r}: expected KEY=VALUE")
+        metadata[key] = value
+    return metadata
+
+
+# --- output helpers -----------------------------------------------------------------
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """Plain aligned text; ``align`` has one '<' (left) or '>' (right) per column."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[Any]) -> str:
+        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def ratio(dense: int, stored: int) -> float | None:
+    return dense / stored if stored else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def short(value: Any, nested: bool = False) -> str:
+    """A header field in the --form syntax: lists joined by '/', inner lists counted."""
+    if isinstance(value, (list, tuple)):
+        return f"[{len(value)} values]" if nested else "/".join(short(v, True) for v in value)
+    return str(value)
+
+
+def settings(info: TensorInfo) -> str:
+    """A tensor's settings in one short string: fields, linear's p and r, stored number dtype."""
+    parts = [f"{k}={short(v)}" for k, v in sorted(info.fields.items())]
+    if info.form == "linear":
+        parts.append(f"p={info.arrays['primaries'].spec.shape[0]}")
+        if "A1" in info.arrays:
+            parts.append(f"rank={info.arrays['A1'].spec.shape[1]}")
+    numbers = sorted({r.spec.dtype for k, r in info.arrays.items() if k not in ("index", "order")})
+    return " ".join(parts + ["/".join(numbers)])
+
+
+def error_stats(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float | None]:
+    """Max abs error and relative RMS error (None when the original is all zero and they differ)."""
+    diff = decoded.astype(np.float64) - original.astype(np.float64)
+    if diff.size == 0:
+        return 0.0, 0.0
+    err, ref = math.sqrt(np.mean(diff * diff)), math.sqrt(np.mean(np.square(original, dtype=np.float64)))
+    return float(np.max(np.abs(diff))), err / ref if ref else (0.0 if err == 0 else None)
+
+
+# --- commands -----------------------------------------------------------------------
+def cmd_pack(args: argparse.Namespace) -> int:
+    rules, default = read_config(args.config) if args.config else ([], None)
+    plan = Plan([parse_form(r) for r in args.form] + rules, default)
+    metadata = parse_metadata(args.metadata)
+    tensors, file_metadata = read_tensors(args.input)
+    encoded = save(tensors, args.output, forms=plan, metadata={**file_metadata, **metadata},
+                   level=args.level)
+    for pattern in plan.unused():
+        print(f"kernelpack: warning: pattern {pattern!r} chose no tensor", file=sys.stderr)
+    size = os.path.getsize(args.output)
+    dense = sum(math.prod(t.shape) * 4 for t in encoded.values())
+    forms: dict[str, int] = {}
+    for t in encoded.values():
+        forms[t.form] = forms.get(t.form, 0) + 1
+    print(f"{args.output}: {len(encoded)} tensors ({', '.join(f'{n} {f}' for f, n in forms.items())}), "
+          f"{size} bytes, ratio to float32 {fmt(ratio(dense, size), '.2f')}")
+    return 0
+
+
+def inspect_report(path: str, original: str | None) -> dict[str, Any]:
+    """Everything ``inspect`` prints, as one JSON-ready map."""
+    originals = None
+    if original is not None:
+        originals = {}
+        for name, value in read_tensors(original)[0].items():
+            array, dtype = as_numpy(value)
+            if dtype == "bfloat16":
+                array = bfloat16_bits_to_float32(array)
+            originals[name] = array
+    tensors = []
+    with Container(path) as c:
+        for name in c.keys():
+            info = c.info(name)
+            row = {"name": name, "form": info.form, "shape": list(info.shape), "dtype": info.dtype,
+                   "settings": settings(info), "fields": info.fields,
+                   "stored_bytes": info.stored_bytes, "dense_float32_bytes": info.dense_bytes,
+                   "ratio": ratio(info.dense_bytes, info.stored_bytes)}
+            if originals is not None and name in originals:
+                ref = originals[name]
+                if tuple(ref.shape) != info.shape:
+                    raise KernelpackError(f"shape {list(info.shape)} differs from the original's "
+                                          f"{list(ref.shape)}", path=path, tensor=name)
+                row["max_abs_error"], row["rel_rms_error"] = error_stats(c.get_numpy(name), ref)
+            tensors.append(row)
+        banks = [{"name": n, "shape": list(r.spec.shape), "dtype": r.spec.dtype, "stored_bytes": r.length}
+                 for n, r in c.bank_info().items()]
+        version, metadata = c.version, dict(c.metadata)
+    size = os.path.getsize(path)
+    dense = sum(t["dense_float32_bytes"] for t in tensors)
+    report = {"file": path, "format_version": f"{version[0]}.{version[1]}", "metadata": metadata,
+              "tensors": tensors, "banks": banks,
+              "totals": {"file_bytes": size, "dense_float32_bytes": dense, "ratio": ratio(dense, size)}}
+    if originals is not None:
+        report["missing_from_file"] = sorted(set(originals) - {t["name"] for t in tensors})
+    return report
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    report = inspect_report(args.file, args.original)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    header = ["tensor", "form", "shape", "settings", "stored", "ratio"]
+    if args.original:
+        header += ["max abs err", "rel rms err"]
+    rows = []
+    for t in report["tensors"]:
+        row = [t["name"], t["form"], "x".join(map(str, t["shape"])) or "scalar", t["settings"],
+               str(t["stored_bytes"]), fmt(t["ratio"], ".2f")]
+        if args.original:
+            row += [fmt(t.get("max_abs_error"), ".3g"), fmt(t.get("rel_rms_error"), ".3g")]
+        rows.append(row)
+    print(f"{report['file']}: format {report['format_version']}, {len(rows)} tensors")
+    for key, value in report["metadata"].items():
+        print(f"  metadata {key} = {value}")
+    print(format_table(header, rows, "<<<<>>>>"))
+    for b in report["banks"]:
+        print(f"bank {b['name']}: {'x'.join(map(str, b['shape']))} {b['dtype']}, {b['stored_bytes']} bytes")
+    if report.get("missing_from_file"):
+        print(f"in the original but not in the file: {', '.join(report['missing_from_file'])}")
+    totals = report["totals"]
+    print(f"total: file {totals['file_bytes']} bytes, dense float32 {totals['dense_float32_bytes']} "
+          f"bytes, ratio {fmt(totals['ratio'], '.2f')}")
+    return 0
+
+
+def check_device(backend: str, device: str) -> None:
+    """Refuse, in one line, a device this backend or this machine cannot decode on."""
+    if backend == "numpy":
+        if device != "cpu":
+            raise KernelpackError(f"the numpy backend decodes on the CPU only; use --backend torch "
+                                  f"for --device {device}")
+        return
+    torch = need_module("torch", "the torch backend")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise KernelpackError(f"unknown device {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise KernelpackError(f"--device {device}: torch sees no CUDA device on this machine")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    backend = args.backend or ("numpy" if args.device == "cpu" else "torch")
+    check_device(backend, args.device)
+    with Container(args.file) as c:
+        results = c.verify(backend, args.device)
+    for name, ok in results.items():
+        print(f"{'OK' if ok else 'MISMATCH':8}  {name}")
+    bad = [name for name, ok in results.items() if not ok]
+    where = f"({backend} on {args.device})"
+    if bad:
+        print(f"{args.file}: {len(bad)} of {len(results)} tensors do NOT decode to their digest {where}")
+        return 1
+    print(f"{args.file}: all {len(results)} tensors decode to their digest {where}")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    with Container(args.file) as c:
+        metadata = dict(c.metadata)
+        bf16 = any(c.info(n).dtype == "bfloat16" for n in c.keys())
+    if bf16:  # safetensors.numpy cannot hold bfloat16: decode with torch (same bits) to keep it
+        need_module("torch", "unpacking bfloat16 tensors")
+        state = load(args.file)
+        need_module("safetensors.torch", "writing .safetensors").save_file(state, args.output, metadata)
+    else:
+        state = load_numpy(args.file)
+        need_module("safetensors.numpy", "writing .safetensors").save_file(state, args.output, metadata)
+    print(f"{args.output}: {len(state)} dense tensors, {os.path.getsize(args.output)} bytes")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    for module in ("torch", "sklearn", "safetensors"):
+        need_module(module, "the demo")
+    from kernelpack import demo
+
+    demo.run(quick=args.quick, out=args.out)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernelpack", description="Compressed CNN weights in a checksummed container (.kpk), "
+        "decoded bit-exactly on any machine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pack", help="pack tensors into a .kpk container",
+                       description="Pack a state_dict (.safetensors, .pt/.pth, .npz) into a container.",
+                       epilog=FORM_SYNTAX, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN", help="a .safetensors, .pt/.pth (state_dict) or .npz file")
+    p.add_argument("output", metavar="OUT", help="the container to write (atomically)")
+    p.add_argument("--form", action="append", default=[], metavar="PATTERN=FORM[:K=V,...]",
+                   help="a form rule (repeatable; see below)")
+    p.add_argument("--config", metavar="FORMS.json", help="form rules and default from a JSON file")
+    p.add_argument("--level", type=int, default=19, choices=range(1, 23), metavar="N",
+                   help="zstd level 1..22 for payloads (default 19)")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="a metadata entry (repeatable; .safetensors metadata is kept too)")
+    p.set_defaults(run=cmd_pack)
+
+    p = sub.add_parser("inspect", help="list tensors, forms, sizes (and errors against an original)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--original", metavar="IN",
+                   help="the tensors that were packed: adds max abs and relative RMS error columns")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("verify", help="decode every tensor and check it against its digest",
+                       description="Decode every tensor and compare it with the SHA-256 recorded at "
+                       "pack time. Exit 0: all match; 1: a mismatch; 2: a bad file or argument.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--backend", choices=("numpy", "torch"),
+                   help="decode with numpy or torch (default: numpy on cpu, torch elsewhere)")
+    p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser("unpack", help="decode every tensor into a dense .safetensors file",
+                       description="Decode every tensor (numpy) into a dense .safetensors file with the "
+                       "container's metadata. A container holding bfloat16 tensors is decoded with "
+                       "torch (the same bits) and written with safetensors.torch, keeping bfloat16.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("output", metavar="OUT.safetensors")
+    p.set_defaults(run=cmd_unpack)
+
+    p = sub.add_parser("demo", help="train a small CNN on 8x8 digits and pack it in every form")
+    p.add_argument("--quick", action="store_true", help="train for a few epochs only")
+    p.add_argument("--out", metavar="DIR",
+                   help="keep the containers and original.safetensors here (default: a temporary folder)")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 digest mismatch, 2 error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KernelpackError as exc:
+        print(f"kernelpack: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,311 @@
+"""Write the conformance vectors: small .kpk files covering every form and option, and manifest.json.
+
+The vectors are normative (see README.md): a reader conforms when it decodes every
+tensor of every file to the SHA-256 the manifest records. They are written from
+deterministic inputs (numpy ``default_rng`` with fixed seeds), so running this
+script again reproduces them; byte-identical output additionally needs the same
+zstandard library (compressed payloads) and the same LAPACK/scipy (the encoders'
+least-squares fits and k-means choose the stored numbers). The digests recorded in
+the manifest are not copied from the headers: each file is reopened and every
+tensor decoded again with the numpy backend, and that digest must agree with both
+the header and a torch CPU decode before the manifest is written.
+
+    python spec/vectors/generate.py            # rewrite the vectors next to this script
+    python spec/vectors/generate.py --check    # regenerate into a temporary folder, compare bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from kernelpack._backend import NUMPY_DTYPES
+from kernelpack.container import Container, digest, write
+from kernelpack.forms import DCT, Basis, Config, Dense, DenseTensor, Encoded, Linear, LinearTensor, Series
+from kernelpack.forms._base import Stored, to_stored
+from kernelpack.pack import encode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MANIFEST = "manifest.json"
+#: zstd level the vectors are written with (the writer's default).
+LEVEL = 19
+#: The whole folder must stay small: it is committed and read by every CI run.
+MAX_FILE_BYTES = 16 << 10
+MAX_TOTAL_BYTES = 300 << 10
+
+#: One tensor of a vector file: its value (numpy or torch) and the config that encodes it,
+#: or an already encoded tensor (written as it is).
+Entry = tuple[Any, Config] | Encoded
+
+
+def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Deterministic float32 test data: standard normal from ``default_rng(seed)``."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def scalar(value: float, stored: str, dtype: str | None = None) -> DenseTensor:
+    """A 0-d dense tensor (shape []) stored as ``stored``, decoding to ``dtype`` (default: the same).
+
+    Built directly: ``encode`` and ``to_stored`` go through ``np.ascontiguousarray``, which
+    turns a 0-d array into shape [1].
+    """
+    return DenseTensor(Stored(np.array(value, dtype=NUMPY_DTYPES[stored]), stored), dtype or stored)
+
+
+# --- the files ----------------------------------------------------------------------------
+def dense_file() -> dict[str, Entry]:
+    """Every stored dtype as it is, float32 stored narrower, a 0-d scalar, a zero-size tensor."""
+    import torch
+
+    rng = np.random.default_rng(100)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 3.4e38, -1.5], dtype=np.float32)
+    return {
+        "float32": (normal(101, (4, 5)), Dense()),
+        "float16": (normal(102, (3, 4)).astype(np.float16), Dense()),
+        "bfloat16": (torch.from_numpy(normal(103, (2, 3, 4))).to(torch.bfloat16), Dense()),
+        "float64": (rng.standard_normal((3, 3)), Dense()),
+        "int8": (rng.integers(-128, 128, (5, 4), dtype=np.int8), Dense()),
+        "uint8": (rng.integers(0, 256, (7,), dtype=np.uint8), Dense()),
+        "int16": (rng.integers(-(1 << 15), 1 << 15, (2, 5), dtype=np.int16), Dense()),
+        "uint16": (rng.integers(0, 1 << 16, (2, 2, 2), dtype=np.uint16), Dense()),
+        "int32": (rng.integers(-(1 << 31), 1 << 31, (6,), dtype=np.int32), Dense()),
+        "int64": (np.array([0, 1, -1, 2**62, -(2**63), 2**63 - 1, 12345], dtype=np.int64), Dense()),
+        "int64_small": (np.arange(64, dtype=np.int64) % 5, Dense()),  # compresses: a zstd payload
+        "bool": (rng.integers(0, 2, (3, 5)).astype(bool), Dense()),
+        "float32_special": (special, Dense()),  # NaN, infinities, -0, a subnormal: copied bit for bit
+        "float32_as_float16": (normal(104, (4, 6)), Dense("float16")),
+        "float32_as_bfloat16": (normal(105, (3, 7)), Dense("bfloat16")),
+        "scalar": scalar(2.5, "float32"),
+        "scalar_int64": scalar(-3, "int64"),
+        "scalar_float16_as_float32": scalar(0.1, "float16", "float32"),
+        "empty": (np.zeros((0, 3), dtype=np.float32), Dense()),
+    }
+
+
+def dct_file() -> dict[str, Entry]:
+    """All axes and subsets, boundary 0 and all, ranks 1/2/4, each storage dtype, a length-1 axis."""
+    return {
+        "all_axes_2d": (normal(201, (8, 6)), DCT(boundary=12)),
+        "all_axes_4d_bf16": (normal(202, (3, 2, 4, 4)), DCT(boundary=20, dtype="bfloat16")),
+        "spatial_axes_4d": (normal(203, (4, 3, 5, 5)), DCT(boundary=30, axes=(2, 3))),
+        "axes_0_2_3d_bf16": (normal(204, (4, 3, 5)), DCT(boundary=9, axes=(0, 2), dtype="bfloat16")),
+        "one_axis_2d_f32": (normal(205, (5, 7)), DCT(boundary=11, axes=(1,), dtype="float32")),
+        "rank1_f32": (normal(206, (16,)), DCT(boundary=5, dtype="float32")),
+        "boundary_0": (normal(207, (5, 4)), DCT(boundary=0)),
+        "boundary_all_f32": (normal(208, (4, 6)), DCT(boundary=24, dtype="float32")),
+        "length1_axis": (normal(209, (6, 1, 5)), DCT(boundary=7)),
+        "length1_only": (normal(210, (1,)), DCT(boundary=1, dtype="float32")),
+    }
+
+
+def series_file() -> dict[str, Entry]:
+    """Both families, named and explicit points, Nx != Ny, 7x7 / 3x3 / 1x1 kernels, each dtype."""
+    explicit_x = tuple(float(v) for v in np.cos(np.linspace(0.2 * np.pi, 0.8 * np.pi, 5)))
+    explicit_y = (-1.0, -0.5, 0.0, 0.25, 1.0)
+    return {
+        "cosine_cgl_3x3": (normal(301, (4, 3, 3, 3)), Series("cosine", 3, "cgl")),
+        "chebyshev_uniform_7x7_bf16": (normal(302, (2, 3, 7, 7)),
+                                       Series("chebyshev", 4, "uniform", dtype="bfloat16")),
+        "explicit_points_5x5_f32": (normal(303, (3, 2, 5, 5)),
+                                    Series("cosine", (3, 4), (explicit_x, explicit_y), dtype="float32")),
+        "nx_ne_ny_7x3": (normal(304, (2, 2, 7, 3)), Series("chebyshev", (5, 2), ("cgl", "uniform"))),
+        "cosine_cgl_7x7_f32": (normal(305, (2, 2, 7, 7)), Series("cosine", 5, "cgl", dtype="float32")),
+        "kernel_1x1_f32": (normal(306, (8, 4, 1, 1)), Series("cosine", 1, "cgl", dtype="float32")),
+        "kernel_1x1_uniform_bf16": (normal(307, (3, 2, 1, 1)),
+                                    Series("chebyshev", (2, 1), "uniform", dtype="bfloat16")),
+        "rank2_3x3": (normal(308, (3, 3)), Series("cosine", (2, 3), "cgl")),
+    }
+
+
+def basis_file() -> dict[str, Entry]:
+    """A bank shared by two tensors, a depthwise (C, 1, k, k) tensor, bfloat16, a multi-axis filter."""
+    shared = normal(401, (8, 3, 3))
+    return {
+        "conv_a": (normal(402, (6, 4, 3, 3)), Basis(shared, bank_name="shared_3x3")),
+        "conv_b": (normal(403, (4, 6, 3, 3)), Basis(shared, bank_name="shared_3x3")),
+        "depthwise_bf16": (normal(404, (16, 1, 3, 3)), Basis(6, bank_name="depthwise_kmeans",
+                                                            dtype="bfloat16", seed=0)),
+        "whole_filters_f32": (normal(405, (5, 2, 3, 3)), Basis(normal(406, (3, 2, 3, 3)),
+                                                              bank_name="filters_2x3x3",
+                                                              dtype="float32")),
+    }
+
+
+def basis_uint16_file() -> dict[str, Entry]:
+    """A bank of 260 filters, so the index is uint16, with slices that pick filters 256..259."""
+    bank = normal(501, (260, 3, 3))
+    rng = np.random.default_rng(502)
+    index = np.concatenate([np.arange(256, 260), rng.integers(0, 260, 60)])
+    scale = rng.uniform(0.5, 2.0, (64, 1, 1)) * rng.choice([-1.0, 1.0], (64, 1, 1))
+    offset = rng.uniform(-0.5, 0.5, (64, 1, 1))
+    slices = (bank[index] * scale + offset).astype(np.float32)  # each slice is a*g+b of its filter
+    return {"conv_uint16": (slices.reshape(8, 8, 3, 3), Basis(bank, bank_name="bank_260"))}
+
+
+def linear_file() -> dict[str, Entry]:
+    """Dense A and low-rank A1 A2, with and without order, all primaries (s = 0), each dtype."""
+    return {
+        "dense_A_order": (normal(601, (8, 3, 3, 3)), Linear(alpha=0.5)),
+        "low_rank_order_bf16": (normal(602, (12, 4, 3, 3)), Linear(primaries=6, rank=2, dtype="bfloat16")),
+        "all_primaries_f32": (normal(603, (5, 7)), Linear(primaries=5, dtype="float32")),
+        # Without order: the primaries are the first rows, as a layer trained as LinearConv stores them.
+        "dense_A_no_order_f32": LinearTensor((10, 16), to_stored(normal(604, (4, 16)), "float32"),
+                                             (to_stored(normal(605, (4, 6)), "float32"),)),
+        "low_rank_no_order": LinearTensor((9, 2, 3, 3), to_stored(normal(606, (5, 2, 3, 3)), "float16"),
+                                          (to_stored(normal(607, (5, 2)), "float16"),
+                                           to_stored(normal(608, (2, 4)), "float16"))),
+    }
+
+
+def mixed_file() -> dict[str, Entry]:
+    """A small model: every form side by side, names in non-sorted order, as save() writes them."""
+    return {
+        "features.0.weight": (normal(701, (4, 3, 3, 3)), Series("cosine", 2)),
+        "features.0.bias": (normal(702, (4,)), Dense()),
+        "features.3.weight": (normal(703, (8, 4, 3, 3)), Linear(alpha=0.5)),
+        "features.3.dw.weight": (normal(704, (8, 1, 3, 3)), Basis(4, bank_name="dw")),
+        "classifier.weight": (normal(705, (10, 32)), DCT(boundary=40)),
+        "classifier.bias": (normal(706, (10,)), Dense("float16")),
+        "num_batches_tracked": scalar(7, "int64"),
+    }
+
+
+@dataclass(frozen=True)
+class VectorFile:
+    name: str
+    description: str
+    tensors: Callable[[], dict[str, Entry]]
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+FILES = (
+    VectorFile("dense.kpk", dense_file.__doc__ or "", dense_file),
+    VectorFile("dct.kpk", dct_file.__doc__ or "", dct_file),
+    VectorFile("series.kpk", series_file.__doc__ or "", series_file),
+    VectorFile("basis.kpk", basis_file.__doc__ or "", basis_file),
+    VectorFile("basis_uint16.kpk", basis_uint16_file.__doc__ or "", basis_uint16_file),
+    VectorFile("linear.kpk", linear_file.__doc__ or "", linear_file),
+    VectorFile("mixed.kpk", mixed_file.__doc__ or "", mixed_file,
+               (("source", "kernelpack spec/vectors"), ("note", "unicode µ ✓"))),
+    VectorFile("empty.kpk", "No tensors: metadata only.", dict, (("empty", "true"),)),
+)
+
+
+# --- writing and recording ----------------------------------------------------------------
+def build(vector: VectorFile) -> dict[str, Encoded]:
+    """Encode every tensor of one file."""
+    return {name: entry if isinstance(entry, Encoded) else encode(name, entry[0], entry[1])
+            for name, entry in vector.tensors().items()}
+
+
+def record(path: str, description: str) -> dict[str, Any]:
+    """The manifest entry of a written file, from decoding it again (numpy, then torch CPU)."""
+    from kernelpack._backend import TorchOps
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    tensors: dict[str, Any] = {}
+    with Container(path) as c:
+        c.check_padding()
+        for name in c.keys():
+            info = c.info(name)
+            sha = digest(c.get_numpy(name), info.dtype)
+            torch_sha = digest(TorchOps("cpu").to_numpy(c.get_tensor(name)), info.dtype)
+            if not sha == torch_sha == info.digest:
+                raise AssertionError(f"{path}: {name}: numpy, torch and header digests disagree")
+            tensors[name] = {
+                "form": info.form, "shape": list(info.shape), "dtype": info.dtype, "sha256": sha.hex(),
+                "fields": info.fields,
+                "arrays": {k: {"dtype": r.spec.dtype, "shape": list(r.spec.shape), "codec": r.codec}
+                           for k, r in info.arrays.items()},
+            }
+        banks = {k: {"dtype": r.spec.dtype, "shape": list(r.spec.shape), "codec": r.codec}
+                 for k, r in c.bank_info().items()}
+        metadata = dict(c.metadata)
+    return {"description": description, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+            "metadata": metadata, "banks": banks, "tensors": tensors}
+
+
+def check_coverage(manifest: dict[str, Any]) -> None:
+    """The options the vectors promise are really in the files (an encoder change could drop one)."""
+    tensors = {(f, n): t for f, entry in manifest["files"].items() for n, t in entry["tensors"].items()}
+    codecs = {a["codec"] for t in tensors.values() for a in t["arrays"].values()}
+    series = tensors[("series.kpk", "explicit_points_5x5_f32")]
+    promises = {
+        "both codecs": codecs == {"none", "zstd"},
+        "uint16 index": tensors[("basis_uint16.kpk", "conv_uint16")]["arrays"]["index"]["dtype"] == "uint16",
+        "order present": "order" in tensors[("linear.kpk", "dense_A_order")]["arrays"],
+        "order absent": "order" not in tensors[("linear.kpk", "dense_A_no_order_f32")]["arrays"],
+        "low rank": "A1" in tensors[("linear.kpk", "low_rank_order_bf16")]["arrays"],
+        "s = 0": tensors[("linear.kpk", "all_primaries_f32")]["arrays"]["A"]["shape"] == [5, 0],
+        "explicit points": all(isinstance(p, list) for p in series["fields"]["points"]),
+        "boundary 0": tensors[("dct.kpk", "boundary_0")]["fields"]["boundary"] == 0,
+        "shared bank": tensors[("basis.kpk", "conv_a")]["fields"]["bank"]
+        == tensors[("basis.kpk", "conv_b")]["fields"]["bank"],
+    }
+    broken = [k for k, ok in promises.items() if not ok]
+    if broken:
+        raise AssertionError(f"the vectors no longer cover: {broken}")
+
+
+def check_uint16_indices(folder: str) -> None:
+    """The uint16 vector really uses indices above 255 (not only a wide dtype)."""
+    with Container(os.path.join(folder, "basis_uint16.kpk")) as c:
+        index = c.encoded("conv_uint16").arrays()["index"].data
+    if int(index.max()) < 256:
+        raise AssertionError("basis_uint16.kpk: no bank index above 255")
+
+
+def generate(folder: str) -> dict[str, Any]:
+    """Write every vector file and manifest.json into ``folder``; return the manifest."""
+    os.makedirs(folder, exist_ok=True)
+    files: dict[str, Any] = {}
+    for vector in FILES:
+        path = os.path.join(folder, vector.name)
+        write(path, build(vector), dict(vector.metadata), level=LEVEL)
+        files[vector.name] = record(path, " ".join(vector.description.split()))
+        if files[vector.name]["size"] > MAX_FILE_BYTES:
+            raise AssertionError(f"{vector.name} is {files[vector.name]['size']} bytes; keep vectors small")
+    total = sum(f["size"] for f in files.values())
+    if total > MAX_TOTAL_BYTES:
+        raise AssertionError(f"the vectors take {total} bytes; the limit is {MAX_TOTAL_BYTES}")
+    manifest = {"format_version": [1, 0], "generator": "spec/vectors/generate.py", "files": files}
+    check_coverage(manifest)
+    check_uint16_indices(folder)
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=HERE, help="folder to write into (default: next to this script)")
+    parser.add_argument("--check", action="store_true",
+                        help="regenerate into a temporary folder and compare with --out byte for byte")
+    args = parser.parse_args(argv)
+    if not args.check:
+        manifest = generate(args.out)
+        print(f"wrote {len(manifest['files'])} files and {MANIFEST} to {args.out}")
+        return 0
+    names = [v.name for v in FILES] + [MANIFEST]
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(tmp)
+        _, mismatch, errors = filecmp.cmpfiles(args.out, tmp, names, shallow=False)
+    for name in mismatch + errors:
+        print(f"differs: {name}")
+    print("identical" if not mismatch + errors else "NOT identical")
+    return 1 if mismatch + errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The command line: pack from every input type, inspect, verify (exit 0/1/2), unpack."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import RawFile
+
+import kernelpack
+from kernelpack.cli import main, parse_form
+from kernelpack.errors import KernelpackError
+from kernelpack.forms import DCT, Basis, Dense, Linear, Series
+
+torch = pytest.importorskip("torch")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+FORMS = ["--form", "conv*.weight=series:harmonics=3/2", "--form", "fc.weight=dct:keep=0.5"]
+
+
+def state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"conv1.weight": rng.standard_normal((8, 2, 5, 5)).astype(np.float32),
+            "conv1.bias": rng.standard_normal(8).astype(np.float32),
+            "conv2.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
+            "fc.weight": rng.standard_normal((10, 64)).astype(np.float32),
+            "fc.bias": rng.standard_normal(10).astype(np.float32),
+            "steps": np.array([7], dtype=np.int64)}
+
+
+def write_input(folder, kind: str) -> str:
+    path = os.path.join(folder, f"in.{kind}")
+    if kind == "safetensors":
+        safetensors_numpy.save_file(state(), path, metadata={"source": "unit test"})
+    elif kind == "pt":
+        torch.save({k: torch.from_numpy(v) for k, v in state().items()}, path)
+    else:
+        np.savez(path, **state())
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def packed(tmp_path, capsys) -> tuple[str, str]:
+    src = write_input(tmp_path, "safetensors")
+    out = str(tmp_path / "model.kpk")
+    assert run(capsys, "pack", src, out, *FORMS)[0] == 0
+    return src, out
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt", "npz"])
+def test_pack_each_input_type(tmp_path, capsys, kind):
+    src, out = write_input(tmp_path, kind), str(tmp_path / "m.kpk")
+    code, stdout, _ = run(capsys, "pack", src, out, *FORMS, "--metadata", "note=a=b", "--level", "3")
+    assert code == 0 and "6 tensors" in stdout
+    with kernelpack.open(out) as c:
+        forms = {name: c.info(name).form for name in c.keys()}
+        assert c.metadata["note"] == "a=b"
+        assert (c.metadata.get("source") == "unit test") == (kind == "safetensors")
+        assert c.info("conv2.weight").fields["harmonics"] == [3, 2]
+    assert forms == {"conv1.weight": "series", "conv1.bias": "dense", "conv2.weight": "series",
+                     "fc.weight": "dct", "fc.bias": "dense", "steps": "dense"}
+    decoded = kernelpack.load_numpy(out)
+    for name in ("conv1.bias", "fc.bias", "steps"):  # dense: bit for bit, dtype kept
+        assert decoded[name].dtype == state()[name].dtype
+        np.testing.assert_array_equal(decoded[name], state()[name])
+
+
+def test_form_syntax():
+    assert parse_form("*conv*.weight=series:harmonics=4/3,points=cgl/uniform") == (
+        "*conv*.weight", Series(harmonics=(4, 3), points=("cgl", "uniform")))
+    assert parse_form("fc*.weight=dct:keep=0.05,axes=1/") == ("fc*.weight", DCT(keep=0.05, axes=(1,)))
+    assert parse_form("*=linear:alpha=0.5,rank=4") == ("*", Linear(alpha=0.5, rank=4))
+    assert parse_form("*.weight=basis:bank=16") == ("*.weight", Basis(bank=16))
+    assert parse_form("*.bias=dense:dtype=float16") == ("*.bias", Dense(dtype="float16"))
+    for bad in ("series", "=series", "a=", "a=zip", "a=series:harmonics", "a=series:bogus=1",
+                "a=series:harmonics=3//2"):
+        with pytest.raises(KernelpackError, match="bad --form"):
+            parse_form(bad)
+
+
+def test_config_file_and_rule_order(tmp_path, capsys):
+    src = write_input(tmp_path, "npz")
+    config = tmp_path / "forms.json"
+    config.write_text(json.dumps({
+        "default": {"form": "dense", "dtype": "float16"},
+        "rules": [{"pattern": "conv*.weight", "form": "basis", "bank": 4},
+                  {"pattern": "fc.weight", "form": "linear", "alpha": 0.5},
+                  {"pattern": "steps", "form": "dense"}]}))
+    out = str(tmp_path / "m.kpk")
+    code, _, err = run(capsys, "pack", src, out, "--config", str(config),
+                       "--form", "conv2.weight=series:harmonics=2", "--form", "nothing*=dct")
+    assert code == 0
+    assert "pattern 'nothing*' chose no tensor" in err
+    with kernelpack.open(out) as c:  # --form rules first, then config rules, then the default
+        forms = {name: (c.info(name).form, c.info(name).arrays["data"].spec.dtype
+                        if c.info(name).form == "dense" else None) for name in c.keys()}
+    assert forms == {"conv1.weight": ("basis", None), "conv2.weight": ("series", None),
+                     "fc.weight": ("linear", None), "conv1.bias": ("dense", "float16"),
+                     "fc.bias": ("dense", "float16"), "steps": ("dense", "int64")}
+    config.write_text(json.dumps({"rules": [{"pattern": "*", "form": "series", "harmonic": 3}]}))
+    code, _, err = run(capsys, "pack", src, out, "--config", str(config))
+    assert code == 2 and err.startswith("kernelpack: error: ") and "rules[0]" in err
+
+
+def test_inspect_with_original(packed, capsys):
+    src, out = packed
+    code, stdout, _ = run(capsys, "inspect", out, "--original", src, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    rows = {t["name"]: t for t in report["tensors"]}
+    decoded = kernelpack.load_numpy(out)
+    for name, original in state().items():
+        row = rows[name]
+        assert row["ratio"] == pytest.approx(row["dense_float32_bytes"] / row["stored_bytes"])
+        diff = decoded[name].astype(np.float64) - original
+        assert row["max_abs_error"] == pytest.approx(np.abs(diff).max())
+        rel = np.sqrt(np.mean(diff**2)) / np.sqrt(np.mean(original.astype(np.float64)**2))
+        assert row["rel_rms_error"] == pytest.approx(rel)
+    assert rows["fc.bias"]["max_abs_error"] == 0 and rows["conv2.weight"]["max_abs_error"] > 0
+    assert rows["conv2.weight"]["settings"] == "family=cosine harmonics=3/2 points=cgl/cgl float16"
+    totals = report["totals"]
+    assert totals["file_bytes"] == os.path.getsize(out)
+    assert totals["ratio"] == pytest.approx(totals["dense_float32_bytes"] / totals["file_bytes"])
+    assert report["metadata"] == {"source": "unit test"}
+    code, stdout, _ = run(capsys, "inspect", out, "--original", src)
+    assert code == 0 and "rel rms err" in stdout and "conv2.weight" in stdout
+    assert f"file {totals['file_bytes']} bytes" in stdout
+
+
+def test_inspect_lists_banks(tmp_path, capsys):
+    src, out = write_input(tmp_path, "npz"), str(tmp_path / "b.kpk")
+    assert run(capsys, "pack", src, out, "--form", "conv*.weight=basis:bank=4")[0] == 0
+    code, stdout, _ = run(capsys, "inspect", out)
+    assert code == 0 and stdout.count("\nbank bank-") == 2 and "4x5x5 float16" in stdout
+
+
+def test_verify_ok(packed, capsys):
+    code, stdout, _ = run(capsys, "verify", packed[1])
+    assert code == 0
+    assert stdout.count("OK ") == 6 and "all 6 tensors decode to their digest (numpy on cpu)" in stdout
+    assert run(capsys, "verify", packed[1], "--backend", "torch")[0] == 0
+
+
+def test_verify_corrupted_payload_exit_2(packed, capsys):
+    out = packed[1]
+    data = bytearray(open(out, "rb").read())
+    data[-1] ^= 0xFF  # the last payload's last byte
+    open(out, "wb").write(bytes(data))
+    code, stdout, err = run(capsys, "verify", out)
+    assert code == 2 and stdout == ""
+    assert err.startswith("kernelpack: error: ") and "checksum mismatch" in err and err.count("\n") == 1
+
+
+def test_verify_digest_mismatch_exit_1(packed, capsys):
+    out = packed[1]
+    raw = RawFile.read(out)  # flip one bit of a recorded digest; the header checksum is re-sealed
+    entry = raw.header["tensors"]["conv2.weight"]
+    entry["digest"] = bytes([entry["digest"][0] ^ 1]) + entry["digest"][1:]
+    raw.write(out)
+    code, stdout, _ = run(capsys, "verify", out)
+    assert code == 1
+    assert "MISMATCH  conv2.weight" in stdout and "OK        fc.weight" in stdout
+    assert "1 of 6 tensors do NOT decode to their digest" in stdout
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "unpack"])
+def test_bad_file_exit_2(tmp_path, capsys, command):
+    bad = tmp_path / "bad.kpk"
+    bad.write_bytes(b"not a container at all, just some bytes" * 3)
+    extra = [str(tmp_path / "o.safetensors")] if command == "unpack" else []
+    code, _, err = run(capsys, command, str(bad), *extra)
+    assert code == 2 and err == f"kernelpack: error: file '{bad}', field 'magic': " \
+                                "not a kernelpack container (bad magic)\n"
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys):
+    class_pickle = tmp_path / "obj.pt"  # weights_only=True refuses arbitrary objects
+    torch.save({"w": torch.zeros(2), "when": __import__("datetime").date(2020, 1, 1)}, class_pickle)
+    obj_npz = tmp_path / "obj.npz"
+    np.savez(obj_npz, a=np.array([{"x": 1}], dtype=object))
+    for src, needle in [(class_pickle, "cannot read as .pt"), (obj_npz, "cannot read as .npz"),
+                        (tmp_path / "x.onnx", "unknown input type '.onnx'"),
+                        (tmp_path / "missing.npz", "no such file")]:
+        code, _, err = run(capsys, "pack", str(src), str(tmp_path / "o.kpk"))
+        assert code == 2 and err.startswith("kernelpack: error: ") and needle in err
+    assert not (tmp_path / "o.kpk").exists()
+    src = write_input(tmp_path, "npz")
+    code, _, err = run(capsys, "pack", src, str(tmp_path / "o.kpk"), "--form", "*=linear")
+    assert code == 2 and "tensor 'conv1.bias'" in err  # linear needs filters, not a bias
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_verify_cuda_without_cuda(packed, capsys):
+    code, _, err = run(capsys, "verify", packed[1], "--device", "cuda")
+    assert code == 2 and err == "kernelpack: error: --device cuda: torch sees no CUDA device on this machine\n"
+    code, _, err = run(capsys, "verify", packed[1], "--device", "cuda", "--backend", "numpy")
+    assert code == 2 and "numpy backend decodes on the CPU only" in err
+
+
+def test_unpack_round_trip(packed, tmp_path, capsys):
+    out = packed[1]
+    dense = str(tmp_path / "dense.safetensors")
+    assert run(capsys, "unpack", out, dense)[0] == 0
+    expected = kernelpack.load_numpy(out)
+    got = safetensors_numpy.load_file(dense)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and got[name].tobytes() == value.tobytes()
+    with open(dense, "rb") as f:  # metadata travels: packed from .safetensors, back out
+        (n,) = struct.unpack("<Q", f.read(8))
+        assert json.loads(f.read(n))["__metadata__"] == {"source": "unit test"}
+
+
+def test_bfloat16_round_trip(tmp_path, capsys):
+    """bfloat16 tensors go in through safetensors (torch), out bit for bit as bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    weights = {"w": torch.randn(4, 3, 3, 3).to(torch.bfloat16), "b": torch.randn(4).to(torch.bfloat16)}
+    src, out, dense = (str(tmp_path / n) for n in ("bf.safetensors", "bf.kpk", "bf2.safetensors"))
+    save_file(weights, src)
+    assert run(capsys, "pack", src, out, "--form", "w=series:harmonics=2")[0] == 0
+    assert run(capsys, "unpack", out, dense)[0] == 0
+    got = load_file(dense)
+    assert got["b"].dtype == torch.bfloat16 and torch.equal(got["b"], weights["b"])
+    assert got["w"].dtype == torch.float32  # compressed forms decode to float32
+    assert torch.equal(got["w"], torch.from_numpy(kernelpack.load_numpy(out)["w"]))
+
+
+def test_python_dash_m(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kernelpack", "pack", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "PATTERN=FORM[:KEY=VALUE,...]" in result.stdout and "harmonics=4/3" in result.stdout

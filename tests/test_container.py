@@ -1,0 +1,204 @@
+"""The container as a whole: layout, lazy access, metadata, saving models and dicts, atomic
+writes, torch-free numpy loading, thread safety, and the versioning rules."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+import kernelpack
+from conftest import MAGIC, NUMPY, RawFile, assert_same_bits, random_array
+
+TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
+                torch.int16, torch.int32, torch.int64, torch.bool]
+
+
+def small_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5))
+    model.train()(torch.randn(4, 3, 8, 8))  # running statistics and num_batches_tracked move
+    return model.eval()
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """A file with one tensor of every form."""
+    path = tmp_path / "mixed.kpk"
+    tensors = {"bias": random_array(0, (8,)), "dct": random_array(1, (8, 4, 3, 3)),
+               "series": random_array(2, (8, 4, 3, 3)), "basis": random_array(3, (8, 4, 3, 3)),
+               "linear": random_array(4, (8, 4, 3, 3))}
+    forms = {"dct": kernelpack.DCT(), "series": kernelpack.Series(), "basis": kernelpack.Basis(bank=4),
+             "linear": kernelpack.Linear()}
+    kernelpack.save(tensors, path, forms=forms, metadata={"model": "test"})
+    return path
+
+
+def test_layout_follows_the_spec(mixed: Path) -> None:
+    """Preamble, checksummed msgpack header, zero pad to 64, payloads packed 64-aligned."""
+    blob = mixed.read_bytes()
+    assert blob[:8] == MAGIC
+    major, minor, length = struct.unpack("<HHI", blob[8:16])
+    assert (major, minor) == kernelpack.FORMAT_VERSION == (1, 0)
+    assert blob[16:48] == hashlib.sha256(blob[:16] + blob[48:48 + length]).digest()
+    header = msgpack.unpackb(blob[48:48 + length], raw=False)
+    assert set(header) == {"metadata", "banks", "tensors"}
+    start = -(-(48 + length) // 64) * 64
+    assert not any(blob[48 + length:start])
+    refs = sorted([r for r in header["banks"].values()] +
+                  [r for t in header["tensors"].values() for r in t["arrays"].values()],
+                  key=lambda r: r["offset"])
+    end = 0
+    for ref in refs:
+        assert ref["offset"] == -(-end // 64) * 64 and not any(blob[start + end:start + ref["offset"]])
+        body = blob[start + ref["offset"]:start + ref["offset"] + ref["length"]]
+        assert hashlib.sha256(body).digest() == ref["sha256"] and ref["codec"] in ("none", "zstd")
+        end = ref["offset"] + ref["length"]
+    assert start + end == len(blob)
+
+
+def test_open_reads_one_tensor_without_touching_the_others(mixed: Path) -> None:
+    raw = RawFile.read(mixed)
+    ref = raw.ref("tensors", "dct", "coefficients")
+    data = bytearray(raw.data)
+    data[ref["offset"]] ^= 0xFF
+    raw.data = bytes(data)
+    raw.write(mixed)
+    with kernelpack.open(mixed) as c:
+        assert c.keys() == ["bias", "dct", "series", "basis", "linear"]
+        for name in ("bias", "series", "basis", "linear"):
+            assert c.get_numpy(name).shape == c.info(name).shape
+        with pytest.raises(kernelpack.KernelpackError, match="checksum"):
+            c.get_numpy("dct")
+
+
+def test_metadata_round_trips(tmp_path: Path) -> None:
+    meta = {"name": "lenet", "accuracy": "0.978", "unicode": "Größe ✓", "empty": ""}
+    path = tmp_path / "meta.kpk"
+    kernelpack.save({"w": np.ones(2, np.float32)}, path, metadata=meta)
+    with kernelpack.open(path) as c:
+        assert c.metadata == meta
+
+
+def test_a_module_round_trips_to_identical_outputs(tmp_path: Path) -> None:
+    model = small_cnn()
+    path = tmp_path / "cnn.kpk"
+    kernelpack.save(model, path)
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).eval()
+    result = kernelpack.load_model(fresh, path)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_a_state_dict_round_trips_with_shapes_and_dtypes(tmp_path: Path) -> None:
+    """Including BatchNorm's 0-d int64 num_batches_tracked."""
+    state = small_cnn().state_dict()
+    path = tmp_path / "state.kpk"
+    kernelpack.save(state, path)
+    loaded = kernelpack.load(path)
+    assert list(loaded) == list(state)
+    for name, value in state.items():
+        assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape, name
+        assert torch.equal(loaded[name], value), name
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_every_torch_dtype_round_trips_through_both_loaders(tmp_path: Path, dtype: torch.dtype) -> None:
+    value = (torch.randn(3, 4) * 100).to(dtype)
+    path = tmp_path / "t.kpk"
+    kernelpack.save({"t": value}, path)
+    by_torch = kernelpack.load(path)["t"]
+    assert by_torch.dtype == dtype
+    assert_same_bits(by_torch.view(torch.int16) if dtype == torch.bfloat16 else by_torch,
+                     value.view(torch.int16) if dtype == torch.bfloat16 else value)
+    by_numpy = kernelpack.load_numpy(path)["t"]  # bfloat16 arrives widened to float32, exactly
+    assert_same_bits(by_numpy, value.float().numpy() if dtype == torch.bfloat16 else value.numpy())
+
+
+def test_torch_and_numpy_inputs_make_the_same_file(tmp_path: Path) -> None:
+    arrays = {"w": random_array(5, (4, 2, 3, 3)), "n": np.arange(3, dtype=np.int64)}
+    forms = {"w": kernelpack.Series(harmonics=2)}
+    kernelpack.save(arrays, tmp_path / "np.kpk", forms=forms)
+    kernelpack.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp_path / "pt.kpk", forms=forms)
+    assert (tmp_path / "np.kpk").read_bytes() == (tmp_path / "pt.kpk").read_bytes()
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "model.kpk"
+    kernelpack.save({"w": np.zeros(3, np.float32)}, path)
+    before = path.read_bytes()
+
+    def fail(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        kernelpack.save({"w": np.ones(1000, np.float32)}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.kpk"]
+
+
+def test_load_numpy_never_imports_torch(mixed: Path) -> None:
+    code = ("import sys, kernelpack; out = kernelpack.load_numpy(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(sorted(out))")
+    done = subprocess.run([sys.executable, "-c", code, str(mixed)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(sorted(["bias", "dct", "series", "basis", "linear"]))
+
+
+def test_threads_loading_one_file_get_identical_results(mixed: Path) -> None:
+    expected = kernelpack.load_numpy(mixed)
+    results: list[dict] = [{} for _ in range(8)]
+    with kernelpack.open(mixed) as shared:
+
+        def work(i: int) -> None:
+            results[i] = kernelpack.load_numpy(mixed) if i % 2 else {n: shared.get_numpy(n) for n in shared}
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for result in results:
+        assert list(result) == list(expected)
+        for name in expected:
+            assert_same_bits(result[name], expected[name])
+
+
+def test_newer_minor_version_unknown_keys_are_ignored_and_unknown_forms_fail_alone(mixed: Path) -> None:
+    raw = RawFile.read(mixed)
+    raw.minor += 1
+    raw.header["future"] = {"anything": 1}
+    raw.header["tensors"]["dct"]["quantiser"] = "new"
+    raw.header["tensors"]["dct"]["arrays"]["coefficients"]["checksum2"] = b"x"
+    raw.header["tensors"]["linear"]["form"] = "hyperlinear"
+    raw.write(mixed)
+    with kernelpack.open(mixed) as c:
+        assert c.version == (1, 1)
+        assert c.get_numpy("dct").shape == (8, 4, 3, 3)
+        with pytest.raises(kernelpack.KernelpackError) as caught:
+            c.get_numpy("linear")
+    assert (caught.value.tensor, caught.value.field) == ("linear", "form")
+
+
+def test_info_describes_each_tensor(mixed: Path) -> None:
+    with kernelpack.open(mixed) as c:
+        assert len(c) == 5 and "dct" in c and "missing" not in c
+        info = c.info("series")
+        assert (info.form, info.shape, info.dtype) == ("series", (8, 4, 3, 3), "float32")
+        assert info.dense_bytes == 8 * 4 * 9 * 4 and 0 < info.stored_bytes < info.dense_bytes
+        assert_same_bits(c.get_tensor("series"), c.decode("series", NUMPY))
