@@ -82,6 +82,39 @@ def weights(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
 
+class OtherLoad:
+    """CPU used by other processes while timing (Linux): busy time in /proc/stat minus our own.
+
+    The machine is shared; a row timed while others ran is skewed, and this says by how much
+    (in cores busy on average; 0 on an idle machine, NaN where /proc/stat is unavailable).
+    """
+
+    def __enter__(self) -> "OtherLoad":
+        self.start = (time.perf_counter(), self.busy(), self.own())
+        self.cores = float("nan")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy, own = (time.perf_counter(), self.busy(), self.own())
+        self.cores = max(0.0, (busy - self.start[1]) - (own - self.start[2])) / (wall - self.start[0])
+
+    @staticmethod
+    def busy() -> float:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        except (OSError, ValueError):
+            return float("nan")
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own() -> float:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
     fn()
@@ -153,17 +186,19 @@ class Result:
     dense: float
     error: float
     same_bits: bool
+    other_load: float
 
     HEADER = ("| layer | form | stored KB | load numpy MB/s | load torch MB/s | decode-only numpy MB/s "
               "| decode-only torch MB/s | safetensors MB/s | numpy / dense | torch / dense "
-              "| rel. error (fp32 storage) | error / 2^-11 | numpy == torch bits |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+              "| rel. error (fp32 storage) | error / 2^-11 | numpy == torch bits | other load |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
 
     def row(self) -> str:
         return (f"| {self.layer} | {self.form} | {self.stored_kb:.0f} | {self.load_numpy:.0f} "
                 f"| {self.load_torch:.0f} | {self.decode_numpy:.0f} | {self.decode_torch:.0f} "
                 f"| {self.dense:.0f} | {self.load_numpy / self.dense:.3f} | {self.load_torch / self.dense:.3f} "
-                f"| {self.error:.2e} | {self.error / FP16_UNIT:.1e} | {'yes' if self.same_bits else 'NO'} |")
+                f"| {self.error:.2e} | {self.error / FP16_UNIT:.1e} | {'yes' if self.same_bits else 'NO'} "
+                f"| {self.other_load:.2f} |")
 
 
 def measure(layer: Layer, label: str, config: Config, w: np.ndarray, path: str, repeats: int,
@@ -177,15 +212,17 @@ def measure(layer: Layer, label: str, config: Config, w: np.ndarray, path: str, 
     tensor = config.encode(w, "float32")
     write(path, {"w": tensor})
     numpy_ops, torch_ops = NumpyOps(), TorchOps("cpu")
-    speeds = [mb / median_seconds(fn, repeats) for fn in (
-        lambda: kernelpack.load_numpy(path), lambda: kernelpack.load(path, "cpu"),
-        lambda: tensor.decode(numpy_ops), lambda: tensor.decode(torch_ops))]
+    with OtherLoad() as other:
+        speeds = [mb / median_seconds(fn, repeats) for fn in (
+            lambda: kernelpack.load_numpy(path), lambda: kernelpack.load(path, "cpu"),
+            lambda: tensor.decode(numpy_ops), lambda: tensor.decode(torch_ops))]
     same_bits = digest(tensor.decode(numpy_ops), "float32") == \
         digest(torch_ops.to_numpy(tensor.decode(torch_ops)), "float32")
     exact = dataclasses.replace(config, dtype="float32").encode(w, "float32")  # type: ignore[type-var]
     ref = reference(exact)
     error = float(np.max(np.abs(exact.decode(numpy_ops) - ref)) / np.max(np.abs(ref)))
-    return Result(layer.name, label, os.path.getsize(path) / 1024, *speeds, dense_mbs, error, same_bits)
+    return Result(layer.name, label, os.path.getsize(path) / 1024, *speeds, dense_mbs, error, same_bits,
+                  other.cores)
 
 
 def baseline(w: np.ndarray, folder: str, repeats: int) -> float:
@@ -223,8 +260,7 @@ def environment() -> str:
         pass
     return (f"{cpu}; nproc {os.cpu_count()}; torch threads {torch.get_num_threads()}; "
             f"python {platform.python_version()}; numpy {np.__version__}; torch {torch.__version__}; "
-            f"safetensors {safetensors.__version__}; zstandard {zstandard.__version__}; "
-            f"load average at start {os.getloadavg()[0]:.2f}")
+            f"safetensors {safetensors.__version__}; zstandard {zstandard.__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, load in (("load_numpy", kernelpack.load_numpy), ("load cpu", kernelpack.load)):
                         text = profile(lambda: load(path), args.top)
                         profiles.append(f"{layer.name}, {label}, {name}:\n```\n{text}\n```")
+    print("\nother load: cores kept busy by other processes while the row was timed (0 = idle machine).")
     if profiles:
         print("\n" + "\n\n".join(profiles))
     return 0

@@ -361,18 +361,20 @@ class Container:
                       {k: r.spec for k, r in self._banks.items()})
         return TensorInfo(name, form, shape, dtype, dig, fields, refs)
 
-    def _regions(self) -> list[tuple[int, int, str]]:
-        regions = [(r.offset, r.length, f"banks.{n}") for n, r in self._banks.items()]
+    def _regions(self) -> list[tuple[int, int, str | None, str]]:
+        """(offset, length, tensor, field) of every payload, in file order."""
+        regions = [(r.offset, r.length, None, f"banks.{n}") for n, r in self._banks.items()]
         for t in self._tensors.values():
-            regions += [(r.offset, r.length, f"{t.name}: arrays.{k}") for k, r in t.arrays.items()]
-        return sorted(regions)
+            regions += [(r.offset, r.length, t.name, f"arrays.{k}") for k, r in t.arrays.items()]
+        return sorted(regions, key=lambda region: region[:2])
 
     def _check_layout(self) -> None:
         """Payloads tile the data area in order: each at the first 64-aligned offset after the last."""
         end = 0
-        for offset, length, where in self._regions():
-            need(offset == _align(end), f"{where}.offset",
-                 f"must be {_align(end)} (payloads are packed in order, 64-aligned, no overlap)")
+        for offset, length, tensor, field in self._regions():
+            if offset != _align(end):
+                raise KernelpackError(f"must be {_align(end)} (payloads are packed in order, "
+                                      "64-aligned, no overlap)", tensor=tensor, field=f"{field}.offset")
             end = offset + length
         need(self._data_start + end == self._size, "size", f"file is {self._size} bytes; its header describes {self._data_start + end}")
 
@@ -380,7 +382,7 @@ class Container:
         """Every byte outside header and payloads is zero (so every bit of the file is checked)."""
         spans = [(self._header_end, self._data_start)]
         end = 0
-        for offset, length, _ in self._regions():
+        for offset, length, _, _ in self._regions():
             spans.append((self._data_start + end, self._data_start + offset))
             end = offset + length
         for lo, hi in spans:
@@ -453,8 +455,8 @@ class Container:
                                   field="form")
         arrays = {k: self.read_array(r, f"arrays.{k}", name) for k, r in info.arrays.items()}
         bank_name = info.fields.get("bank") if info.form == "basis" else None
-        banks = {bank_name: self._bank(bank_name)} if bank_name is not None else {}
         try:
+            banks = {bank_name: self._bank(bank_name)} if bank_name is not None else {}
             return cls.build(info.shape, info.dtype, info.fields, arrays, banks)
         except KernelpackError as exc:
             raise exc.located(path=self.path, tensor=name) from None

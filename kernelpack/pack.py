@@ -71,6 +71,8 @@ def encode(name: str, value: Any, config: Config) -> Encoded:
                  f"form {type(config).__name__} needs a floating tensor, got {dtype}")
             if dtype == "bfloat16":
                 array = bfloat16_bits_to_float32(array)
+            need(bool(np.all(np.isfinite(array))), "values", "holds a NaN or infinity; "
+                 "only the dense form stores those")
         try:
             return config.encode(array, dtype)
         except (TypeError, ValueError) as exc:

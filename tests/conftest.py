@@ -120,7 +120,8 @@ class RawFile:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "RawFile":
-        blob = open(path, "rb").read()
+        with open(path, "rb") as f:
+            blob = f.read()
         assert blob[:8] == MAGIC
         major, minor, length = struct.unpack("<HHI", blob[8:16])
         header = msgpack.unpackb(blob[48:48 + length], raw=False)

@@ -68,7 +68,8 @@ def to_stored(values: Any, dtype: str) -> Stored:
         return Stored(np.where(nan, quiet_nan, rounded).astype(np.uint16), dtype)
     if dtype not in NUMPY_DTYPES:
         raise KernelpackError(f"unknown dtype {dtype!r}", field="dtype")
-    return Stored(np.asarray(values, dtype=NUMPY_DTYPES[dtype], order="C"), dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN is refused by need_finite
+        return Stored(np.asarray(values, dtype=NUMPY_DTYPES[dtype], order="C"), dtype)
 
 
 def float_dtype(dtype: str) -> str:
@@ -141,7 +142,7 @@ def need_finite(stored: Stored, field: str) -> None:
         finite = (values & 0x7F80) != 0x7F80
     else:
         finite = np.isfinite(values)
-    need(bool(np.all(finite)), f"arrays.{field}", "holds a NaN or infinity")
+    need(bool(np.all(finite)), field, "holds a NaN or infinity")
 
 
 class Encoded(ABC):

@@ -82,9 +82,9 @@ class BasisTensor(Encoded):
         index = arrays["index"]
         need(index.data.size == 0 or int(index.data.max()) < bank.data.shape[0], "arrays.index",
              f"holds a bank index >= the bank size {bank.data.shape[0]}")
-        need_finite(bank, "bank")
-        need_finite(arrays["a"], "a")
-        need_finite(arrays["b"], "b")
+        need_finite(bank, f"banks.{fields['bank']}")
+        need_finite(arrays["a"], "arrays.a")
+        need_finite(arrays["b"], "arrays.b")
         return cls(shape, fields["bank"], bank, index, arrays["a"], arrays["b"])
 
     def decode(self, ops: Ops) -> Any:

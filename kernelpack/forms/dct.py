@@ -73,7 +73,7 @@ class DCTTensor(Encoded):
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "DCTTensor":
-        need_finite(arrays["coefficients"], "coefficients")
+        need_finite(arrays["coefficients"], "arrays.coefficients")
         return cls(shape, tuple(fields["axes"]), arrays["coefficients"])
 
     def decode(self, ops: Ops) -> Any:

@@ -80,7 +80,7 @@ class LinearTensor(Encoded):
               arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "LinearTensor":
         names = ("A",) if "A" in arrays else ("A1", "A2")
         for name in ("primaries",) + names:
-            need_finite(arrays[name], name)
+            need_finite(arrays[name], f"arrays.{name}")
         order = arrays.get("order")
         if order is not None:
             in_range = bool(np.all((order.data >= 0) & (order.data < shape[0])))

@@ -104,7 +104,7 @@ class SeriesTensor(Encoded):
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "SeriesTensor":
-        need_finite(arrays["coefficients"], "coefficients")
+        need_finite(arrays["coefficients"], "arrays.coefficients")
         points = tuple(check_points(p, "points", k) for p, k in zip(fields["points"], shape[-2:]))
         return cls(shape, fields["family"], points, arrays["coefficients"])  # type: ignore[arg-type]
 

@@ -1,0 +1,476 @@
+"""Bad input: every malformed, corrupted or hostile file, and every invalid encoder setting,
+raises ``KernelpackError`` whose message names the file, the tensor and the field.
+
+Each case starts from one valid container and changes ONE thing; the file is then laid
+out again exactly as the spec says (header length, header SHA-256, zero padding, payload
+checksums), so that the changed thing is the only thing wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import pytest
+import zstandard
+
+import kernelpack
+from conftest import RawFile, random_array
+from kernelpack._backend import NUMPY_DTYPES
+
+Case = Callable[[RawFile, Path], None]
+DELETE = object()
+BANK = "bank0"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tensor per form and option. Shapes the cases rely on: dct boundary 54; series
+    coefficients (4, 3, 3, 2); basis 12 slices, bank (4, 3, 3); linear p = 4 of 8 with an
+    order (filter 0 is zero, never a primary); lowrank A1 (4, 2), A2 (2, 4); zeros compress."""
+    linear = random_array(5, (8, 3, 3, 3))
+    linear[0] = 0.0
+    tensors = {"bias": random_array(0, (3,)), "big": random_array(1, (100,)),
+               "dct": random_array(2, (4, 3, 3, 3)), "series": random_array(3, (4, 3, 3, 3)),
+               "basis": random_array(4, (4, 3, 3, 3)), "linear": linear,
+               "lowrank": random_array(6, (8, 3, 3, 3)), "zeros": np.zeros(4096, np.float32)}
+    forms = {"dct": kernelpack.DCT(keep=0.5),
+             "series": kernelpack.Series(harmonics=(3, 2), points=("cgl", [-0.8, 0.1, 0.9])),
+             "basis": kernelpack.Basis(bank=4, bank_name=BANK), "linear": kernelpack.Linear(alpha=0.5),
+             "lowrank": kernelpack.Linear(primaries=4, rank=2)}
+    path = tmp_path_factory.mktemp("base") / "base.kpk"
+    kernelpack.save(tensors, path, forms=forms)
+    raw = RawFile.read(path)
+    assert raw.ref("tensors", "zeros", "data")["codec"] == "zstd"
+    assert "order" in raw.header["tensors"]["linear"]["arrays"]
+    return path
+
+
+def check_error(caught: pytest.ExceptionInfo, path: Path, tensor: str | None, field: str) -> None:
+    error = caught.value
+    assert (error.path, error.tensor, error.field) == (str(path), tensor, field), str(error)
+    for part in (str(path), tensor, field):
+        assert part is None or part in str(error)
+
+
+# --- making one thing wrong --------------------------------------------------------------
+def edit(*keys: str, value: Any = DELETE) -> Case:
+    """Set (or delete) one header entry."""
+    def make(raw: RawFile, path: Path) -> None:
+        node = raw.header
+        for key in keys[:-1]:
+            node = node[key]
+        if value is DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+        raw.write(path)
+    return make
+
+
+def resize(tensor: str, array: str, shape: list[int], dtype: str | None = None) -> Case:
+    """Give a stored array another shape (and dtype) with a consistent length, so the
+    length check passes and the shape itself is what is wrong."""
+    def make(raw: RawFile, path: Path) -> None:
+        ref = raw.header["tensors"][tensor]["arrays"][array]
+        ref.update(shape=shape, dtype=dtype or ref["dtype"], codec="none")
+        ref["length"] = math.prod(shape) * NUMPY_DTYPES[ref["dtype"]].itemsize
+        raw.write(path)
+    return make
+
+
+def extra_array(tensor: str, name: str, like: str) -> Case:
+    def make(raw: RawFile, path: Path) -> None:
+        arrays = raw.header["tensors"][tensor]["arrays"]
+        arrays[name] = dict(arrays[like])
+        raw.write(path)
+    return make
+
+
+def preamble(major: int = 1, length: int | None = None, checksum: bytes | None = None,
+             head: bytes | None = None) -> Case:
+    def make(raw: RawFile, path: Path) -> None:
+        raw.major = major
+        raw.write(path, head=head, length=length, checksum=checksum)
+    return make
+
+
+def on_bytes(change: Callable[[bytes], bytes]) -> Case:
+    def make(raw: RawFile, path: Path) -> None:
+        raw.write(path)
+        path.write_bytes(change(path.read_bytes()))
+    return make
+
+
+def flip(offset: int) -> Callable[[bytes], bytes]:
+    return lambda blob: blob[:offset] + bytes([blob[offset] ^ 0x01]) + blob[offset + 1:]
+
+
+def move(tensor: str, array: str, delta: int) -> Case:
+    def make(raw: RawFile, path: Path) -> None:
+        raw.header["tensors"][tensor]["arrays"][array]["offset"] += delta
+        raw.write(path)
+    return make
+
+
+def values(key: tuple[str, ...], change: Callable[[np.ndarray], None]) -> Case:
+    """New payload values (checksum updated, stored uncompressed): a valid file whose
+    numbers are wrong."""
+    def make(raw: RawFile, path: Path) -> None:
+        ref = raw.ref(*key)
+        body = raw.payload(*key)
+        if ref["codec"] == "zstd":
+            body = zstandard.ZstdDecompressor().decompress(body)
+        data = np.frombuffer(body, NUMPY_DTYPES[ref["dtype"]]).copy()
+        change(data)
+        raw.replace_payload(key, data.tobytes(), codec="none")
+        raw.write(path)
+    return make
+
+
+def body(key: tuple[str, ...], new: Callable[[bytes], bytes], codec: str | None = None) -> Case:
+    """A new payload body (checksum updated)."""
+    def make(raw: RawFile, path: Path) -> None:
+        raw.replace_payload(key, new(raw.payload(*key)), codec=codec)
+        raw.write(path)
+    return make
+
+
+def setter(index: int, value: Any) -> Callable[[np.ndarray], None]:
+    def change(data: np.ndarray) -> None:
+        data[index] = value
+    return change
+
+
+def float16_bits(bits: int) -> Callable[[np.ndarray], None]:
+    return setter(0, np.uint16(bits).view(np.float16))
+
+
+def payload_byte(key: tuple[str, ...]) -> Case:
+    """Flip one stored byte; the header (and its checksum) stay as they were."""
+    def make(raw: RawFile, path: Path) -> None:
+        offset = raw.ref(*key)["offset"]
+        raw.data = raw.data[:offset] + bytes([raw.data[offset] ^ 0x01]) + raw.data[offset + 1:]
+        raw.write(path)
+    return make
+
+
+def padding_after(key: tuple[str, ...]) -> Case:
+    def make(raw: RawFile, path: Path) -> None:
+        end = raw.ref(*key)["offset"] + raw.ref(*key)["length"]
+        assert end % 64
+        raw.data = raw.data[:end] + b"\x01" + raw.data[end + 1:]
+        raw.write(path)
+    return make
+
+
+def header_padding(raw: RawFile, path: Path) -> None:
+    raw.write(path)
+    blob = path.read_bytes()
+    end = 48 + struct.unpack("<I", blob[12:16])[0]
+    assert end % 64
+    path.write_bytes(blob[:end] + b"\x01" + blob[end + 1:])
+
+
+def t(name: str, *keys: str, value: Any = DELETE) -> Case:
+    return edit("tensors", name, *keys, value=value)
+
+
+def ref_of(name: str, array: str, key: str, value: Any = DELETE) -> Case:
+    return edit("tensors", name, "arrays", array, key, value=value)
+
+
+ZERO_SHA = b"\0" * 32
+# (case, tensor, field) for errors the header alone reveals: kernelpack.open refuses.
+HEADER_CASES = {
+    # preamble
+    "magic": (on_bytes(flip(1)), None, "magic"),
+    "major-2": (preamble(major=2), None, "version"),
+    "major-0": (preamble(major=0), None, "version"),
+    "header-length-beyond-file": (preamble(length=1 << 20), None, "header_length"),
+    "header-length-over-limit": (preamble(length=(64 << 20) + 1), None, "header_length"),
+    "header-checksum": (preamble(checksum=ZERO_SHA), None, "header_sha256"),
+    "header-byte-flipped": (on_bytes(flip(60)), None, "header_sha256"),
+    "header-not-msgpack": (preamble(head=b"\xc1\xc1\xc1"), None, "header"),
+    "header-trailing-bytes": (lambda raw, path: preamble(head=msgpack.packb(raw.header) + b"\0")(raw, path),
+                              None, "header"),
+    "header-not-a-map": (preamble(head=msgpack.packb([1, 2, 3])), None, "header"),
+    "truncated-in-preamble": (on_bytes(lambda b: b[:40]), None, "preamble"),
+    "truncated-in-header": (on_bytes(lambda b: b[:100]), None, "header_length"),
+    "truncated-in-data": (on_bytes(lambda b: b[:-1]), None, "size"),
+    "trailing-bytes": (on_bytes(lambda b: b + b"\0" * 64), None, "size"),
+    # top level
+    "top-unknown-key": (edit("extra", value={}), None, "extra"),
+    "metadata-value-int": (edit("metadata", value={"a": 1}), None, "metadata"),
+    "metadata-key-bytes": (edit("metadata", value={b"a": "b"}), None, "metadata"),
+    "metadata-not-map": (edit("metadata", value=["a"]), None, "metadata"),
+    "banks-not-map": (edit("banks", value=[]), None, "banks"),
+    "tensors-missing": (edit("tensors"), None, "tensors"),
+    "tensors-not-map": (edit("tensors", value=[1]), None, "tensors"),
+    "tensor-name-empty": (lambda raw, path: edit("tensors", "", value=raw.header["tensors"].pop("bias"))(raw, path),
+                          "", "name"),
+    "tensor-name-control-char": (lambda raw, path: edit("tensors", "a\nb", value=raw.header["tensors"].pop("bias"))(
+        raw, path), "a\nb", "name"),
+    "bank-name-too-long": (lambda raw, path: edit("banks", "b" * 1025, value=raw.header["banks"].pop(BANK))(raw, path),
+                           None, "banks"),
+    # tensor entry
+    "tensor-unknown-key": (t("bias", "extra", value=1), "bias", "extra"),
+    "form-unknown": (t("dct", "form", value="dct2"), "dct", "form"),
+    "form-not-string": (t("dct", "form", value=3), "dct", "form"),
+    "shape-negative": (t("bias", "shape", value=[-3]), "bias", "shape"),
+    "shape-rank-9": (t("bias", "shape", value=[1] * 9), "bias", "shape"),
+    "shape-huge-count": (t("bias", "shape", value=[1 << 16, 1 << 16]), "bias", "shape"),
+    "shape-huge-dim": (t("bias", "shape", value=[(1 << 31) + 1]), "bias", "shape"),
+    "shape-not-list": (t("bias", "shape", value="3"), "bias", "shape"),
+    "shape-float-dim": (t("bias", "shape", value=[3.0]), "bias", "shape"),
+    "dense-shape-mismatch": (t("bias", "shape", value=[4]), "bias", "arrays.data.shape"),
+    "dtype-unknown": (t("bias", "dtype", value="float8"), "bias", "dtype"),
+    "dtype-dense-mismatch": (t("bias", "dtype", value="int32"), "bias", "dtype"),
+    "dtype-compressed-not-float32": (t("dct", "dtype", value="float16"), "dct", "dtype"),
+    "digest-short": (t("bias", "digest", value=b"\0" * 31), "bias", "digest"),
+    "digest-string": (t("bias", "digest", value="0" * 32), "bias", "digest"),
+    "digest-missing": (t("bias", "digest"), "bias", "digest"),
+    "fields-not-map": (t("dct", "fields", value=[1]), "dct", "fields"),
+    "fields-unknown-dense": (t("bias", "fields", value={"x": 1}), "bias", "fields.x"),
+    "fields-unknown-dct": (t("dct", "fields", "scale", value=2), "dct", "fields.scale"),
+    "arrays-not-map": (t("bias", "arrays", value=[]), "bias", "arrays"),
+    "arrays-missing-data": (t("bias", "arrays", "data"), "bias", "arrays.data"),
+    "arrays-missing-coefficients": (t("dct", "arrays", "coefficients"), "dct", "arrays.coefficients"),
+    "arrays-extra": (extra_array("dct", "extra", "coefficients"), "dct", "arrays.extra"),
+    # arrayref
+    "ref-not-map": (t("dct", "arrays", "coefficients", value=5), "dct", "arrays.coefficients"),
+    "ref-unknown-key": (ref_of("dct", "coefficients", "extra", value=1), "dct", "arrays.coefficients.extra"),
+    "ref-dtype-unknown": (ref_of("dct", "coefficients", "dtype", value="float8"), "dct",
+                          "arrays.coefficients.dtype"),
+    "ref-dtype-wrong-for-form": (ref_of("dct", "coefficients", "dtype", value="int16"), "dct",
+                                 "arrays.coefficients.dtype"),
+    "ref-shape-negative": (ref_of("dct", "coefficients", "shape", value=[-54]), "dct", "arrays.coefficients.shape"),
+    "ref-shape-wrong": (resize("dct", "coefficients", [27, 2]), "dct", "arrays.coefficients.shape"),
+    "ref-offset-beyond-file": (ref_of("dct", "coefficients", "offset", value=1 << 30), "dct",
+                               "arrays.coefficients.offset"),
+    "ref-offset-negative": (ref_of("dct", "coefficients", "offset", value=-64), "dct", "arrays.coefficients.offset"),
+    "ref-offset-not-int": (ref_of("dct", "coefficients", "offset", value="640"), "dct",
+                           "arrays.coefficients.offset"),
+    "ref-offset-overlapping": (move("dct", "coefficients", -64), "dct", "arrays.coefficients.offset"),
+    "ref-offset-misaligned": (move("dct", "coefficients", 1), "dct", "arrays.coefficients.offset"),
+    "ref-offset-gap": (move("dct", "coefficients", 64), "dct", "arrays.coefficients.offset"),
+    "ref-length-wrong": (ref_of("dct", "coefficients", "length", value=107), "dct", "arrays.coefficients.length"),
+    "ref-length-beyond-file": (ref_of("dct", "coefficients", "length", value=1 << 30), "dct",
+                               "arrays.coefficients.length"),
+    "ref-codec-unknown": (ref_of("dct", "coefficients", "codec", value="lz4"), "dct", "arrays.coefficients.codec"),
+    "ref-sha256-short": (ref_of("dct", "coefficients", "sha256", value=b"\0" * 31), "dct",
+                         "arrays.coefficients.sha256"),
+    "ref-sha256-missing": (ref_of("dct", "coefficients", "sha256"), "dct", "arrays.coefficients.sha256"),
+    "bank-dtype": (edit("banks", BANK, "dtype", value="float8"), None, f"banks.{BANK}.dtype"),
+    "bank-rank-1": (edit("banks", BANK, "shape", value=[36]), None, f"banks.{BANK}.shape"),
+    "bank-length": (edit("banks", BANK, "length", value=71), None, f"banks.{BANK}.length"),
+    # dct fields
+    "dct-axes-descending": (t("dct", "fields", "axes", value=[1, 0]), "dct", "axes"),
+    "dct-axes-out-of-range": (t("dct", "fields", "axes", value=[0, 4]), "dct", "axes"),
+    "dct-axes-empty": (t("dct", "fields", "axes", value=[]), "dct", "axes"),
+    "dct-axes-repeated": (t("dct", "fields", "axes", value=[1, 1]), "dct", "axes"),
+    "dct-axes-missing": (t("dct", "fields", "axes"), "dct", "axes"),
+    "dct-boundary-negative": (t("dct", "fields", "boundary", value=-1), "dct", "boundary"),
+    "dct-boundary-over-size": (t("dct", "fields", "boundary", value=109), "dct", "boundary"),
+    "dct-boundary-bool": (t("dct", "fields", "boundary", value=True), "dct", "boundary"),
+    "dct-boundary-vs-coefficients": (t("dct", "fields", "boundary", value=53), "dct", "arrays.coefficients.shape"),
+    # series fields
+    "series-family": (t("series", "fields", "family", value="sine"), "series", "family"),
+    "series-harmonics-one": (t("series", "fields", "harmonics", value=[3]), "series", "harmonics"),
+    "series-harmonics-zero": (t("series", "fields", "harmonics", value=[0, 2]), "series", "harmonics"),
+    "series-harmonics-float": (t("series", "fields", "harmonics", value=[3, 2.0]), "series", "harmonics"),
+    "series-harmonics-vs-coefficients": (t("series", "fields", "harmonics", value=[2, 3]), "series",
+                                         "arrays.coefficients.shape"),
+    "series-points-one": (t("series", "fields", "points", value=["cgl"]), "series", "points"),
+    "series-points-unknown-set": (t("series", "fields", "points", value=["gauss", "cgl"]), "series", "points"),
+    "series-points-count": (t("series", "fields", "points", value=["cgl", [0.0, 0.5]]), "series", "points"),
+    "series-points-out-of-range": (t("series", "fields", "points", value=["cgl", [-0.8, 0.1, 1.5]]), "series",
+                                   "points"),
+    "series-points-ints": (t("series", "fields", "points", value=["cgl", [-1, 0, 1]]), "series", "points"),
+    "series-points-nan": (t("series", "fields", "points", value=["cgl", [-0.8, math.nan, 0.9]]), "series",
+                          "points"),
+    # basis fields
+    "basis-bank-unknown": (t("basis", "fields", "bank", value="nope"), "basis", "bank"),
+    "basis-bank-not-string": (t("basis", "fields", "bank", value=4), "basis", "bank"),
+    "basis-index-dtype": (ref_of("basis", "index", "dtype", value="int8"), "basis", "arrays.index.dtype"),
+    "basis-index-shape": (resize("basis", "index", [13]), "basis", "arrays.index.shape"),
+    "basis-a-shape": (resize("basis", "a", [11]), "basis", "arrays.a.shape"),
+    "basis-b-dtype": (ref_of("basis", "b", "dtype", value="int16"), "basis", "arrays.b.dtype"),
+    "basis-shape-vs-filter": (t("basis", "shape", value=[4, 3, 9, 1]), "basis", "shape"),
+    "basis-missing-a": (t("basis", "arrays", "a"), "basis", "arrays.a"),
+    # linear fields
+    "linear-primaries-shape": (resize("linear", "primaries", [4, 3, 3, 2]), "linear", "arrays.primaries.shape"),
+    "linear-primaries-too-many": (resize("linear", "primaries", [9, 3, 3, 3]), "linear", "arrays.primaries.shape"),
+    "linear-primaries-dtype": (ref_of("linear", "primaries", "dtype", value="int16"), "linear",
+                               "arrays.primaries.dtype"),
+    "linear-A-shape": (resize("linear", "A", [4, 3]), "linear", "arrays.A.shape"),
+    "linear-A-dtype": (ref_of("linear", "A", "dtype", value="int16"), "linear", "arrays.A.dtype"),
+    "linear-A-and-A1": (extra_array("linear", "A1", "A"), "linear", "arrays.A1"),
+    "linear-no-coefficients": (t("linear", "arrays", "A"), "linear", "arrays.A1"),
+    "linear-A1-shape": (resize("lowrank", "A1", [3, 2]), "lowrank", "arrays.A1.shape"),
+    "linear-A2-shape": (resize("lowrank", "A2", [2, 5]), "lowrank", "arrays.A2.shape"),
+    "linear-A2-missing": (t("lowrank", "arrays", "A2"), "lowrank", "arrays.A2"),
+    "linear-order-dtype": (resize("linear", "order", [8], dtype="float32"), "linear", "arrays.order.dtype"),
+    "linear-order-shape": (resize("linear", "order", [7], dtype="int32"), "linear", "arrays.order.shape"),
+}
+
+ZEROS = ("tensors", "zeros", "data")
+# (case, tensor, field) for errors in payloads: open succeeds, decoding the tensor refuses.
+PAYLOAD_CASES = {
+    "payload-byte-flipped": (payload_byte(("tensors", "dct", "coefficients")), "dct", "arrays.coefficients"),
+    "payload-sha256-wrong": (ref_of("dct", "coefficients", "sha256", value=ZERO_SHA), "dct", "arrays.coefficients"),
+    "bank-payload-byte-flipped": (payload_byte(("banks", BANK)), "basis", f"banks.{BANK}"),
+    "zstd-content-size-lie": (body(ZEROS, lambda b: zstandard.ZstdCompressor().compress(bytes(16380))),
+                              "zeros", "arrays.data"),
+    "zstd-inflates-too-far": (body(ZEROS, lambda b: zstandard.ZstdCompressor(write_content_size=False).compress(
+        bytes(16388))), "zeros", "arrays.data"),
+    "zstd-garbage": (body(ZEROS, lambda b: b[:4] + b"\xff" * 20), "zeros", "arrays.data"),
+    "codec-says-zstd": (ref_of("bias", "data", "codec", value="zstd"), "bias", "arrays.data"),
+    "dct-nan": (values(("tensors", "dct", "coefficients"), float16_bits(0x7E00)), "dct", "arrays.coefficients"),
+    "dct-inf": (values(("tensors", "dct", "coefficients"), float16_bits(0xFC00)), "dct", "arrays.coefficients"),
+    "series-nan": (values(("tensors", "series", "coefficients"), float16_bits(0x7C01)), "series",
+                   "arrays.coefficients"),
+    "basis-a-nan": (values(("tensors", "basis", "a"), float16_bits(0x7E00)), "basis", "arrays.a"),
+    "basis-b-inf": (values(("tensors", "basis", "b"), float16_bits(0x7C00)), "basis", "arrays.b"),
+    "basis-bank-nan": (values(("banks", BANK), float16_bits(0x7E00)), "basis", f"banks.{BANK}"),
+    "basis-index-out-of-range": (values(("tensors", "basis", "index"), setter(3, 4)), "basis", "arrays.index"),
+    "linear-primaries-nan": (values(("tensors", "linear", "primaries"), float16_bits(0x7E00)), "linear",
+                             "arrays.primaries"),
+    "linear-A-inf": (values(("tensors", "linear", "A"), float16_bits(0x7C00)), "linear", "arrays.A"),
+    "linear-A2-nan": (values(("tensors", "lowrank", "A2"), float16_bits(0x7E00)), "lowrank", "arrays.A2"),
+    "order-repeated": (values(("tensors", "linear", "order"), setter(1, 0)), "linear", "arrays.order"),
+    "order-negative": (values(("tensors", "linear", "order"), setter(0, -1)), "linear", "arrays.order"),
+    "order-too-large": (values(("tensors", "linear", "order"), setter(0, 8)), "linear", "arrays.order"),
+}
+
+
+def corrupt(base: Path, folder: Path, case: Case) -> Path:
+    path = folder / "bad.kpk"
+    case(RawFile.read(base), path)
+    return path
+
+
+@pytest.mark.parametrize("case, tensor, field", HEADER_CASES.values(), ids=HEADER_CASES.keys())
+def test_open_refuses_a_bad_header(base: Path, tmp_path: Path, case: Case, tensor: str | None, field: str) -> None:
+    path = corrupt(base, tmp_path, case)
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.open(path)
+    check_error(caught, path, tensor, field)
+
+
+@pytest.mark.parametrize("case, tensor, field", PAYLOAD_CASES.values(), ids=PAYLOAD_CASES.keys())
+def test_decoding_refuses_a_bad_payload(base: Path, tmp_path: Path, case: Case, tensor: str, field: str) -> None:
+    path = corrupt(base, tmp_path, case)
+    with kernelpack.open(path) as c:
+        c.get_numpy("big")  # the other tensors stay readable
+        with pytest.raises(kernelpack.KernelpackError) as caught:
+            c.get_numpy(tensor)
+        check_error(caught, path, tensor, field)
+    for load in (kernelpack.load_numpy, kernelpack.load):
+        with pytest.raises(kernelpack.KernelpackError) as caught:
+            load(path)
+        check_error(caught, path, tensor, field)
+
+
+@pytest.mark.parametrize("case", [header_padding, padding_after(("tensors", "bias", "data"))],
+                         ids=["after-header", "between-payloads"])
+def test_loading_refuses_non_zero_padding(base: Path, tmp_path: Path, case: Case) -> None:
+    path = corrupt(base, tmp_path, case)
+    for load in (kernelpack.load_numpy, kernelpack.load):
+        with pytest.raises(kernelpack.KernelpackError) as caught:
+            load(path)
+        check_error(caught, path, None, "padding")
+
+
+def test_a_wrong_digest_is_reported_by_verify(base: Path, tmp_path: Path) -> None:
+    path = corrupt(base, tmp_path, t("dct", "digest", value=ZERO_SHA))
+    with kernelpack.open(path) as c:
+        assert c.verify() == {name: name != "dct" for name in c}
+
+
+def test_a_missing_file_is_a_kernelpack_error(tmp_path: Path) -> None:
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.open(tmp_path / "absent.kpk")
+    assert caught.value.path == str(tmp_path / "absent.kpk")
+
+
+def test_the_base_file_is_valid(base: Path, tmp_path: Path) -> None:
+    """The cases above fail for their one change, not for the re-layout."""
+    path = corrupt(base, tmp_path, lambda raw, p: raw.write(p))
+    assert path.read_bytes() == base.read_bytes()
+    path = corrupt(base, tmp_path, body(("tensors", "bias", "data"), lambda b: b))
+    with kernelpack.open(path) as c:
+        assert all(c.verify().values())
+
+
+# --- the encoder side: bad settings name the tensor ----------------------------------------
+KERNEL = random_array(0, (4, 3, 3, 3))
+ENCODER_CASES = {
+    "series-on-bias": ({"bias": random_array(1, (8,))}, {"*": kernelpack.Series()}, "bias", "shape"),
+    "dct-keep": ({"w": KERNEL}, {"w": kernelpack.DCT(keep=1.5)}, "w", "keep"),
+    "dct-boundary": ({"w": KERNEL}, {"w": kernelpack.DCT(boundary=109)}, "w", "boundary"),
+    "dct-axes": ({"w": KERNEL}, {"w": kernelpack.DCT(axes=(0, 4))}, "w", "axes"),
+    "dct-dtype": ({"w": KERNEL}, {"w": kernelpack.DCT(dtype="float64")}, "w", "dtype"),
+    "series-family": ({"w": KERNEL}, {"w": kernelpack.Series(family="sine")}, "w", "family"),
+    "series-harmonics": ({"w": KERNEL}, {"w": kernelpack.Series(harmonics=0)}, "w", "harmonics"),
+    "series-points-name": ({"w": KERNEL}, {"w": kernelpack.Series(points="gauss")}, "w", "points"),
+    "series-points-count": ({"w": KERNEL}, {"w": kernelpack.Series(points=([0.0, 1.0], "cgl"))}, "w", "points"),
+    "series-points-range": ({"w": KERNEL}, {"w": kernelpack.Series(points=([-1.0, 0.0, 2.0], "cgl"))}, "w",
+                            "points"),
+    "basis-bank-size": ({"w": KERNEL}, {"w": kernelpack.Basis(bank=0)}, "w", "bank"),
+    "basis-bank-too-large": ({"w": KERNEL}, {"w": kernelpack.Basis(bank=np.ones((70000, 3, 3)))}, "w", "bank"),
+    "basis-filter-shape": ({"w": KERNEL}, {"w": kernelpack.Basis(bank=np.ones((2, 5, 5)))}, "w", "shape"),
+    "linear-no-primaries": ({"w": KERNEL}, {"w": kernelpack.Linear(primaries=0)}, "w", "primaries"),
+    "linear-too-many-primaries": ({"w": KERNEL}, {"w": kernelpack.Linear(primaries=5)}, "w", "primaries"),
+    "linear-rank": ({"w": KERNEL}, {"w": kernelpack.Linear(primaries=2, rank=0)}, "w", "rank"),
+    "dense-narrowing-int": ({"n": np.arange(4, dtype=np.int32)}, {"n": kernelpack.Dense(dtype="float16")}, "n",
+                            "dtype"),
+    "compressed-int": ({"n": np.arange(36, dtype=np.int32).reshape(4, 9)}, {"n": kernelpack.DCT()}, "n", "dtype"),
+    "unsupported-dtype": ({"c": np.ones(3, np.complex64)}, None, "c", "dtype"),
+    "float16-overflow": ({"w": np.full((20, 20), 4096, np.float32)}, {"w": kernelpack.DCT(keep=0.1)}, "w",
+                         "arrays.coefficients"),
+    "name-empty": ({"": KERNEL}, None, "", "name"),
+}
+
+
+@pytest.mark.parametrize("tensors, forms, tensor, field", ENCODER_CASES.values(), ids=ENCODER_CASES.keys())
+def test_save_refuses_bad_settings_and_writes_nothing(tmp_path: Path, tensors: dict, forms: Any, tensor: str,
+                                                      field: str) -> None:
+    path = tmp_path / "out.kpk"
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.save(tensors, path, forms=forms)
+    error = caught.value
+    assert (error.tensor, error.field) == (tensor, field), str(error)
+    assert f"tensor '{tensor}'" in str(error) and field in str(error)
+    assert error.path in (None, str(path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", [kernelpack.DCT(), kernelpack.Series(), kernelpack.Basis(bank=2),
+                                    kernelpack.Linear()], ids=lambda c: type(c).__name__)
+def test_save_refuses_non_finite_input(tmp_path: Path, config: Any) -> None:
+    array = KERNEL.copy()
+    array[1, 2, 0, 1] = np.nan
+    with pytest.raises(kernelpack.KernelpackError, match="NaN") as caught:
+        kernelpack.save({"w": array}, tmp_path / "out.kpk", forms={"w": config})
+    assert caught.value.tensor == "w" and "tensor 'w'" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_two_banks_with_one_name(tmp_path: Path) -> None:
+    forms = {"a": kernelpack.Basis(bank=np.eye(3)[:2].reshape(2, 3, 1), bank_name="shared"),
+             "b": kernelpack.Basis(bank=np.eye(3)[1:].reshape(2, 3, 1), bank_name="shared")}
+    tensors = {"a": random_array(2, (4, 3, 1)), "b": random_array(3, (4, 3, 1))}
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.save(tensors, tmp_path / "out.kpk", forms=forms)
+    assert (caught.value.path, caught.value.tensor, caught.value.field) == (str(tmp_path / "out.kpk"), "b", "bank")
+
+
+def test_save_refuses_non_string_metadata(tmp_path: Path) -> None:
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.save({"w": KERNEL}, tmp_path / "out.kpk", metadata={"epochs": 30})
+    assert (caught.value.field, caught.value.path) == ("metadata", str(tmp_path / "out.kpk"))
