@@ -7,13 +7,16 @@ For each layer shape and form this measures, in one run:
   container -- header checks, payload SHA-256, zstd and decode included -- against
   ``safetensors.numpy.load_file`` of the same tensor stored as dense float32. Every
   time is the median of ``--repeats`` runs (time.perf_counter) after one warm-up;
-  files are in the page cache, so this is decode cost, not disk speed;
+  files are in the page cache, so this is decode cost, not disk speed. The same for
+  ``decode-only``: the form's decode of payloads already in memory, without the file;
 * the canonical decode's error against the exact transform, evaluated independently
   in float64 (scipy's inverse DCT, numpy's Chebyshev Vandermonde matrix, plain BLAS
   products), with the numbers stored as float32 so that the error is the arithmetic
   alone (fixed-point grids and the final float32 rounding): max|decode - ref| / max|ref|,
   next to the float16 rounding unit 2^-11 that default (float16) storage adds anyway;
-* whether numpy and torch decode to the same bits.
+* whether numpy and torch decode to the same bits;
+* ``other load``: cores other processes kept busy while the row was measured, since a
+  shared machine skews timings (0 on an idle machine).
 
     python benchmarks/decode.py            # full run (minutes on 2 cores)
     python benchmarks/decode.py --quick    # smoke run on small shapes (seconds)
@@ -83,11 +86,14 @@ def weights(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 class OtherLoad:
-    """CPU used by other processes while timing (Linux): busy time in /proc/stat minus our own.
+    """CPU used by other processes during a span (Linux): busy time in /proc/stat minus our own.
 
-    The machine is shared; a row timed while others ran is skewed, and this says by how much
-    (in cores busy on average; 0 on an idle machine, NaN where /proc/stat is unavailable).
+    The machine is shared; a row measured while others ran is skewed, and this says by how
+    much (cores busy on average; 0 on an idle machine). /proc/stat counts 10 ms ticks, so a
+    span shorter than MIN_SPAN gives NaN rather than a number dominated by rounding.
     """
+
+    MIN_SPAN = 0.25
 
     def __enter__(self) -> "OtherLoad":
         self.start = (time.perf_counter(), self.busy(), self.own())
@@ -96,7 +102,10 @@ class OtherLoad:
 
     def __exit__(self, *exc: object) -> None:
         wall, busy, own = (time.perf_counter(), self.busy(), self.own())
-        self.cores = max(0.0, (busy - self.start[1]) - (own - self.start[2])) / (wall - self.start[0])
+        span = wall - self.start[0]
+        if span >= self.MIN_SPAN:
+            others = (busy - self.start[1]) - (own - self.start[2])
+            self.cores = min(float(os.cpu_count() or 1), max(0.0, others / span))
 
     @staticmethod
     def busy() -> float:
@@ -209,18 +218,18 @@ def measure(layer: Layer, label: str, config: Config, w: np.ndarray, path: str, 
     form's decode of payloads already in memory.
     """
     mb = w.nbytes / 1e6
-    tensor = config.encode(w, "float32")
-    write(path, {"w": tensor})
     numpy_ops, torch_ops = NumpyOps(), TorchOps("cpu")
     with OtherLoad() as other:
+        tensor = config.encode(w, "float32")
+        write(path, {"w": tensor})
         speeds = [mb / median_seconds(fn, repeats) for fn in (
             lambda: kernelpack.load_numpy(path), lambda: kernelpack.load(path, "cpu"),
             lambda: tensor.decode(numpy_ops), lambda: tensor.decode(torch_ops))]
-    same_bits = digest(tensor.decode(numpy_ops), "float32") == \
-        digest(torch_ops.to_numpy(tensor.decode(torch_ops)), "float32")
-    exact = dataclasses.replace(config, dtype="float32").encode(w, "float32")  # type: ignore[type-var]
-    ref = reference(exact)
-    error = float(np.max(np.abs(exact.decode(numpy_ops) - ref)) / np.max(np.abs(ref)))
+        same_bits = digest(tensor.decode(numpy_ops), "float32") == \
+            digest(torch_ops.to_numpy(tensor.decode(torch_ops)), "float32")
+        exact = dataclasses.replace(config, dtype="float32").encode(w, "float32")  # type: ignore[type-var]
+        ref = reference(exact)
+        error = float(np.max(np.abs(exact.decode(numpy_ops) - ref)) / np.max(np.abs(ref)))
     return Result(layer.name, label, os.path.getsize(path) / 1024, *speeds, dense_mbs, error, same_bits,
                   other.cores)
 
@@ -247,6 +256,21 @@ def profile(fn: Callable[[], Any], top: int) -> str:
                      for ln in lines[start:start + top + 1])
 
 
+def revision() -> str:
+    """The git commit of the kernelpack being measured, '+' if kernelpack/ has local changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kernelpack.__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "kernelpack"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    return head + ("+" if dirty else "")
+
+
 def environment() -> str:
     import safetensors
     import torch
@@ -258,7 +282,8 @@ def environment() -> str:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}; nproc {os.cpu_count()}; torch threads {torch.get_num_threads()}; "
+    return (f"kernelpack {kernelpack.__version__} at {revision()}; "
+            f"{cpu}; nproc {os.cpu_count()}; torch threads {torch.get_num_threads()}; "
             f"python {platform.python_version()}; numpy {np.__version__}; torch {torch.__version__}; "
             f"safetensors {safetensors.__version__}; zstandard {zstandard.__version__}")
 
@@ -286,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                     for name, load in (("load_numpy", kernelpack.load_numpy), ("load cpu", kernelpack.load)):
                         text = profile(lambda: load(path), args.top)
                         profiles.append(f"{layer.name}, {label}, {name}:\n```\n{text}\n```")
-    print("\nother load: cores kept busy by other processes while the row was timed (0 = idle machine).")
+    print("\nother load: cores kept busy by other processes while the row was measured (0 = idle machine;"
+          " nan: too short to tell).")
     if profiles:
         print("\n" + "\n\n".join(profiles))
     return 0

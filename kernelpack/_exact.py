@@ -22,6 +22,7 @@ everywhere.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
@@ -140,7 +141,15 @@ def dct_table(n: int, k: int, start: int = 0, stop: int | None = None) -> np.nda
     f = np.arange(k, dtype=np.int64)[:, None]
     x = np.arange(start, n if stop is None else stop, dtype=np.int64)[None, :]
     alpha = np.where(f == 0, np.sqrt(1.0 / n), np.sqrt(2.0 / n))
-    return alpha * cospi((2 * x + 1) * f, 2 * n)
+    return alpha * _cospi_period(n)[((2 * x + 1) * f) % (4 * n)]
+
+
+@lru_cache(maxsize=64)
+def _cospi_period(n: int) -> np.ndarray:
+    """cospi(j, 2n) for j = 0..4n-1: one period, since cospi(num, 2n) depends on num mod 4n."""
+    values = cospi(np.arange(4 * n, dtype=np.int64), 2 * n)
+    values.flags.writeable = False
+    return values
 
 
 def named_points(name: str, k: int) -> np.ndarray:

@@ -141,11 +141,29 @@ def _check_writable(name: str, tensor: Encoded, banks: Mapping[str, Stored]) -> 
     cls.build(tuple(tensor.shape), tensor.dtype, tensor.fields(), arrays, banks)
 
 
+def _file_mode(path: str) -> int:
+    """Keep an existing file's permissions; a new file gets 0o666 less the umask, as open() would."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide and not thread-safe
+
+
 def _atomic_write(path: str, chunks: list[bytes]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode(path))  # mkstemp makes 0o600
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
@@ -482,5 +500,12 @@ class Container:
         """Decode every tensor and compare with the digest recorded at pack time."""
         self.check_padding()
         ops = get_ops(backend, device)
-        return {name: digest(ops.to_numpy(self.decode(name, ops)), info.dtype) == info.digest
+        return {name: self._matches(info, ops.to_numpy(self.decode(name, ops)))
                 for name, info in self._tensors.items()}
+
+    @staticmethod
+    def _matches(info: TensorInfo, array: np.ndarray) -> bool:
+        """Decoded shape, dtype and SHA-256 are the ones recorded at pack time."""
+        dtype_ok = array.dtype == NUMPY_DTYPES[info.dtype] or (
+            info.dtype == "bfloat16" and array.dtype in (np.float32, np.uint16))
+        return tuple(array.shape) == info.shape and dtype_ok and digest(array, info.dtype) == info.digest

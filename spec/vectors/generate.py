@@ -30,7 +30,8 @@ import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES
 from kernelpack.container import Container, digest, write
-from kernelpack.forms import DCT, Basis, Config, Dense, DenseTensor, Encoded, Linear, LinearTensor, Series
+from kernelpack.forms import (DCT, Basis, BasisTensor, Config, DCTTensor, Dense, Encoded,
+                              Linear, LinearTensor, Series, SeriesTensor)
 from kernelpack.forms._base import Stored, to_stored
 from kernelpack.pack import encode
 
@@ -50,15 +51,6 @@ Entry = tuple[Any, Config] | Encoded
 def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """Deterministic float32 test data: standard normal from ``default_rng(seed)``."""
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def scalar(value: float, stored: str, dtype: str | None = None) -> DenseTensor:
-    """A 0-d dense tensor (shape []) stored as ``stored``, decoding to ``dtype`` (default: the same).
-
-    Built directly: ``encode`` and ``to_stored`` go through ``np.ascontiguousarray``, which
-    turns a 0-d array into shape [1].
-    """
-    return DenseTensor(Stored(np.array(value, dtype=NUMPY_DTYPES[stored]), stored), dtype or stored)
 
 
 # --- the files ----------------------------------------------------------------------------
@@ -84,9 +76,9 @@ def dense_file() -> dict[str, Entry]:
         "float32_special": (special, Dense()),  # NaN, infinities, -0, a subnormal: copied bit for bit
         "float32_as_float16": (normal(104, (4, 6)), Dense("float16")),
         "float32_as_bfloat16": (normal(105, (3, 7)), Dense("bfloat16")),
-        "scalar": scalar(2.5, "float32"),
-        "scalar_int64": scalar(-3, "int64"),
-        "scalar_float16_as_float32": scalar(0.1, "float16", "float32"),
+        "scalar": (np.array(2.5, dtype=np.float32), Dense()),
+        "scalar_int64": (np.array(-3, dtype=np.int64), Dense()),
+        "scalar_float16_as_float32": (np.array(0.1, dtype=np.float32), Dense("float16")),
         "empty": (np.zeros((0, 3), dtype=np.float32), Dense()),
     }
 
@@ -166,6 +158,36 @@ def linear_file() -> dict[str, Entry]:
     }
 
 
+def stored(values: list[Any], dtype: str, shape: tuple[int, ...]) -> Stored:
+    """Exact stored numbers (no encoder), e.g. a -0.0 an encoder would never write on purpose."""
+    return Stored(np.array(values, dtype=NUMPY_DTYPES[dtype]).reshape(shape), dtype)
+
+
+#: Tensor -> flat indices of its decoded zeros that must be -0 (every other zero must be +0).
+NEGATIVE_ZEROS = {"dct_k1": [], "dct_zero_table_entry": [], "series_k1": [],
+                  "linear_primaries_copied": [2], "basis_ieee_sum": [0, 3]}
+
+
+def signed_zero_file() -> dict[str, Entry]:
+    """Zeros whose sign the spec fixes: a fixed-point sum that is zero is +0 (dct, series, linear
+    combinations, even from -0 coefficients or -0 products); copies keep -0 (linear primaries);
+    basis a*g + b is one IEEE product and sum, so -0 + -0 stays -0."""
+    zero = -0.0
+    return {
+        "dct_k1": DCTTensor((4,), (0,), stored([zero], "float16", (1,))),
+        # dct_table(3, 2)[1, 1] = cos(pi/2) is exactly 0: element 1 sums -0 * a_0 + -1 * 0.
+        "dct_zero_table_entry": DCTTensor((3,), (0,), stored([zero, -1.0], "float32", (2,))),
+        "series_k1": SeriesTensor((2, 3, 3), "cosine", ("cgl", "cgl"), stored([zero, zero], "bfloat16",
+                                                                              (2, 1, 1))),
+        "linear_primaries_copied": LinearTensor((3, 4), stored([-1.0, 2.0, zero, 0.0], "float32", (1, 4)),
+                                                (stored([0.0, zero], "float32", (1, 2)),)),
+        "basis_ieee_sum": BasisTensor((2, 2, 2), "signed_zero", stored([0.0, 1.0, -1.0, 0.0], "float16",
+                                                                       (1, 2, 2)),
+                                      stored([0, 0], "uint8", (2,)), stored([-1.0, 2.0], "float16", (2,)),
+                                      stored([zero, 0.0], "float16", (2,))),
+    }
+
+
 def mixed_file() -> dict[str, Entry]:
     """A small model: every form side by side, names in non-sorted order, as save() writes them."""
     return {
@@ -175,7 +197,7 @@ def mixed_file() -> dict[str, Entry]:
         "features.3.dw.weight": (normal(704, (8, 1, 3, 3)), Basis(4, bank_name="dw")),
         "classifier.weight": (normal(705, (10, 32)), DCT(boundary=40)),
         "classifier.bias": (normal(706, (10,)), Dense("float16")),
-        "num_batches_tracked": scalar(7, "int64"),
+        "num_batches_tracked": (np.array(7, dtype=np.int64), Dense()),
     }
 
 
@@ -196,6 +218,7 @@ FILES = (
     VectorFile("linear.kpk", linear_file.__doc__ or "", linear_file),
     VectorFile("mixed.kpk", mixed_file.__doc__ or "", mixed_file,
                (("source", "kernelpack spec/vectors"), ("note", "unicode µ ✓"))),
+    VectorFile("signed_zero.kpk", signed_zero_file.__doc__ or "", signed_zero_file),
     VectorFile("empty.kpk", "No tensors: metadata only.", dict, (("empty", "true"),)),
 )
 
@@ -257,6 +280,16 @@ def check_coverage(manifest: dict[str, Any]) -> None:
         raise AssertionError(f"the vectors no longer cover: {broken}")
 
 
+def check_signed_zeros(folder: str) -> None:
+    """The decoded zeros of signed_zero.kpk carry exactly the signs NEGATIVE_ZEROS lists."""
+    with Container(os.path.join(folder, "signed_zero.kpk")) as c:
+        for name, negative in NEGATIVE_ZEROS.items():
+            flat = c.get_numpy(name).reshape(-1)
+            found = np.flatnonzero((flat == 0) & np.signbit(flat)).tolist()
+            if found != negative or not np.any(flat == 0):
+                raise AssertionError(f"signed_zero.kpk: {name}: -0 at {found}, expected {negative}")
+
+
 def check_uint16_indices(folder: str) -> None:
     """The uint16 vector really uses indices above 255 (not only a wide dtype)."""
     with Container(os.path.join(folder, "basis_uint16.kpk")) as c:
@@ -281,6 +314,7 @@ def generate(folder: str) -> dict[str, Any]:
     manifest = {"format_version": [1, 0], "generator": "spec/vectors/generate.py", "files": files}
     check_coverage(manifest)
     check_uint16_indices(folder)
+    check_signed_zeros(folder)
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")
