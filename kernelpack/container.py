@@ -272,9 +272,6 @@ class Container:
         self.close()
 
     # header
-    def _error(self, exc: KernelpackError, tensor: str | None = None) -> KernelpackError:
-        return exc.located(path=self.path, tensor=tensor)
-
     def _pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
@@ -313,7 +310,7 @@ class Container:
         try:
             self._parse(header)
         except KernelpackError as exc:
-            raise self._error(exc) from None
+            raise exc.located(path=self.path) from None
 
     @property
     def _newer(self) -> bool:

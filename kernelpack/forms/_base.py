@@ -185,7 +185,3 @@ class Encoded(ABC):
     def banks(self) -> dict[str, Stored]:
         """Shared arrays this tensor refers to (only the basis form has any)."""
         return {}
-
-    def stored_bytes(self) -> int:
-        """Raw (uncompressed) bytes of this tensor's own stored arrays."""
-        return sum(s.data.nbytes for s in self.arrays().values())
