@@ -65,10 +65,15 @@ def exact_product(ops: Ops, qa: Any, qb: Any, scale_exponent: int) -> Any:
     return ops.scale(ops.matmul(qa, qb) + 0.0, math.ldexp(1.0, scale_exponent))
 
 
-def fixed_matmul(ops: Ops, a: Any, b: Any) -> Any:
-    """``a @ b`` (float64, 2-D) by the fixed-point rule; identical bits on every device."""
+def fixed_matmul(ops: Ops, a: Any, b: Any, b_exponent: int | None = None) -> Any:
+    """``a @ b`` (float64, 2-D) by the fixed-point rule; identical bits on every device.
+
+    ``b_exponent`` is the grid exponent of the whole right operand when ``b`` is only a
+    column block of it (see :func:`transform_axis`); by default it is taken from ``b``.
+    """
     p, s = grid_bits(b.shape[0])
-    ea, eb = exponent(ops.absmax(a)), exponent(ops.absmax(b))
+    ea = exponent(ops.absmax(a))
+    eb = exponent(ops.absmax(b)) if b_exponent is None else b_exponent
     return exact_product(ops, quantize(ops, a, p, ea), quantize(ops, b, s, eb), ea - p + eb - s)
 
 
@@ -88,14 +93,13 @@ def transform_axis(ops: Ops, x: Any, axis: int, table: Table, k: int, m: int) ->
     lead = tuple(moved.shape[:-1])
     flat = ops.reshape(moved, (-1, k))
     width = max(1, TABLE_BLOCK // k)
-    blocks = [(lo, min(m, lo + width)) for lo in range(0, m, width)]
-    eb = max(exponent(float(np.max(np.abs(table(lo, hi))))) for lo, hi in blocks)
-    p, s = grid_bits(k)
-    ea = exponent(ops.absmax(flat))
-    qa = quantize(ops, flat, p, ea)
-    parts = [exact_product(ops, qa, quantize(ops, ops.float64(table(lo, hi), "float64"), s, eb),
-                           ea - p + eb - s) for lo, hi in blocks]
-    out = parts[0] if len(parts) == 1 else ops.concat_last(parts)
+    if m <= width:  # the usual case: one block, built once
+        out = fixed_matmul(ops, flat, ops.float64(table(0, m), "float64"))
+    else:
+        blocks = [(lo, min(m, lo + width)) for lo in range(0, m, width)]
+        eb = max(exponent(float(np.max(np.abs(table(lo, hi))))) for lo, hi in blocks)
+        out = ops.concat_last([fixed_matmul(ops, flat, ops.float64(table(lo, hi), "float64"), eb)
+                               for lo, hi in blocks])
     return ops.moveaxis(ops.reshape(out, lead + (m,)), -1, axis)
 
 

@@ -50,10 +50,10 @@ def choose(forms: FormPlan, name: str, value: Any) -> Config:
     """The config for one tensor: first matching pattern, else dense."""
     if forms is None:
         return Dense()
-    if callable(forms) and not hasattr(forms, "encode"):
-        return forms(name, value) or Dense()
     if hasattr(forms, "encode"):
         return forms  # one config for every tensor
+    if callable(forms):
+        return forms(name, value) or Dense()
     for pattern, config in forms.items():
         if fnmatch.fnmatchcase(name, pattern):
             return config
@@ -75,9 +75,9 @@ def encode(name: str, value: Any, config: Config) -> Encoded:
                  "only the dense form stores those")
         try:
             return config.encode(array, dtype)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, KernelpackError):
-                raise
+        except KernelpackError:
+            raise
+        except (TypeError, ValueError) as exc:  # a setting of the wrong type or value
             raise KernelpackError(f"bad settings {config!r}: {exc}", field="settings") from None
     except KernelpackError as exc:
         raise exc.located(tensor=name) from None
