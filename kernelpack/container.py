@@ -33,12 +33,14 @@ from kernelpack.forms._base import ArraySpec, Stored, need, need_int, need_name,
 from kernelpack.forms.basis import MAX_BANK
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
-VERSION = (1, 0)
+VERSION = (1, 1)
 PREAMBLE = 48
 ALIGN = 64
 MAX_HEADER = 64 << 20
 CODECS = ("none", "zstd")
 TOP_KEYS = frozenset({"metadata", "banks", "tensors"})
+#: Top-level keys added by a minor version: a file of an older minor version may not use them.
+ADDED_KEYS = {1: frozenset({"attachments"})}
 TENSOR_KEYS = frozenset({"form", "shape", "dtype", "digest", "fields", "arrays"})
 ARRAY_KEYS = frozenset({"dtype", "shape", "offset", "length", "codec", "sha256"})
 
@@ -79,10 +81,14 @@ def _payload(stored: Stored, level: int) -> tuple[bytes, dict[str, Any]]:
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
-          metadata: Mapping[str, str] | None = None, level: int = 19) -> None:
+          metadata: Mapping[str, str] | None = None, level: int = 19,
+          attachments: Mapping[str, bytes] | None = None) -> None:
     """Write a container atomically: a temporary file in the same folder, fsync, rename.
 
     A writer killed at any moment leaves the previous file (or none), never a part.
+    ``attachments`` are named opaque byte strings (e.g. the model's ONNX graph); the
+    file is written in the lowest format version that can hold what it holds, so a
+    file without attachments stays readable by 1.0 readers.
     """
     path = os.fspath(path)
     meta = dict(metadata or {})
@@ -114,6 +120,14 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     header: dict[str, Any] = {"metadata": meta, "banks": {}, "tensors": {}}
     for bank_name in sorted(banks):
         header["banks"][bank_name] = place(banks[bank_name])
+    if attachments:
+        header["attachments"] = {}
+        for att_name in sorted(attachments):
+            need_name(att_name, "attachments")
+            need(isinstance(attachments[att_name], (bytes, bytearray, memoryview)),
+                 f"attachments.{att_name}", "must be bytes")
+            blob = np.frombuffer(bytes(attachments[att_name]), dtype=np.uint8)
+            header["attachments"][att_name] = place(Stored(blob, "uint8"))
     ops = NumpyOps()
     for name, tensor in tensors.items():
         header["tensors"][name] = {
@@ -124,7 +138,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     head = msgpack.packb(header, use_bin_type=True)
     if len(head) > MAX_HEADER:
         raise KernelpackError(f"header of {len(head)} bytes exceeds the limit {MAX_HEADER}", path=path)
-    fixed = MAGIC + struct.pack("<HHI", VERSION[0], VERSION[1], len(head))
+    minor = max((m for m, keys in ADDED_KEYS.items() if keys & header.keys()), default=0)
+    fixed = MAGIC + struct.pack("<HHI", VERSION[0], minor, len(head))
     start = fixed + hashlib.sha256(fixed + head).digest() + head
     _atomic_write(path, [start, b"\0" * (_align(len(start)) - len(start)), *bodies])
 
@@ -326,7 +341,8 @@ class Container:
 
     def _parse(self, header: Any) -> None:
         need(isinstance(header, dict), "header", "must be a map")
-        self._known(header, TOP_KEYS, "")
+        added = (keys for m, keys in ADDED_KEYS.items() if m <= self.version[1])
+        self._known(header, TOP_KEYS.union(*added), "")
         meta = header.get("metadata", {})
         need(isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
                                             for k, v in meta.items()), "metadata", "must map str to str")
@@ -341,6 +357,15 @@ class Container:
             bank_shape = self._banks[name].spec.shape
             need(len(bank_shape) >= 2 and 1 <= bank_shape[0] <= MAX_BANK, f"banks.{name}.shape",
                  f"must be [n, *filter_shape] with 1 <= n <= {MAX_BANK}")
+        attachments = header.get("attachments", {})
+        need(isinstance(attachments, dict), "attachments", "must be a map")
+        self._attachments: dict[str, ArrayRef] = {}
+        for name, value in attachments.items():
+            need_name(name, "attachments")
+            ref = _parse_ref(value, f"attachments.{name}", self._size, self._newer)
+            need(ref.spec.dtype == "uint8" and len(ref.spec.shape) == 1, f"attachments.{name}",
+                 "must be a uint8 array of rank 1 (bytes)")
+            self._attachments[name] = ref
         self._tensors: dict[str, TensorInfo] = {}
         for name, entry in tensors.items():
             try:
@@ -379,6 +404,7 @@ class Container:
     def _regions(self) -> list[tuple[int, int, str | None, str]]:
         """(offset, length, tensor, field) of every payload, in file order."""
         regions = [(r.offset, r.length, None, f"banks.{n}") for n, r in self._banks.items()]
+        regions += [(r.offset, r.length, None, f"attachments.{n}") for n, r in self._attachments.items()]
         for t in self._tensors.values():
             regions += [(r.offset, r.length, t.name, f"arrays.{k}") for k, r in t.arrays.items()]
         return sorted(regions, key=lambda region: region[:2])
@@ -425,6 +451,17 @@ class Container:
 
     def bank_info(self) -> dict[str, ArrayRef]:
         return dict(self._banks)
+
+    def attachments(self) -> list[str]:
+        """Names of the attached byte strings (e.g. ``onnx.graph``)."""
+        return list(self._attachments)
+
+    def read_attachment(self, name: str) -> bytes:
+        """One attachment's bytes, checked against its SHA-256 like any payload."""
+        if name not in self._attachments:
+            raise KernelpackError(f"no attachment {name!r}; the file has {sorted(self._attachments)}",
+                                  path=self.path, field="attachments")
+        return self.read_array(self._attachments[name], f"attachments.{name}").data.tobytes()
 
     def read_array(self, ref: ArrayRef, field: str, tensor: str | None = None) -> Stored:
         """One payload: checked against its SHA-256, decompressed to exactly its declared size."""

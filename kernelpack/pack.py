@@ -93,15 +93,17 @@ def state_of(obj: Any) -> Mapping[str, Any]:
 
 
 def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
-         metadata: Mapping[str, str] | None = None, level: int = 19) -> dict[str, Encoded]:
+         metadata: Mapping[str, str] | None = None, level: int = 19,
+         attachments: Mapping[str, bytes] | None = None) -> dict[str, Encoded]:
     """Pack a model (its state_dict) or a dict of tensors into a container at ``path``.
 
+    ``attachments`` are named byte strings stored alongside (e.g. ``onnx.graph``).
     Returns the encoded tensors (what was written). The write is atomic.
     """
     encoded = {name: encode(name, value, choose(forms, name, value))
                for name, value in state_of(obj).items()}
     try:
-        write(path, encoded, metadata, level)
+        write(path, encoded, metadata, level, attachments)
     except KernelpackError as exc:
         raise exc.located(path=os.fspath(path)) from None
     return encoded

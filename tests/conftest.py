@@ -131,8 +131,9 @@ class RawFile:
         return cls(major, minor, header, blob[-(-(48 + length) // 64) * 64:])
 
     def refs(self) -> list[tuple[tuple[str, ...], dict]]:
-        """Every arrayref with its key: ('banks', name) or ('tensors', tensor, array)."""
+        """Every arrayref with its key: ('banks' | 'attachments', name) or ('tensors', tensor, array)."""
         found = [(("banks", n), r) for n, r in self.header.get("banks", {}).items()]
+        found += [(("attachments", n), r) for n, r in self.header.get("attachments", {}).items()]
         for t, entry in self.header["tensors"].items():
             found += [(("tensors", t, k), r) for k, r in entry["arrays"].items()]
         return sorted(found, key=lambda item: item[1]["offset"])

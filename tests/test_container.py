@@ -49,7 +49,8 @@ def test_layout_follows_the_spec(mixed: Path) -> None:
     blob = mixed.read_bytes()
     assert blob[:8] == MAGIC
     major, minor, length = struct.unpack("<HHI", blob[8:16])
-    assert (major, minor) == kernelpack.FORMAT_VERSION == (1, 0)
+    assert kernelpack.FORMAT_VERSION == (1, 1)
+    assert (major, minor) == (1, 0)  # the lowest version that holds it: no attachments
     assert blob[16:48] == hashlib.sha256(blob[:16] + blob[48:48 + length]).digest()
     header = msgpack.unpackb(blob[48:48 + length], raw=False)
     assert set(header) == {"metadata", "banks", "tensors"}
@@ -181,14 +182,14 @@ def test_threads_loading_one_file_get_identical_results(mixed: Path) -> None:
 
 def test_newer_minor_version_unknown_keys_are_ignored_and_unknown_forms_fail_alone(mixed: Path) -> None:
     raw = RawFile.read(mixed)
-    raw.minor += 1
+    raw.minor = kernelpack.FORMAT_VERSION[1] + 1
     raw.header["future"] = {"anything": 1}
     raw.header["tensors"]["dct"]["quantiser"] = "new"
     raw.header["tensors"]["dct"]["arrays"]["coefficients"]["checksum2"] = b"x"
     raw.header["tensors"]["linear"]["form"] = "hyperlinear"
     raw.write(mixed)
     with kernelpack.open(mixed) as c:
-        assert c.version == (1, 1)
+        assert c.version == (1, kernelpack.FORMAT_VERSION[1] + 1)
         assert c.get_numpy("dct").shape == (8, 4, 3, 3)
         with pytest.raises(kernelpack.KernelpackError) as caught:
             c.get_numpy("linear")
@@ -202,3 +203,38 @@ def test_info_describes_each_tensor(mixed: Path) -> None:
         assert (info.form, info.shape, info.dtype) == ("series", (8, 4, 3, 3), "float32")
         assert info.dense_bytes == 8 * 4 * 9 * 4 and 0 < info.stored_bytes < info.dense_bytes
         assert_same_bits(c.get_tensor("series"), c.decode("series", NUMPY))
+
+
+def test_attachments_round_trip_and_make_the_file_version_1_1(tmp_path: Path) -> None:
+    path = tmp_path / "att.kpk"
+    graph = bytes(range(256)) * 10
+    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": graph, "empty": b""})
+    assert struct.unpack("<HH", path.read_bytes()[8:12]) == (1, 1)
+    with kernelpack.open(path) as c:
+        assert c.attachments() == ["empty", "onnx.graph"]
+        assert c.read_attachment("onnx.graph") == graph and c.read_attachment("empty") == b""
+        assert all(c.verify().values())
+        with pytest.raises(kernelpack.KernelpackError, match="no attachment"):
+            c.read_attachment("missing")
+
+
+def test_attachments_in_a_version_1_0_file_are_an_unknown_field(tmp_path: Path) -> None:
+    path = tmp_path / "att.kpk"
+    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": b"graph"})
+    raw = RawFile.read(path)
+    raw.minor = 0
+    raw.write(path)
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.open(path)
+    assert caught.value.field == "attachments"
+
+
+def test_an_attachment_must_be_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "att.kpk"
+    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"g": b"graph"})
+    raw = RawFile.read(path)
+    raw.header["attachments"]["g"]["dtype"] = "int8"
+    raw.write(path)
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.open(path)
+    assert caught.value.field == "attachments.g"
