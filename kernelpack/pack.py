@@ -1,7 +1,7 @@
 """Packing: tensors or a model in, a container out (``kernelpack.save``).
 
-Forms are chosen per tensor by a config: a mapping from name patterns
-(``fnmatch``, first match wins) to form settings, e.g.
+Forms are chosen per tensor by a config: a mapping from exact names or name
+patterns (``fnmatch``; an exact name first, then the first matching pattern) to form settings, e.g.
 ``{"*.conv*.weight": Series(harmonics=3), "fc*.weight": DCT(keep=0.05)}``; tensors
 that match no pattern are stored dense. A tensor already in a stored form (from
 the converters' training-time parametrisations) is packed as it is, no re-fit.
@@ -54,6 +54,8 @@ def choose(forms: FormPlan, name: str, value: Any) -> Config:
         return forms  # one config for every tensor
     if callable(forms):
         return forms(name, value) or Dense()
+    if name in forms:  # an exact name wins (names may hold fnmatch's special characters)
+        return forms[name]
     for pattern, config in forms.items():
         if fnmatch.fnmatchcase(name, pattern):
             return config
