@@ -48,18 +48,24 @@ def as_numpy(value: Any) -> tuple[np.ndarray, str]:
 
 def choose(forms: FormPlan, name: str, value: Any) -> Config:
     """The config for one tensor: first matching pattern, else dense."""
+    return match(forms, name, value) or Dense()
+
+
+def match(forms: FormPlan, name: str, value: Any) -> Config | None:
+    """The config ``forms`` gives one tensor, or None when it says nothing about it
+    (so that a caller such as the ONNX packer can fall back to its own plan)."""
     if forms is None:
-        return Dense()
+        return None
     if hasattr(forms, "encode"):
         return forms  # one config for every tensor
     if callable(forms):
-        return forms(name, value) or Dense()
+        return forms(name, value)
     if name in forms:  # an exact name wins (names may hold fnmatch's special characters)
         return forms[name]
     for pattern, config in forms.items():
         if fnmatch.fnmatchcase(name, pattern):
             return config
-    return Dense()
+    return None
 
 
 def encode(name: str, value: Any, config: Config) -> Encoded:
@@ -86,9 +92,11 @@ def encode(name: str, value: Any, config: Config) -> Encoded:
 
 
 def state_of(obj: Any) -> Mapping[str, Any]:
-    """A model's state_dict, or the mapping itself."""
-    if hasattr(obj, "state_dict") and callable(obj.state_dict):
-        return obj.state_dict()
+    """A model's state_dict (trained-in-place forms as they are, no re-fit), or the mapping itself."""
+    if hasattr(obj, "state_dict") and callable(obj.state_dict) and hasattr(obj, "named_modules"):
+        from kernelpack.converters.compress import encoded_state  # torch is loaded: obj is a module
+
+        return encoded_state(obj)
     if isinstance(obj, Mapping):
         return obj
     raise TypeError("save() takes an nn.Module or a mapping of names to tensors")

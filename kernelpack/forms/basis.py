@@ -150,11 +150,15 @@ class Basis:
         dtype = float_dtype(self.dtype)
         bank = to_stored(unit_bank.reshape((-1,) + tuple(filt)), dtype)
         index, a, b = fit_slices(slices, bank.values().astype(np.float64).reshape(len(unit_bank), -1))
-        name = self.bank_name or "bank-" + hashlib.sha256(bank.data.tobytes()).hexdigest()[:16]
-        need_name(name, "bank")
+        name = need_name(self.bank_name or content_name(bank), "bank")
         idx_dtype = "uint8" if len(unit_bank) <= 256 else "uint16"
         return BasisTensor(tuple(w.shape), name, bank, to_stored(index, idx_dtype),
                            to_stored(a, dtype), to_stored(b, dtype))
+
+
+def content_name(bank: Stored) -> str:
+    """The default name of a bank: from its stored bytes, so equal banks share one entry."""
+    return "bank-" + hashlib.sha256(bank.data.tobytes()).hexdigest()[:16]
 
 
 def fit_slices(slices: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
