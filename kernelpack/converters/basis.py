@@ -1,9 +1,15 @@
 """Few unique filters (few-unique-filters.txt): every kernel slice is a * g + b, g from a bank.
 
 :class:`BasisWeight` keeps a frozen bank (stored-rounded, a buffer) and per-slice bank
-indices (a buffer), and trains ``a`` and ``b`` per slice; :meth:`BasisWeight.reassign`
-re-picks each slice's filter between epochs (the paper's closest-linear-transform
-step against the current weights). Banks: k-means of a tensor's own slices
+indices (a buffer), and trains ``a`` and ``b`` per slice, as the paper fine-tunes with
+frozen filters.
+
+Re-assignment between epochs (the paper fixes the choice once; this is our addition,
+:func:`reassign_`): the weight is always exactly a * g + b, so re-fitting it to itself
+would change nothing. Instead every parametrised weight sums the gradients it receives
+over the epoch, and ``reassign_(model, lr)`` re-picks each slice's filter (and a, b)
+as the closest linear transform of W - lr * sum(grad): where plain SGD on the dense
+weight would have taken it. Slices whose pull is weak keep their filter. Banks: k-means of a tensor's own slices
 (``Basis(bank=n)``), of the whole model's filters (:func:`model_bank`), the paper's
 built-in families (:func:`gaussian_bank`), or any array the user gives.
 """
@@ -34,6 +40,7 @@ class BasisWeight(FormWeight):
         super().__init__()
         self.shape = tuple(int(d) for d in shape)
         self.config, self.dtype = config, config.dtype
+        self.pull: torch.Tensor | None = None
 
     def settings(self) -> dict[str, Any]:
         return {"filters": len(getattr(self, "bank", ())), "dtype": self.dtype}
@@ -41,7 +48,14 @@ class BasisWeight(FormWeight):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         filters = self.bank.to(a.dtype)[self.index].reshape(len(self.index), -1)
         slices = as_stored(a, self.dtype)[:, None] * filters + as_stored(b, self.dtype)[:, None]
-        return slices.reshape(self.shape)
+        weight = slices.reshape(self.shape)
+        if weight.requires_grad:
+            weight.register_hook(self._accumulate)
+        return weight
+
+    def _accumulate(self, grad: torch.Tensor) -> None:
+        """Sum the gradients of the dense weight since the last re-assignment."""
+        self.pull = grad.detach().clone() if self.pull is None else self.pull + grad.detach()
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = self.config.encode(as_numpy64(weight))
@@ -52,9 +66,13 @@ class BasisWeight(FormWeight):
         return as_param(encoded.a.values(), weight), as_param(encoded.b.values(), weight)
 
     @torch.no_grad()
-    def reassign(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Re-pick every slice's bank filter for the current weight; refit a and b in place."""
-        current = self.forward(a, b).detach().to("cpu", torch.float64).numpy().reshape(len(self.index), -1)
+    def reassign(self, a: torch.Tensor, b: torch.Tensor, lr: float) -> None:
+        """Re-pick every slice's filter, a and b for W - lr * (gradients summed since the last call)."""
+        if self.pull is None:
+            return
+        target = self.forward(a, b) - lr * self.pull
+        self.pull = None
+        current = target.to("cpu", torch.float64).numpy().reshape(len(self.index), -1)
         bank = self.bank.detach().to("cpu", torch.float64).numpy().reshape(len(self.bank), -1)
         index, new_a, new_b = fit_slices(current, bank)
         self.index.copy_(torch.from_numpy(index))
@@ -98,7 +116,8 @@ def model_bank(model: nn.Module, filters: int, kernel: tuple[int, int] = (3, 3),
     return kmeans_bank(np.concatenate(slices), filters, seed).reshape((-1,) + tuple(kernel))
 
 
-def reassign_(model: nn.Module) -> None:
-    """Re-pick the bank filter of every slice of every basis-parametrised weight (between epochs)."""
+def reassign_(model: nn.Module, lr: float) -> None:
+    """Re-assign every basis-parametrised weight's slices (see the module doc); call between
+    epochs, e.g. ``fine_tune(..., epoch_end=[lambda: reassign_(model, lr)])``."""
     for plist in form_weights(model, BasisWeight).values():
-        plist[0].reassign(*fields(plist))
+        plist[0].reassign(*fields(plist), lr=lr)

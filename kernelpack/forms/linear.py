@@ -76,6 +76,13 @@ class LinearTensor(Encoded):
             need_array(arrays, "order", ("int32",), (shape[0],))
 
     @classmethod
+    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
+        """Plus A = A1 A2 (p x s) of the low-rank variant."""
+        p = arrays["primaries"].shape[0]
+        return max(super().peak_elements(shape, fields, arrays, banks), p * (shape[0] - p))
+
+    @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "LinearTensor":
         names = ("A",) if "A" in arrays else ("A1", "A2")
@@ -104,12 +111,17 @@ class LinearTensor(Encoded):
 
 @dataclass(frozen=True)
 class Linear:
-    """Encoder settings: ``alpha`` the share of primaries (or ``primaries`` p), ``rank`` r of A."""
+    """Encoder settings: ``alpha`` the share of primaries (or ``primaries`` p), ``rank`` r of A.
+
+    ``pivot=False`` takes the first p filters as the primaries (no ``order`` stored), as a
+    layer trained as LinearConv from scratch has them.
+    """
 
     alpha: float = 0.5
     primaries: int | None = None
     rank: int | None = None
     dtype: str = "float16"
+    pivot: bool = True
 
     def encode(self, array: np.ndarray, source_dtype: str = "float32") -> LinearTensor:
         from scipy.linalg import qr
@@ -121,8 +133,11 @@ class Linear:
         need_int(p, "primaries", 1, min(c_out, MAX_REDUCTION))
         dtype = float_dtype(self.dtype)
         filters = w.reshape(c_out, -1)
-        _, _, pivots = qr(filters.T, mode="economic", pivoting=True)
-        chosen = np.concatenate([pivots[:p], np.sort(pivots[p:])])
+        if self.pivot:
+            _, _, pivots = qr(filters.T, mode="economic", pivoting=True)
+            chosen = np.concatenate([pivots[:p], np.sort(pivots[p:])])
+        else:
+            chosen = np.arange(c_out)
         primaries = to_stored(filters[chosen[:p]].reshape((p,) + w.shape[1:]), dtype)
         wp = primaries.values().astype(np.float64).reshape(p, -1)
         a = np.linalg.lstsq(wp.T, filters[chosen[p:]].T, rcond=None)[0]  # (p, s)

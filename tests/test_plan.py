@@ -1,0 +1,86 @@
+"""``plan(model, max_bytes=..., max_error=...)``: per-tensor configs from closed-form fits that
+meet a size or an error budget; usable by ``save`` and ``compress_``; torch-free on numpy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kernelpack
+from kernelpack import Series
+from kernelpack.converters import compress_
+from kernelpack.converters.examples import LeNet5, ResNetS
+from kernelpack.converters.planner import measure
+
+
+def smooth_kernels(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Kernels that are exactly a 2x1 series (linear along x, constant along y) plus tiny noise."""
+    rng = np.random.default_rng(seed)
+    x = np.cos(np.pi * np.arange(shape[-2]) / (shape[-2] - 1))
+    c = rng.standard_normal(shape[:-2] + (2,))
+    w = c[..., :1, None] + c[..., 1:, None] * x[:, None]
+    return np.broadcast_to(w, shape) + 1e-4 * rng.standard_normal(shape)
+
+
+def test_error_budget_holds_for_every_tensor_and_anisotropic_orders_are_found() -> None:
+    tensors = {"conv.weight": smooth_kernels(0, (16, 8, 5, 5)),
+               "fc.weight": np.random.default_rng(1).standard_normal((32, 64)),
+               "conv.bias": np.zeros(16)}
+    chosen = kernelpack.plan(tensors, max_error=0.01)
+    assert set(chosen) == {"conv.weight", "fc.weight"}
+    assert chosen["conv.weight"] == Series(harmonics=(2, 1))
+    for name, config in chosen.items():
+        assert measure(tensors[name], config).error <= 0.01
+        assert chosen.options[name].error <= 0.01
+
+
+def test_size_budget_holds_and_more_bytes_never_cost_accuracy(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = LeNet5()
+    errors = []
+    for budget in (8_000, 20_000, 60_000):
+        chosen = kernelpack.plan(net, max_bytes=budget)
+        assert chosen.bytes <= budget
+        errors.append(sum(o.error ** 2 for o in chosen.options.values()))
+        path = tmp_path / f"lenet-{budget}.kpk"
+        kernelpack.save(net, path, forms=chosen)
+        with kernelpack.open(path) as c:
+            stored = sum(c.info(n).stored_bytes for n in chosen) + sum(r.length for r in c.bank_info().values())
+        assert stored <= budget  # zstd only shrinks the raw bytes the plan counts
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_impossible_budgets_raise() -> None:
+    net = LeNet5()
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.plan(net, max_bytes=100)
+    assert caught.value.field == "budget"
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.plan(net, max_error=1e-9)
+    assert caught.value.field == "budget" and caught.value.tensor is not None
+    with pytest.raises(kernelpack.KernelpackError):
+        kernelpack.plan(net)
+
+
+def test_a_plan_drives_compress_on_a_resnet() -> None:
+    torch.manual_seed(0)
+    net = ResNetS(width=8)
+    chosen = kernelpack.plan(net, max_error=0.3, candidates=[Series(harmonics=2), kernelpack.Dense(dtype="float16")])
+    compress_(net, chosen)
+    state = kernelpack.converters.encoded_state(net)
+    for name, config in chosen.items():
+        assert state[name].form == ("series" if isinstance(config, Series) else "dense")
+
+
+def test_plan_on_numpy_imports_no_torch() -> None:
+    code = ("import sys, numpy as np, kernelpack\n"
+            "p = kernelpack.plan({'w': np.random.default_rng(0).standard_normal((8, 4, 3, 3))}, max_error=0.5)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "print(p['w'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
