@@ -24,6 +24,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -82,7 +83,18 @@ class Plan(dict):
 
 
 def _short(config: Config) -> str:
-    return repr(config).replace("(", " ").rstrip(")")[:44]
+    """``series harmonics=(2, 1)``: the form and its settings that differ from the defaults."""
+    changed = [f"{f.name}={_brief(getattr(config, f.name))}" for f in dataclasses.fields(config)
+               if not _is_default(getattr(config, f.name), f.default)]
+    return " ".join([type(config).__name__.lower(), *changed])[:44]
+
+
+def _brief(value: Any) -> str:
+    return f"array{list(value.shape)}" if hasattr(value, "shape") else repr(value)
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (isinstance(value, (int, float, str, tuple)) and value == default)
 
 
 def stored_bytes(encoded: Encoded) -> int:
