@@ -80,7 +80,7 @@ def test_user_bank_from_the_gaussian_family_trains() -> None:
     x, target = torch.randn(4, 3, 9, 9), torch.randn(4, 8, 5, 5)
     opt = torch.optim.Adam(conv.parameters(), lr=1e-2)
     first = None
-    for _ in range(30):
+    for _ in range(10):
         loss = ((conv(x) - target) ** 2).mean()
         first = first if first is not None else float(loss.detach())
         opt.zero_grad(), loss.backward(), opt.step()

@@ -43,8 +43,11 @@ def test_size_budget_holds_and_more_bytes_never_cost_accuracy(tmp_path: Path) ->
     torch.manual_seed(0)
     net = LeNet5()
     errors = []
+    candidates = [kernelpack.Dense(dtype="float16"), kernelpack.DCT(keep=0.05), kernelpack.DCT(keep=0.2),
+                  Series(harmonics=2), Series(harmonics=(3, 2)), kernelpack.Basis(bank=8)]
     for budget in (8_000, 20_000, 60_000):
-        chosen = kernelpack.plan(net, max_bytes=budget)
+        chosen = kernelpack.plan(net, max_bytes=budget, candidates=lambda name, shape: [
+            c for c in candidates if len(shape) == 4 or not isinstance(c, (Series, kernelpack.Basis))])
         assert chosen.bytes <= budget
         errors.append(sum(o.error ** 2 for o in chosen.options.values()))
         path = tmp_path / f"lenet-{budget}.kpk"
@@ -57,11 +60,12 @@ def test_size_budget_holds_and_more_bytes_never_cost_accuracy(tmp_path: Path) ->
 
 def test_impossible_budgets_raise() -> None:
     net = LeNet5()
+    candidates = [kernelpack.DCT(keep=0.1), kernelpack.Dense(dtype="float16")]
     with pytest.raises(kernelpack.KernelpackError) as caught:
-        kernelpack.plan(net, max_bytes=100)
+        kernelpack.plan(net, max_bytes=100, candidates=candidates)
     assert caught.value.field == "budget"
     with pytest.raises(kernelpack.KernelpackError) as caught:
-        kernelpack.plan(net, max_error=1e-9)
+        kernelpack.plan(net, max_error=1e-9, candidates=candidates)
     assert caught.value.field == "budget" and caught.value.tensor is not None
     with pytest.raises(kernelpack.KernelpackError):
         kernelpack.plan(net)

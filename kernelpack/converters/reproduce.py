@@ -74,8 +74,8 @@ class Settings:
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(base_epochs=8, tune_epochs=2, fr_epochs=10, fr_tail=5, fr_budgets=(4000,),
-                   scratch_epochs=8, convsim_steps=50, seeds=(0,))
+        return cls(base_epochs=8, tune_epochs=2, fr_epochs=6, fr_tail=3, fr_budgets=(4000,),
+                   scratch_epochs=5, convsim_steps=50, seeds=(0,))
 
 
 def data() -> Data:

@@ -1,9 +1,10 @@
 """A small fine-tuning loop with a progress bar, for the demo, the tests and the reproduction.
 
 Any training loop works with ``compress_``-ed models; this one only saves writing it:
-Adam, shuffled mini-batches from a seeded generator, an optional regulariser added to
-the loss (e.g. ``lambda m: 1e-3 * convsim_penalty(m)``) and callbacks at the end of
-each epoch (e.g. ``TailDropout.step``, ``reassign_``).
+Adam, shuffled mini-batches from a seeded generator, optional random affine augmentation
+of image batches, an optional regulariser added to the loss (e.g.
+``lambda m: 1e-3 * convsim_penalty(m)``) and callbacks at the end of each epoch (e.g.
+``TailDropout.step``, ``reassign_``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ Regulariser = Callable[[nn.Module], torch.Tensor]
 def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float = 1e-3,
               batch_size: int = 64, weight_decay: float = 0.0, regularizer: Regulariser | None = None,
               epoch_end: Iterable[Callable[[], object]] = (), seed: int = 0,
-              progress: bool = True) -> list[float]:
-    """Train ``model`` on (x, y) with cross-entropy; returns the mean loss of every epoch."""
+              augment: bool = False, progress: bool = True) -> list[float]:
+    """Train ``model`` on (x, y) with cross-entropy; returns the mean loss of every epoch.
+
+    ``augment`` moves every training image (n, c, h, w) by a random affine map (see
+    :func:`jitter`), drawn from the same seeded generator.
+    """
     from tqdm import tqdm
 
     callbacks = list(epoch_end)
@@ -33,7 +38,8 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
         model.train()
         total, count = 0.0, 0
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
-            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            inputs = jitter(x[batch], generator) if augment else x[batch]
+            loss = nn.functional.cross_entropy(model(inputs), y[batch])
             if regularizer is not None:
                 loss = loss + regularizer(model)
             optimizer.zero_grad(set_to_none=True)
@@ -46,6 +52,21 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
             callback()
     model.eval()
     return losses
+
+
+def jitter(images: torch.Tensor, generator: torch.Generator, shift: float = 2.0,
+           degrees: float = 10.0, scale: float = 0.1) -> torch.Tensor:
+    """Each image rotated by up to ``degrees``, scaled by up to ``scale`` and moved by up to
+    ``shift`` pixels (uniform draws), bilinear, zero outside: the usual MNIST augmentation."""
+    n, _, h, w = images.shape
+    draw = torch.rand(n, 4, generator=generator) * 2 - 1
+    angle = draw[:, 0] * degrees * torch.pi / 180
+    zoom = 1 + draw[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, draw[:, 2] * 2 * shift / w], 1),
+                         torch.stack([sin, cos, draw[:, 3] * 2 * shift / h], 1)], 1)
+    grid = nn.functional.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return nn.functional.grid_sample(images, grid, align_corners=False)
 
 
 @torch.no_grad()
