@@ -162,8 +162,8 @@ def read_tensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
         ".safetensors": _read_safetensors, ".pt": _read_torch, ".pth": _read_torch, ".npz": _read_npz}
     ext = os.path.splitext(path)[1].lower()
     if ext not in readers:
-        raise KernelpackError(f"unknown input type {ext!r}: use .safetensors, .pt, .pth or .npz",
-                              path=path)
+        raise KernelpackError(f"unknown input type {ext!r}: use .safetensors, .pt, .pth or .npz "
+                              "(pack also reads .onnx models)", path=path)
     if not os.path.isfile(path):
         raise KernelpackError("no such file", path=path)
     try:
@@ -267,9 +267,19 @@ def cmd_pack(args: argparse.Namespace) -> int:
     rules, default = read_config(args.config) if args.config else ([], None)
     plan = Plan([parse_form(r) for r in args.form] + rules, default)
     metadata = parse_metadata(args.metadata)
-    tensors, file_metadata = read_tensors(args.input)
-    encoded = save(tensors, args.output, forms=plan, metadata={**file_metadata, **metadata},
-                   level=args.level)
+    if args.input.lower().endswith(".onnx"):
+        from kernelpack.onnx_io import DEFAULT_MAX_ERROR, pack_onnx
+
+        max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
+        encoded = pack_onnx(args.input, args.output, forms=plan, max_error=max_error,
+                            metadata=metadata, level=args.level)
+    else:
+        if args.max_error is not None:
+            raise KernelpackError("--max-error plans the weights of an .onnx model; for other inputs "
+                                  "give --form rules")
+        tensors, file_metadata = read_tensors(args.input)
+        encoded = save(tensors, args.output, forms=plan, metadata={**file_metadata, **metadata},
+                       level=args.level)
     for pattern in plan.unused():
         print(f"kernelpack: warning: pattern {pattern!r} chose no tensor", file=sys.stderr)
     size = os.path.getsize(args.output)
@@ -382,6 +392,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
+    if args.output.lower().endswith(".onnx"):
+        from kernelpack.onnx_io import unpack_onnx
+
+        model = unpack_onnx(args.file, args.output)
+        print(f"{args.output}: ONNX model, {len(model.graph.initializer)} initializers, "
+              f"{os.path.getsize(args.output)} bytes")
+        return 0
     with Container(args.file) as c:
         metadata = dict(c.metadata)
         bf16 = any(c.info(n).dtype == "bfloat16" for n in c.keys())
@@ -413,9 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pack", help="pack tensors into a .kpk container",
-                       description="Pack a state_dict (.safetensors, .pt/.pth, .npz) into a container.",
+                       description="Pack a state_dict (.safetensors, .pt/.pth, .npz) into a container, or an "
+                       ".onnx model: its weights as tensors, its graph attached (README, Serving).",
                        epilog=FORM_SYNTAX, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="IN", help="a .safetensors, .pt/.pth (state_dict) or .npz file")
+    p.add_argument("input", metavar="IN",
+                   help="a .safetensors, .pt/.pth (state_dict) or .npz file, or an .onnx model")
     p.add_argument("output", metavar="OUT", help="the container to write (atomically)")
     p.add_argument("--form", action="append", default=[], metavar="PATTERN=FORM[:K=V,...]",
                    help="a form rule (repeatable; see below)")
@@ -424,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zstd level 1..22 for payloads (default 19)")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                    help="a metadata entry (repeatable; .safetensors metadata is kept too)")
+    p.add_argument("--max-error", type=float, metavar="E",
+                   help="for an .onnx model: the weights of Conv/ConvTranspose/Gemm/MatMul that no "
+                   "rule names get the smallest form whose relative RMS error is <= E (default "
+                   "0.01; 0 stores them exactly); the other weights stay exact, the graph is attached")
     p.set_defaults(run=cmd_pack)
 
     p = sub.add_parser("inspect", help="list tensors, forms, sizes (and errors against an original)")
@@ -442,12 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with numpy or torch (default: numpy on cpu, torch elsewhere)")
     p.set_defaults(run=cmd_verify)
 
-    p = sub.add_parser("unpack", help="decode every tensor into a dense .safetensors file",
+    p = sub.add_parser("unpack", help="decode every tensor into a dense .safetensors file (or .onnx model)",
                        description="Decode every tensor (numpy) into a dense .safetensors file with the "
                        "container's metadata. A container holding bfloat16 tensors is decoded with "
-                       "torch (the same bits) and written with safetensors.torch, keeping bfloat16.")
+                       "torch (the same bits) and written with safetensors.torch, keeping bfloat16. "
+                       "OUT.onnx: the attached ONNX graph with every weight filled in, a plain model.")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("output", metavar="OUT.safetensors")
+    p.add_argument("output", metavar="OUT.safetensors|OUT.onnx")
     p.set_defaults(run=cmd_unpack)
 
     p = sub.add_parser("demo", help="train a small CNN on 8x8 digits and pack it in every form")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 from kernelpack._backend import NUMPY_DTYPES, NumpyOps, Ops, get_ops
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import FORMS, Encoded
-from kernelpack.forms._base import ArraySpec, Stored, need, need_int, need_name, need_shape
+from kernelpack.forms._base import ArraySpec, Stored, need, need_int, need_name, need_shape, shown
 from kernelpack.forms.basis import MAX_BANK
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
@@ -43,14 +44,78 @@ TOP_KEYS = frozenset({"metadata", "banks", "tensors"})
 ADDED_KEYS = {1: frozenset({"attachments"})}
 TENSOR_KEYS = frozenset({"form", "shape", "dtype", "digest", "fields", "arrays"})
 ARRAY_KEYS = frozenset({"dtype", "shape", "offset", "length", "codec", "sha256"})
+#: Maps and arrays in a header, in all, and how deep they may nest (spec/FORMAT.md, "Limits").
+MAX_CONTAINERS = 1 << 20
+MAX_DEPTH = 32
 
 
-def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """A msgpack map with no repeated key (readers would disagree on which one counts)."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("a map repeats a key")
-    return out
+@dataclass(frozen=True)
+class Limits:
+    """What a file may make a reader allocate (spec/FORMAT.md, section 5, "Memory").
+
+    ``max_decoded_bytes`` bounds every array a decode holds at once, counted at 8 bytes
+    per element (float64, the decode's working precision and the widest dtype): the
+    decoded tensor, each stored array as read and as inflated, each table and
+    intermediate; a decode's peak memory is at most about 7 times it. ``max_header_bytes``
+    bounds the header (parsing takes up to about 8 times its size). A file beyond them is
+    refused before anything is allocated. A service opening untrusted files sets them to
+    what it can afford; a caller with bigger tensors raises them.
+    """
+
+    max_decoded_bytes: int = 1 << 30
+    max_header_bytes: int = MAX_HEADER
+
+    def __post_init__(self) -> None:
+        for name in ("max_decoded_bytes", "max_header_bytes"):
+            need_int(getattr(self, name), f"limits.{name}", 0, 1 << 62)
+
+
+class _HeaderBuilder:
+    """msgpack hooks that build the header's maps and arrays and refuse, as they go, what
+    could exhaust or crash a reader: more than MAX_CONTAINERS maps and arrays (an empty
+    one costs some 70 bytes of memory for 1 byte of header), nesting deeper than MAX_DEPTH
+    (code that walks a value recursively would overflow), a repeated key (readers would
+    disagree on which one counts) and extension types (the spec forbids them)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.depth: dict[int, int] = {}  # id -> depth > 1 of a container whose parent is not built yet
+
+    def built(self, value: Any, children: Any) -> Any:
+        self.count += 1
+        if self.count > MAX_CONTAINERS:
+            raise ValueError(f"more than {MAX_CONTAINERS} maps and arrays")
+        kinds = set(map(type, children))  # at C speed: most children are scalars
+        if msgpack.Timestamp in kinds:
+            raise ValueError("extension types are not allowed")
+        depth = 1
+        if dict in kinds or list in kinds:
+            depth += max(self.depth.pop(id(c), 1) for c in children if type(c) is dict or type(c) is list)
+        if depth > MAX_DEPTH:
+            raise ValueError(f"maps and arrays nest deeper than {MAX_DEPTH}")
+        if depth > 1:
+            self.depth[id(value)] = depth
+        return value
+
+    def map(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        value = dict(pairs)
+        if len(value) != len(pairs):
+            raise ValueError("a map repeats a key")
+        return self.built(value, value.values())  # keys are str or bytes (strict_map_key)
+
+    def list(self, items: list[Any]) -> list[Any]:
+        return self.built(items, items)
+
+    @staticmethod
+    def ext(code: int, data: bytes) -> Any:
+        raise ValueError("extension types are not allowed")
+
+
+def parse_header(head: bytes) -> Any:
+    """The header's msgpack object, within the structure limits; ValueError if it is not one."""
+    builder = _HeaderBuilder()
+    return msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True,
+                           object_pairs_hook=builder.map, list_hook=builder.list, ext_hook=builder.ext)
 
 
 def _align(n: int) -> int:
@@ -138,10 +203,19 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     head = msgpack.packb(header, use_bin_type=True)
     if len(head) > MAX_HEADER:
         raise KernelpackError(f"header of {len(head)} bytes exceeds the limit {MAX_HEADER}", path=path)
+    try:
+        parse_header(head)  # what the reader would refuse: too many maps and arrays
+    except ValueError as exc:
+        raise KernelpackError(f"header refused: {exc}", path=path, field="header") from None
     minor = max((m for m, keys in ADDED_KEYS.items() if keys & header.keys()), default=0)
-    fixed = MAGIC + struct.pack("<HHI", VERSION[0], minor, len(head))
+    _atomic_write(path, [header_block(head, minor), *bodies])
+
+
+def header_block(head: bytes, minor: int, major: int = VERSION[0]) -> bytes:
+    """Everything before the payloads: preamble (with the header's SHA-256), header, zero padding."""
+    fixed = MAGIC + struct.pack("<HHI", major, minor, len(head))
     start = fixed + hashlib.sha256(fixed + head).digest() + head
-    _atomic_write(path, [start, b"\0" * (_align(len(start)) - len(start)), *bodies])
+    return start + b"\0" * (_align(len(start)) - len(start))
 
 
 def _check_writable(name: str, tensor: Encoded, banks: Mapping[str, Stored]) -> None:
@@ -230,19 +304,24 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * 4
 
 
+def _key(key: Any) -> str:
+    """An unknown header key as part of a field name (hostile keys can be long, or bytes)."""
+    return key if isinstance(key, str) and len(key) <= 64 else shown(key)
+
+
 def _parse_ref(value: Any, field: str, file_size: int, newer: bool) -> ArrayRef:
     """An array ref; unknown keys are ignored only in a file of a newer minor version."""
     need(isinstance(value, dict), field, "must be a map")
     unknown = sorted(set(value) - ARRAY_KEYS, key=str)
-    need(newer or not unknown, f"{field}.{unknown[0] if unknown else ''}",
+    need(newer or not unknown, f"{field}.{_key(unknown[0]) if unknown else ''}",
          "is not a field of a stored array")
     dtype = value.get("dtype")
-    need(dtype in NUMPY_DTYPES, f"{field}.dtype", f"unknown dtype {dtype!r}")
+    need(isinstance(dtype, str) and dtype in NUMPY_DTYPES, f"{field}.dtype", f"unknown dtype {shown(dtype)}")
     spec = ArraySpec(dtype, need_shape(value.get("shape"), f"{field}.shape"))
     offset = need_int(value.get("offset"), f"{field}.offset", 0, file_size)
     length = need_int(value.get("length"), f"{field}.length", 0, file_size)
     codec = value.get("codec")
-    need(codec in CODECS, f"{field}.codec", f"must be one of {CODECS}, got {codec!r}")
+    need(codec in CODECS, f"{field}.codec", f"must be one of {CODECS}, got {shown(codec)}")
     if codec == "none":
         need(length == spec.nbytes, f"{field}.length",
              f"uncompressed payload must be {spec.nbytes} bytes for its dtype and shape, got {length}")
@@ -255,17 +334,22 @@ class Container:
     """An open container: validated header, lazy access to single tensors.
 
     Use as ``with kernelpack.open(path) as c: c.get_tensor(name)``. Reading is
-    thread-safe (positional reads on one descriptor).
+    thread-safe (positional reads on one descriptor). Opening checks every byte outside
+    the payloads (header, layout, zero padding); each payload is checked when read.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, limits: Limits | None = None) -> None:
         self.path = os.fspath(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.limits = limits if limits is not None else Limits()
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
             raise KernelpackError(f"cannot open: {exc.strerror}", path=self.path) from None
         try:
-            self._size = os.fstat(self._fd).st_size
+            info = os.fstat(self._fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise KernelpackError("not a regular file", path=self.path)
+            self._size = info.st_size
             self._read_header()
         except BaseException:
             self.close()
@@ -288,7 +372,10 @@ class Container:
 
     # header
     def _pread(self, length: int, offset: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise KernelpackError(f"cannot read: {exc.strerror}", path=self.path) from None
         if len(data) != length:
             raise KernelpackError(f"truncated: {length} bytes expected at offset {offset}", path=self.path)
         return data
@@ -307,18 +394,18 @@ class Container:
                 f"this reader reads {VERSION[0]}.0 to {VERSION[0]}.{VERSION[1]}",
                 path=self.path, field="version")
         self.version = (major, minor)
-        if length > MAX_HEADER or PREAMBLE + length > self._size:
-            raise KernelpackError(f"header length {length} exceeds the file or the limit {MAX_HEADER}",
-                                  path=self.path, field="header_length")
+        limit = min(MAX_HEADER, self.limits.max_header_bytes)
+        if length > limit or PREAMBLE + length > self._size:
+            raise KernelpackError(f"header length {length} exceeds the file ({self._size} bytes) or the "
+                                  f"limit {limit}", path=self.path, field="header_length")
         head = self._pread(length, PREAMBLE)
         if hashlib.sha256(fixed[:16] + head).digest() != fixed[16:48]:
             raise KernelpackError("header checksum mismatch: the file is corrupted",
                                   path=self.path, field="header_sha256")
         try:
-            header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True,
-                                     object_pairs_hook=_unique_map)
+            header = parse_header(head)
         except Exception as exc:  # msgpack raises many types; report one
-            raise KernelpackError(f"header is not valid msgpack: {exc}", path=self.path,
+            raise KernelpackError(f"header is not valid msgpack within the limits: {exc}", path=self.path,
                                   field="header") from None
         self._header_end = PREAMBLE + length
         self._data_start = _align(self._header_end)
@@ -326,6 +413,7 @@ class Container:
             self._parse(header)
         except KernelpackError as exc:
             raise exc.located(path=self.path) from None
+        self.check_padding()
 
     @property
     def _newer(self) -> bool:
@@ -337,7 +425,7 @@ class Container:
         unknown = sorted(set(keys) - allowed, key=str)
         if unknown and not self._newer:
             raise KernelpackError(f"unknown field in a version {self.version[0]}.{self.version[1]} file",
-                                  field=f"{field}{unknown[0]}")
+                                  field=f"{field}{_key(unknown[0])}")
 
     def _parse(self, header: Any) -> None:
         need(isinstance(header, dict), "header", "must be a map")
@@ -383,7 +471,7 @@ class Container:
         need(isinstance(form, str), "form", "must be a string")
         shape = need_shape(entry.get("shape"), "shape")
         dtype = entry.get("dtype")
-        need(dtype in NUMPY_DTYPES, "dtype", f"unknown dtype {dtype!r}")
+        need(isinstance(dtype, str) and dtype in NUMPY_DTYPES, "dtype", f"unknown dtype {shown(dtype)}")
         dig = entry.get("digest")
         need(isinstance(dig, bytes) and len(dig) == 32, "digest", "must be 32 bytes (SHA-256)")
         fields, arrays = entry.get("fields", {}), entry.get("arrays")
@@ -393,7 +481,7 @@ class Container:
         refs = {k: _parse_ref(v, f"arrays.{k}", self._size, self._newer) for k, v in arrays.items()}
         cls = FORMS.get(form)
         if cls is None:
-            need(self._newer, "form", f"unknown form {form!r}")
+            need(self._newer, "form", f"unknown form {shown(form)}")
         else:
             self._known(fields, cls.FIELDS, "fields.")
             need(form == "dense" or dtype == "float32", "dtype", "compressed forms decode to float32")
@@ -465,6 +553,11 @@ class Container:
 
     def read_array(self, ref: ArrayRef, field: str, tensor: str | None = None) -> Stored:
         """One payload: checked against its SHA-256, decompressed to exactly its declared size."""
+        size = max(ref.length, ref.spec.nbytes)
+        if size > self.limits.max_decoded_bytes:
+            raise KernelpackError(f"payload of {size} bytes exceeds the limit max_decoded_bytes="
+                                  f"{self.limits.max_decoded_bytes} (see kernelpack.Limits)",
+                                  path=self.path, tensor=tensor, field=field)
         body = self._pread(ref.length, self._data_start + ref.offset)
         if hashlib.sha256(body).digest() != ref.sha256:
             raise KernelpackError("payload checksum mismatch: the file is corrupted",
@@ -502,16 +595,31 @@ class Container:
         info = self.info(name)
         cls = FORMS.get(info.form)
         if cls is None:
-            raise KernelpackError(f"form {info.form!r} needs a newer kernelpack (file format "
+            raise KernelpackError(f"form {shown(info.form)} needs a newer kernelpack (file format "
                                   f"{self.version[0]}.{self.version[1]})", path=self.path, tensor=name,
                                   field="form")
-        arrays = {k: self.read_array(r, f"arrays.{k}", name) for k, r in info.arrays.items()}
         bank_name = info.fields.get("bank") if info.form == "basis" else None
+        bank_specs = {bank_name: self._banks[bank_name].spec} if bank_name is not None else {}
+        peak = cls.peak_elements(info.shape, info.fields, {k: r.spec for k, r in info.arrays.items()}, bank_specs)
+        if 8 * peak > self.limits.max_decoded_bytes:
+            raise KernelpackError(f"decoding needs an array of {peak} elements ({8 * peak} bytes as float64), "
+                                  f"over the limit max_decoded_bytes={self.limits.max_decoded_bytes} "
+                                  "(see kernelpack.Limits)", path=self.path, tensor=name, field="shape")
+        arrays = {k: self.read_array(r, f"arrays.{k}", name) for k, r in info.arrays.items()}
         try:
             banks = {bank_name: self._bank(bank_name)} if bank_name is not None else {}
             return cls.build(info.shape, info.dtype, info.fields, arrays, banks)
         except KernelpackError as exc:
             raise exc.located(path=self.path, tensor=name) from None
+
+    def check_payloads(self) -> None:
+        """Check the payloads no tensor's decode reads (attachments, banks no tensor uses)
+        against their SHA-256: after it and a decode of every tensor, every byte of the
+        file has been checked."""
+        for name in self._banks:
+            self._bank(name)
+        for name in self._attachments:
+            self.read_attachment(name)
 
     def _bank(self, name: str) -> Stored:
         if name not in self._bank_cache:
@@ -531,8 +639,10 @@ class Container:
         return self.decode(name, get_ops("torch", device))
 
     def verify(self, backend: str = "numpy", device: Any = "cpu") -> dict[str, bool]:
-        """Decode every tensor and compare with the digest recorded at pack time."""
+        """Decode every tensor and compare with the digest recorded at pack time (and check
+        every other byte of the file again)."""
         self.check_padding()
+        self.check_payloads()
         ops = get_ops(backend, device)
         return {name: self._matches(info, ops.to_numpy(self.decode(name, ops)))
                 for name, info in self._tensors.items()}

@@ -9,7 +9,9 @@ checksums), so that the changed thing is the only thing wrong.
 from __future__ import annotations
 
 import math
+import os
 import struct
+import tracemalloc
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,17 +23,21 @@ import zstandard
 import kernelpack
 from conftest import RawFile, random_array
 from kernelpack._backend import NUMPY_DTYPES
+from kernelpack.forms import LinearTensor, SeriesTensor
+from kernelpack.forms._base import shown, to_stored
 
 Case = Callable[[RawFile, Path], None]
 DELETE = object()
 BANK = "bank0"
+ATTACHMENT = "graph"
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tensor per form and option. Shapes the cases rely on: dct boundary 54; series
-    coefficients (4, 3, 3, 2); basis 12 slices, bank (4, 3, 3); linear p = 4 of 8 with an
-    order (filter 0 is zero, never a primary); lowrank A1 (4, 2), A2 (2, 4); zeros compress."""
+    """One tensor per form and option, and an attachment. Shapes the cases rely on: dct
+    boundary 54; series coefficients (4, 3, 3, 2); basis 12 slices, bank (4, 3, 3); linear
+    p = 4 of 8 with an order (filter 0 is zero, never a primary); lowrank A1 (4, 2), A2 (2, 4);
+    zeros compress."""
     linear = random_array(5, (8, 3, 3, 3))
     linear[0] = 0.0
     tensors = {"bias": random_array(0, (3,)), "big": random_array(1, (100,)),
@@ -43,7 +49,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
              "basis": kernelpack.Basis(bank=4, bank_name=BANK), "linear": kernelpack.Linear(alpha=0.5),
              "lowrank": kernelpack.Linear(primaries=4, rank=2)}
     path = tmp_path_factory.mktemp("base") / "base.kpk"
-    kernelpack.save(tensors, path, forms=forms)
+    kernelpack.save(tensors, path, forms=forms, attachments={ATTACHMENT: b"graph " * 10})
     raw = RawFile.read(path)
     assert raw.ref("tensors", "zeros", "data")["codec"] == "zstd"
     assert "order" in raw.header["tensors"]["linear"]["arrays"]
@@ -176,6 +182,37 @@ def header_padding(raw: RawFile, path: Path) -> None:
     path.write_bytes(blob[:end] + b"\x01" + blob[end + 1:])
 
 
+def rename(group: str, old: str, new: str) -> Case:
+    """Give a tensor, bank or attachment another name."""
+    def make(raw: RawFile, path: Path) -> None:
+        entries = raw.header[group]
+        entries[new] = entries.pop(old)
+        raw.write(path)
+    return make
+
+
+def head_with(**extra: Any) -> Case:
+    """A header packed with top-level entries added (values msgpack can write but the reader refuses)."""
+    def make(raw: RawFile, path: Path) -> None:
+        raw.write(path, head=msgpack.packb({**raw.header, **extra}, use_bin_type=True))
+    return make
+
+
+def nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def repeated_key(raw: RawFile, path: Path) -> None:
+    """The header map with one key twice (msgpack can hold it; readers would disagree on which counts)."""
+    items = list(raw.header.items()) + [("metadata", {"second": "copy"})]
+    assert len(items) < 16  # a fixmap
+    head = bytes([0x80 | len(items)]) + b"".join(msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True) for k, v in items)
+    raw.write(path, head=head)
+
+
 def t(name: str, *keys: str, value: Any = DELETE) -> Case:
     return edit("tensors", name, *keys, value=value)
 
@@ -217,6 +254,42 @@ HEADER_CASES = {
         raw, path), "a\nb", "name"),
     "bank-name-too-long": (lambda raw, path: edit("banks", "b" * 1025, value=raw.header["banks"].pop(BANK))(raw, path),
                            None, "banks"),
+    # names are opaque keys, never paths: no '..' segment, no control or bidi character
+    "tensor-name-dotdot": (rename("tensors", "bias", "../bias"), "../bias", "name"),
+    "tensor-name-dotdot-inside": (rename("tensors", "bias", "a/../../b"), "a/../../b", "name"),
+    "tensor-name-dotdot-backslash": (rename("tensors", "bias", "a\\..\\b"), "a\\..\\b", "name"),
+    "tensor-name-nul": (rename("tensors", "bias", "a\0b"), "a\0b", "name"),
+    "tensor-name-delete": (rename("tensors", "bias", "a\x7f"), "a\x7f", "name"),
+    "tensor-name-c1-control": (rename("tensors", "bias", "a\x85b"), "a\x85b", "name"),
+    "tensor-name-line-separator": (rename("tensors", "bias", "a\u2028b"), "a\u2028b", "name"),
+    "tensor-name-bidi-override": (rename("tensors", "bias", "a\u202eb"), "a\u202eb", "name"),
+    "bank-name-dotdot": (rename("banks", BANK, ".."), None, "banks"),
+    "attachment-name-dotdot": (rename("attachments", ATTACHMENT, "../graph"), None, "attachments"),
+    "attachment-name-control": (rename("attachments", ATTACHMENT, "graph\n"), None, "attachments"),
+    # the header's structure: parsed within limits, before any field is looked at
+    "header-repeated-key": (repeated_key, None, "header"),
+    "header-extension-type": (head_with(future=msgpack.ExtType(7, b"x")), None, "header"),
+    "header-timestamp": (head_with(future={"when": msgpack.Timestamp(0, 0)}), None, "header"),
+    "header-nested-too-deep": (head_with(future=nested(32)), None, "header"),
+    "header-nested-deepest-allowed": (head_with(future=nested(31)), None, "future"),  # then: unknown in 1.1
+    "header-too-many-maps-and-arrays": (head_with(future=[[]] * (1 << 20)), None, "header"),
+    "top-key-bytes": (edit(b"x", value=1), None, "b'x'"),
+    "top-key-long": (edit("k" * 100, value=1), None, shown("k" * 100)),
+    # hostile scalars where numbers and names are expected
+    "dtype-a-list": (t("bias", "dtype", value=[]), "bias", "dtype"),
+    "ref-dtype-a-map": (ref_of("dct", "coefficients", "dtype", value={}), "dct", "arrays.coefficients.dtype"),
+    "ref-offset-2**64-1": (ref_of("dct", "coefficients", "offset", value=2**64 - 1), "dct",
+                           "arrays.coefficients.offset"),
+    "ref-offset--2**63": (ref_of("dct", "coefficients", "offset", value=-2**63), "dct", "arrays.coefficients.offset"),
+    "ref-offset-bool": (ref_of("dct", "coefficients", "offset", value=True), "dct", "arrays.coefficients.offset"),
+    "ref-length-float": (ref_of("dct", "coefficients", "length", value=108.0), "dct", "arrays.coefficients.length"),
+    "shape-bool-dim": (t("bias", "shape", value=[True]), "bias", "shape"),
+    "shape-float-nan": (t("bias", "shape", value=[math.nan]), "bias", "shape"),
+    "dct-boundary-2**64-1": (t("dct", "fields", "boundary", value=2**64 - 1), "dct", "boundary"),
+    "series-harmonics-huge": (t("series", "fields", "harmonics", value=[2**63 - 1, 2]), "series", "harmonics"),
+    # every byte outside the payloads is checked when the file is opened
+    "padding-after-header": (header_padding, None, "padding"),
+    "padding-between-payloads": (padding_after(("tensors", "bias", "data")), None, "padding"),
     # tensor entry
     "tensor-unknown-key": (t("bias", "extra", value=1), "bias", "extra"),
     "form-unknown": (t("dct", "form", value="dct2"), "dct", "form"),
@@ -405,6 +478,156 @@ def test_the_base_file_is_valid(base: Path, tmp_path: Path) -> None:
     path = corrupt(base, tmp_path, body(("tensors", "bias", "data"), lambda b: b))
     with kernelpack.open(path) as c:
         assert all(c.verify().values())
+
+
+def test_the_names_real_models_use_are_accepted(tmp_path: Path) -> None:
+    """PyTorch's dotted names, ONNX's slashes and colons, any Unicode (even code points this
+    Python does not know yet): names are keys, and only what could be misread is refused."""
+    names = ["conv1.weight", "/features/0/Conv_output_0", "onnx::Conv_12", "layer..weight", "a b",
+             "Größe ✓", "\U000e0001\U0010fffd", "..hidden", "x" * 1024]
+    path = tmp_path / "names.kpk"
+    kernelpack.save({n: np.ones(1, np.float32) for n in names}, path, attachments={n: b"x" for n in names})
+    with kernelpack.open(path) as c:
+        assert c.keys() == names and sorted(c.attachments()) == sorted(names)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_opening_what_is_not_a_regular_file_is_refused_without_waiting(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "thing.kpk"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(path)  # opening a FIFO for reading would wait for a writer
+    with pytest.raises(kernelpack.KernelpackError, match="not a regular file") as caught:
+        kernelpack.open(path)
+    assert caught.value.path == str(path)
+
+
+# --- memory: hostile sizes are refused before anything is allocated ------------------------
+def one_tensor(tmp_path: Path, value: Any, config: Any = None, change: Case | None = None,
+               attachments: dict[str, bytes] | None = None) -> Path:
+    path = tmp_path / "big.kpk"
+    kernelpack.save({"t": value}, path, forms={"t": config} if config else None, attachments=attachments)
+    if change is not None:
+        change(RawFile.read(path), path)
+    return path
+
+
+def zstd_bomb(raw: RawFile, path: Path) -> None:
+    """Tensor ``t`` declared as 8 MiB of uint8, stored as an 8 MiB zstd frame of 1 KiB."""
+    key = ("tensors", "t", "data")
+    raw.header["tensors"]["t"]["shape"] = raw.ref(*key)["shape"] = [8 << 20]
+    raw.replace_payload(key, zstandard.ZstdCompressor(level=19).compress(bytes(8 << 20)), codec="zstd")
+    raw.write(path)
+
+
+def declared(shape: list[int], boundary: int) -> Case:
+    """The dct tensor ``t`` with another shape and boundary (one float16 coefficient)."""
+    def make(raw: RawFile, path: Path) -> None:
+        entry = raw.header["tensors"]["t"]
+        entry["shape"], entry["fields"]["boundary"] = shape, boundary
+        raw.write(path)
+    return make
+
+
+MiB = 1 << 20
+# name -> (file maker, limit it is refused under, the largest array (elements) its decode builds)
+HUGE = {
+    "dense-zstd-bomb": (lambda p: one_tensor(p, np.zeros(16, np.uint8), change=zstd_bomb), 4 * MiB, 8 * MiB),
+    "dct-huge-shape": (lambda p: one_tensor(p, random_array(0, (2, 2)), kernelpack.DCT(boundary=1),
+                                            declared([2048, 2048], 1)), 4 * MiB, 4 * MiB),
+    "dct-positions": (lambda p: one_tensor(p, random_array(0, (4,) * 8), kernelpack.DCT(keep=1.0)),
+                      MiB, 8 * 4**8),  # 8 indices per kept coefficient
+    "series-first-stage": (lambda p: one_tensor(p, SeriesTensor((1, 2048, 1), "cosine", ("cgl", "cgl"),
+                                                              to_stored(np.full((1, 1, 4096), 0.001), "float16"))),
+                           4 * MiB, 2048 * 4096),  # S x Ny x kh, from 4096 stored numbers
+    "linear-low-rank-product": (lambda p: one_tensor(p, LinearTensor(
+        (2048, 1), to_stored(np.ones((1024, 1)), "float16"),
+        (to_stored(np.ones((1024, 1)), "float16"), to_stored(np.ones((1, 1024)), "float16")))),
+        4 * MiB, 1024 * 1024),  # A = A1 A2, p x s, from 3 x 1024 stored numbers
+    "basis-bank": (lambda p: one_tensor(p, random_array(0, (1, 3, 3)),
+                                        kernelpack.Basis(bank=np.random.default_rng(0).standard_normal((4096, 3, 3)))),
+                   128 << 10, 4096 * 9),
+}
+
+
+@pytest.mark.parametrize("make, limit, peak", HUGE.values(), ids=HUGE.keys())
+def test_a_decode_over_the_memory_limit_is_refused_before_it_allocates(tmp_path: Path, make: Callable, limit: int,
+                                                                       peak: int) -> None:
+    path = make(tmp_path)
+    tracemalloc.start()
+    try:
+        with kernelpack.open(path, limits=kernelpack.Limits(max_decoded_bytes=limit)) as c:
+            assert c.info("t")  # the header is fine: only decoding would need too much
+            with pytest.raises(kernelpack.KernelpackError, match="max_decoded_bytes") as caught:
+                c.get_numpy("t")
+        allocated = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    check_error(caught, path, "t", "shape")
+    assert str(8 * peak) in str(caught.value)
+    assert allocated < limit / 4, f"{allocated} bytes allocated before refusing"
+    with pytest.raises(kernelpack.KernelpackError, match="max_decoded_bytes"):
+        kernelpack.load_numpy(path, limits=kernelpack.Limits(max_decoded_bytes=limit))
+
+
+@pytest.mark.parametrize("make, limit, peak", HUGE.values(), ids=HUGE.keys())
+def test_a_decode_holds_no_array_much_beyond_its_declared_peak(tmp_path: Path, make: Callable, limit: int,
+                                                               peak: int) -> None:
+    """Under the default limits these files decode; the memory the decode takes (numpy,
+    traced) stays within a few times the largest array it declared, so the limit means
+    what it says. A form whose decode grows an array it does not declare fails here."""
+    path = make(tmp_path)
+    with kernelpack.open(path) as c:
+        c.get_numpy("t")  # tables cached, lazy imports done
+        tracemalloc.start()
+        try:
+            c.get_numpy("t")
+            allocated = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert allocated <= 8 * (8 * peak) + MiB, f"{allocated / MiB:.1f} MiB for a declared peak of {8 * peak / MiB:.1f} MiB"
+
+
+def test_the_default_limit_refuses_a_tensor_of_2_to_the_31_elements(tmp_path: Path) -> None:
+    """A file of a few kilobytes may not make a service decode 16 GiB (a zstd bomb of 2^31 bytes)."""
+    def bomb(raw: RawFile, path: Path) -> None:
+        raw.header["tensors"]["t"]["shape"] = raw.ref("tensors", "t", "data")["shape"] = [1 << 31]
+        frame = zstandard.ZstdCompressor(level=3).compress(bytes(1 << 24))  # declares 2^24; never read
+        raw.replace_payload(("tensors", "t", "data"), frame, codec="zstd")
+        raw.write(path)
+
+    path = one_tensor(tmp_path, np.zeros(16, np.uint8), change=bomb)
+    assert kernelpack.Limits().max_decoded_bytes == 1 << 30
+    with pytest.raises(kernelpack.KernelpackError, match="max_decoded_bytes") as caught:
+        kernelpack.load_numpy(path)
+    check_error(caught, path, "t", "shape")
+
+
+def test_an_attachment_over_the_limit_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
+    path = one_tensor(tmp_path, np.ones(3, np.float32), attachments={"g": bytes(8 * MiB)})
+    limits = kernelpack.Limits(max_decoded_bytes=4 * MiB)
+    with kernelpack.open(path, limits=limits) as c:
+        with pytest.raises(kernelpack.KernelpackError, match="max_decoded_bytes") as caught:
+            c.read_attachment("g")
+    check_error(caught, path, None, "attachments.g")
+    with pytest.raises(kernelpack.KernelpackError, match="max_decoded_bytes"):
+        kernelpack.load_numpy(path, limits=limits)
+    assert kernelpack.open(path).read_attachment("g") == bytes(8 * MiB)
+
+
+def test_a_header_over_the_callers_limit_is_refused_before_it_is_read(base: Path) -> None:
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.open(base, limits=kernelpack.Limits(max_header_bytes=1024))
+    check_error(caught, base, None, "header_length")
+
+
+@pytest.mark.parametrize("settings", [{"max_decoded_bytes": -1}, {"max_header_bytes": 1.5},
+                                      {"max_decoded_bytes": True}])
+def test_limits_must_be_counts_of_bytes(settings: dict[str, Any]) -> None:
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.Limits(**settings)
+    assert caught.value.field == "limits." + next(iter(settings))
 
 
 # --- the encoder side: bad settings name the tensor ----------------------------------------

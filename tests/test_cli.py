@@ -190,7 +190,7 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     obj_npz = tmp_path / "obj.npz"
     np.savez(obj_npz, a=np.array([{"x": 1}], dtype=object))
     for src, needle in [(class_pickle, "cannot read as .pt"), (obj_npz, "cannot read as .npz"),
-                        (tmp_path / "x.onnx", "unknown input type '.onnx'"),
+                        (tmp_path / "x.tflite", "unknown input type '.tflite'"),
                         (tmp_path / "missing.npz", "no such file")]:
         code, _, err = run(capsys, "pack", str(src), str(tmp_path / "o.kpk"))
         assert code == 2 and err.startswith("kernelpack: error: ") and needle in err

@@ -66,13 +66,12 @@ from torch import nn
 
 from kernelpack.errors import KernelpackError
 
-METHODS = ("autocorr", "fft", "naive")
-
 
 def convsim_loss(weight: torch.Tensor, *, method: str = "autocorr") -> torch.Tensor:
     """L_CS (eq. 10) of one Conv2d weight (C_out, C_in / groups, kh, kw), a 0-d tensor.
 
-    Differentiable; float64 weights give a float64 loss, others float32 or wider.
+    Differentiable. float64 weights give a float64 loss; float32, float16 and bfloat16
+    weights a float32 one. ``method``: "autocorr" (default), "fft" or "naive" (above).
     """
     form = _FORMS[_checked_method(method)]
     return form(_checked_weight(weight))
@@ -105,8 +104,9 @@ def convsim_init_(model: nn.Module, steps: int = 500, lr: float = 1e-3, *,
     0.001"): ``steps`` steps of torch.optim.Adam (default betas and eps, no weight
     decay) on the trainable parameters of the Conv2d layers, starting from the weights
     as they are; only those that the weights depend on move (biases get no gradient).
-    Weights are not renormalised, since the paper does not; note that L_CS also falls
-    when weights shrink, so a large ``lr`` or many steps scale them down.
+    Weights are not renormalised, since the paper does not. L_CS is homogeneous of
+    degree 4 in the weights, so much of its fall is shrinkage: the paper's CNNs follow
+    every conv by BatchNorm, which undoes the scale; without it, mind ``lr`` and ``steps``.
 
     No random numbers are drawn: the result is a function of the starting weights
     (seed the model's own initialisation for a reproducible run) and repeats bit for
@@ -116,7 +116,7 @@ def convsim_init_(model: nn.Module, steps: int = 500, lr: float = 1e-3, *,
     _checked_method(method)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise KernelpackError(f"must be an integer >= 0, got {steps!r}", field="steps")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise KernelpackError(f"must be a finite number > 0, got {lr!r}", field="lr")
     params = _trainable_parameters(model)
     optimiser = torch.optim.Adam(params, lr=lr)
@@ -163,7 +163,7 @@ def _naive_form(w: torch.Tensor) -> torch.Tensor:
     for i in range(s):  # the last i has no j > i: an empty batch keeps the graph for S = 1
         # batch (j, c2) for j > i against output channel c1: conv2d is cross-correlation,
         # and padding k-1 makes it full, so xcorr[(j, c2), c1] = K_i[c1] (x) K_j[c2].
-        xcorr = F.conv2d(w[i + 1:i + 2].reshape(-1, 1, kh, kw), w[i].unsqueeze(1),
+        xcorr = F.conv2d(w[i + 1:].reshape(-1, 1, kh, kw), w[i].unsqueeze(1),
                          padding=(kh - 1, kw - 1))
         terms.append(xcorr.square().sum())
     return torch.stack(terms).sum()
@@ -176,6 +176,7 @@ def _pair_sum(q: torch.Tensor) -> torch.Tensor:
 
 _FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "autocorr": _autocorr_form, "fft": _fft_form, "naive": _naive_form}
+METHODS = tuple(_FORMS)
 
 
 # --- checks and model walking ----------------------------------------------------------

@@ -9,6 +9,7 @@ is read or any memory is allocated; ``build`` then checks payload values.
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -87,12 +88,38 @@ def need(ok: bool, field: str, message: str) -> None:
 
 
 MAX_NAME = 1024
+#: Code points a name may not hold (spec/FORMAT.md, "Names"): C0 and C1 controls, DEL, the
+#: line and paragraph separators, the bidirectional controls that make text display in
+#: another order than it is stored, and lone surrogates. A fixed list, so that the rule
+#: does not change with the Unicode version of the reader (str.isprintable() does).
+FORBIDDEN_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+                                "\ud800-\udfff]")
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """A hostile header value for an error message: short, and never recursing into containers."""
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def need_name(value: Any, field: str) -> str:
-    """Tensor and bank names: 1..MAX_NAME bytes of UTF-8, printable (no control characters)."""
-    need(isinstance(value, str) and 1 <= len(value.encode("utf-8", "replace")) <= MAX_NAME
-         and value.isprintable(), field, f"{value!r} must be 1..{MAX_NAME} bytes of printable text")
+    """Tensor, bank and attachment names: opaque keys, never paths (spec/FORMAT.md, "Names").
+
+    1..MAX_NAME bytes of UTF-8, no forbidden code point, and no ``..`` between path
+    separators, so that a tool that does write a name into a path cannot leave its folder.
+    """
+    ok = isinstance(value, str) and 1 <= len(value.encode("utf-8", "surrogatepass")) <= MAX_NAME
+    if not ok:
+        raise KernelpackError(f"{shown(value)} must be a string of 1..{MAX_NAME} bytes of UTF-8",
+                              field=field)
+    bad = FORBIDDEN_IN_NAMES.search(value)
+    if bad is not None:
+        raise KernelpackError(f"{shown(value)} holds the forbidden character U+{ord(bad.group()):04X}",
+                              field=field)
+    if ".." in value.replace("\\", "/").split("/"):
+        raise KernelpackError(f"{shown(value)} has a '..' path segment", field=field)
     return value
 
 
@@ -171,6 +198,18 @@ class Encoded(ABC):
     def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
         """Validate the header entry without reading payloads."""
+
+    @classmethod
+    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
+        """Elements of the largest array the decode holds at once, from the checked header alone.
+
+        A reader compares it with its memory limit before it reads or allocates anything,
+        so this must bound every array a decode makes: the decoded tensor, the stored arrays
+        (and the tensor's bank), widened to float64. A form whose decode builds a larger
+        intermediate (a table, a product) adds it.
+        """
+        return max([math.prod(shape), *(a.size for a in arrays.values()), *(b.size for b in banks.values())])
 
     @classmethod
     @abstractmethod

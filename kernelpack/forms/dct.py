@@ -71,6 +71,12 @@ class DCTTensor(Encoded):
         need_array(arrays, "coefficients", FLOAT_DTYPES, (boundary,))
 
     @classmethod
+    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
+        """Plus the zigzag positions: ``boundary`` x rank indices."""
+        return max(super().peak_elements(shape, fields, arrays, banks), fields["boundary"] * len(shape))
+
+    @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "DCTTensor":
         need_finite(arrays["coefficients"], "arrays.coefficients")

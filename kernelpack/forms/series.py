@@ -102,6 +102,14 @@ class SeriesTensor(Encoded):
         need_array(arrays, "coefficients", FLOAT_DTYPES, shape[:-2] + (nx, ny))
 
     @classmethod
+    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
+        """Plus the two tables (Nx x kh, Ny x kw) and the result of the first stage (S x Ny x kh)."""
+        (nx, ny), (kh, kw) = fields["harmonics"], shape[-2:]
+        stage = math.prod(shape[:-2]) * ny * kh
+        return max(super().peak_elements(shape, fields, arrays, banks), nx * kh, ny * kw, stage)
+
+    @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, Stored], banks: Mapping[str, Stored]) -> "SeriesTensor":
         need_finite(arrays["coefficients"], "arrays.coefficients")

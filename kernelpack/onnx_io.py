@@ -1,0 +1,269 @@
+"""ONNX in and out: an ONNX model's weights packed into a container, its graph attached.
+
+``pack_onnx("model.onnx", "model.kpk")`` (the CLI's ``kernelpack pack model.onnx``):
+
+1. **Constant nodes holding weights become initializers** named by the node's output
+   (PaddlePaddle exports such as PP-OCR hold every weight in ``Constant`` nodes). A
+   Constant's output read by several nodes is one tensor, hence one initializer.
+2. **Weights are taken out.** A weight is a main-graph initializer (or such a Constant)
+   of element type float, float16 or double with at least ``MIN_ELEMENTS`` elements and a
+   valid kernelpack name (spec section 3), not itself a graph output. Everything else
+   (int64 shapes, scalars such as Clip bounds, small constants, bfloat16 tensors,
+   tensors inside subgraphs) stays in the graph bit for bit, and so do the opset
+   imports, IR version, producer, metadata_props and every node. Each weight becomes a
+   container tensor of the same name, and its initializer a reference (see
+   :mod:`kernelpack.ort` and spec/FORMAT.md section 10) that keeps name, type and dims.
+3. **Forms.** ``forms`` (as for ``kernelpack.save``: one config, a mapping of exact names
+   and patterns, or a callable) decides first. The other weights read only as the
+   weight of Conv/ConvTranspose (input 1: (C_out, C_in/g, kh, kw), resp.
+   (C_in, C_out/g, kh, kw)) or as a constant operand of Gemm/MatMul are planned by
+   :func:`kernelpack.converters.planner.plan` under ``max_error`` (each tensor's
+   relative RMS error ||W' - W|| / ||W||) and/or ``max_bytes``; candidates are the
+   planner's (by shape) plus lossless dense, so a plan always exists. MatMul weights are
+   (in, out), the transpose of Gemm's transB=1 (out, in): ``dct`` does not care,
+   ``linear`` then picks primary input rows rather than output filters. Every other
+   weight (biases, norms, double tensors) is stored dense as it is: exact.
+
+``torch_graph`` exports a PyTorch model's graph whose initializers refer to the
+state_dict tensors that ``kernelpack.save(model, ...)`` writes, so a service runs the
+model with ONNX Runtime without the model's Python class. ``dense_model`` rebuilds a
+plain ONNX model from a container (``kernelpack unpack FILE out.onnx``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from kernelpack.errors import KernelpackError
+from kernelpack.forms import Config, Dense, Encoded
+from kernelpack.forms._base import need_name
+from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, graph_and_weights, require
+from kernelpack.pack import FormPlan, as_numpy, match, save, state_of
+
+#: Fewer elements than this: a constant of the graph (a scale, a bound), not a weight.
+MIN_ELEMENTS = 16
+#: Default error budget of ``kernelpack pack model.onnx``: relative RMS error per weight.
+DEFAULT_MAX_ERROR = 0.01
+#: (op type, input index) -> role of a constant read there; only these are planned.
+WEIGHT_INPUTS = {("Conv", 1): "conv", ("ConvTranspose", 1): "conv", ("Gemm", 0): "matrix",
+                 ("Gemm", 1): "matrix", ("MatMul", 0): "matrix", ("MatMul", 1): "matrix"}
+
+Keep = Callable[[Any], bool]
+
+
+def _onnx() -> Any:
+    return require("onnx", "ONNX models")
+
+
+def read_model(src: Any) -> Any:
+    """An ``onnx.ModelProto`` from a path (external data files beside it are read), bytes, or itself."""
+    onnx = _onnx()
+    if isinstance(src, onnx.ModelProto):
+        return src
+    if isinstance(src, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(src))
+    path = os.fspath(src)
+    if not os.path.isfile(path):
+        raise KernelpackError("no such file", path=path)
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # protobuf and onnx raise many types; report them as one
+        raise KernelpackError(f"cannot read as ONNX: {exc}", path=path) from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise KernelpackError("holds no ONNX graph", path=path)
+    return model
+
+
+# --- which tensors are weights ------------------------------------------------------------------
+def _valid_name(name: str) -> bool:
+    try:
+        need_name(name, "name")
+        return True
+    except KernelpackError:
+        return False
+
+
+def is_weight(tensor: Any) -> bool:
+    """A float/float16/double TensorProto with data, >= MIN_ELEMENTS elements, a valid name."""
+    return (tensor.data_type in ONNX_FLOAT_TYPES and math.prod(tensor.dims) >= MIN_ELEMENTS
+            and tensor.data_location != EXTERNAL and _valid_name(tensor.name))
+
+
+def _constant_value(node: Any) -> Any:
+    """The TensorProto of a Constant node given by its ``value`` attribute, else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        return None
+    attributes = {a.name: a for a in node.attribute}
+    return attributes["value"].t if set(attributes) == {"value"} else None
+
+
+def _constants_to_initializers(graph: Any, keep: Keep) -> None:
+    """Replace each Constant node whose value ``keep`` accepts by an initializer of its output name."""
+    onnx = _onnx()
+    outputs = {o.name for o in graph.output}
+    nodes = []
+    for node in graph.node:
+        value = _constant_value(node)
+        if value is not None and node.output[0] not in outputs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            if keep(tensor):
+                graph.initializer.append(tensor)
+                continue
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _make_reference(tensor: Any) -> None:
+    """Drop a TensorProto's data; keep name, type, dims and doc; point it at the container."""
+    onnx = _onnx()
+    ref = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                           doc_string=tensor.doc_string, data_location=EXTERNAL)
+    ref.external_data.add(key="location", value=LOCATION)
+    tensor.CopyFrom(ref)
+
+
+def take_out(model: Any, keep: Keep = is_weight, constants: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
+    """A copy of ``model`` whose weights (initializers ``keep`` accepts; with ``constants``, also
+    weight Constant nodes) are references, and those weights as numpy arrays, in graph order."""
+    onnx = _onnx()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if constants:
+        _constants_to_initializers(out.graph, keep)
+    outputs = {o.name for o in out.graph.output}
+    weights = {}
+    for tensor in out.graph.initializer:
+        if tensor.name not in outputs and keep(tensor):
+            weights[tensor.name] = onnx.numpy_helper.to_array(tensor)
+            _make_reference(tensor)
+    return out, weights
+
+
+def _nodes(graph: Any) -> Iterator[Any]:
+    """Every node of a graph and of its subgraphs (If/Loop/Scan bodies)."""
+    onnx = _onnx()
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for sub in attribute.graphs:
+                    yield from _nodes(sub)
+
+
+def weight_roles(graph: Any) -> dict[str, str]:
+    """Value name -> 'conv' or 'matrix' for values read only at weight inputs of that role."""
+    uses: dict[str, set[str | None]] = {o.name: {None} for o in graph.output}
+    for node in _nodes(graph):
+        standard = node.domain in ("", "ai.onnx")
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, set()).add(WEIGHT_INPUTS.get((node.op_type, index)) if standard else None)
+    return {name: next(iter(roles)) for name, roles in uses.items() if len(roles) == 1 and None not in roles}
+
+
+# --- forms ---------------------------------------------------------------------------------
+def weight_configs(weights: Mapping[str, np.ndarray], roles: Mapping[str, str], forms: FormPlan = None,
+                   max_error: float | None = None, max_bytes: int | None = None,
+                   candidates: Any = None) -> dict[str, Config]:
+    """A form per weight: ``forms`` first, then the budget plan for conv/matrix weights, else dense."""
+    from kernelpack.converters.planner import default_candidates, plan
+
+    chosen: dict[str, Config] = {}
+    planned = {}
+    for name, array in weights.items():
+        config = match(forms, name, array)
+        if config is not None:
+            chosen[name] = config
+        elif name in roles and array.dtype in (np.float16, np.float32):
+            planned[name] = array
+    if planned and (max_error or max_bytes is not None):  # max_error 0: exact, nothing to plan
+        lossless = candidates or (lambda name, shape: [*default_candidates(name, shape), Dense()])
+        chosen.update(plan(planned, max_error=max_error, max_bytes=max_bytes, candidates=lossless))
+    return {name: chosen.get(name, Dense()) for name in weights}
+
+
+def pack_onnx(src: Any, path: str | os.PathLike, forms: FormPlan = None, *,
+              max_error: float | None = DEFAULT_MAX_ERROR, max_bytes: int | None = None,
+              candidates: Any = None, metadata: Mapping[str, str] | None = None,
+              level: int = 19) -> dict[str, Encoded]:
+    """Pack an ONNX model (path, bytes or ModelProto): weights as tensors, the rest as ``onnx.graph``.
+
+    See the module doc for what counts as a weight and which form it gets; with
+    ``max_error`` 0 or None and no ``max_bytes`` every weight ``forms`` does not name is
+    stored dense, exactly. Returns the encoded tensors (what was written).
+    """
+    model = read_model(src)
+    graph, weights = take_out(model)
+    configs = weight_configs(weights, weight_roles(graph.graph), forms, max_error, max_bytes, candidates)
+    return save(weights, path, forms=configs, metadata=metadata, level=level,
+                attachments={GRAPH: graph.SerializeToString()})
+
+
+# --- PyTorch in ---------------------------------------------------------------------------
+def torch_graph(model: Any, args: Any, **export: Any) -> bytes:
+    """The ONNX graph of a PyTorch model, for ``kernelpack.save(model, path,
+    attachments={"onnx.graph": torch_graph(model, x)})``.
+
+    Exported by torch's TorchScript exporter (``dynamo=False``: the dynamo exporter needs
+    onnxscript) in eval mode without constant folding, so parameters stay initializers
+    under their state_dict names. Every float initializer equal bit for bit to the
+    state_dict tensor of its name becomes a reference to it (however small: the ORT and
+    torch runtimes then read the very same decoded tensor); the rest stays in the graph.
+    ``export`` goes to ``torch.onnx.export`` (input_names, output_names, dynamic_axes,
+    opset_version). Note the exporter merges equal tensors (e.g. a fresh BatchNorm's
+    running_var and weight, both ones): the graph then reads one of them for both.
+    """
+    import torch
+
+    onnx = _onnx()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+        torch.onnx.export(model, args, buffer, dynamo=False, export_params=True, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.EVAL, keep_initializers_as_inputs=False, **export)
+    state = {name: as_numpy(value)[0] for name, value in state_of(model).items()
+             if not isinstance(value, Encoded)}
+
+    def in_state(tensor: Any) -> bool:
+        if tensor.name not in state or tensor.data_type not in ONNX_FLOAT_TYPES:
+            return False
+        value = onnx.numpy_helper.to_array(tensor)
+        return value.dtype == state[tensor.name].dtype and np.array_equal(value, state[tensor.name])
+
+    graph, _ = take_out(onnx.load_from_string(buffer.getvalue()), in_state, constants=False)
+    return graph.SerializeToString()
+
+
+# --- ONNX out -----------------------------------------------------------------------------
+def dense_model(path: str | os.PathLike) -> Any:
+    """The container's model as a plain ONNX ModelProto: every reference filled with its decoded
+    tensor (numpy, the initializer's type). Weights that were Constant nodes stay initializers."""
+    onnx = _onnx()
+    graph, weights = graph_and_weights(path)
+    model = onnx.load_from_string(graph)
+    for tensor in model.graph.initializer:
+        if tensor.name in weights and tensor.data_location == EXTERNAL:
+            filled = onnx.numpy_helper.from_array(weights[tensor.name], tensor.name)
+            filled.doc_string = tensor.doc_string
+            tensor.CopyFrom(filled)
+    return model
+
+
+def unpack_onnx(path: str | os.PathLike, output: str | os.PathLike) -> Any:
+    """Write :func:`dense_model` to ``output``; returns the model."""
+    model = dense_model(path)
+    try:
+        _onnx().save(model, os.fspath(output))
+    except (OSError, ValueError) as exc:
+        raise KernelpackError(f"cannot write the ONNX model: {exc}", path=os.fspath(output)) from None
+    return model

@@ -1,0 +1,206 @@
+"""Write the version corpus: small files of every format version, and what a reader must do with each.
+
+The files are committed and read as they are by tests/test_versions.py, forever: a
+reader of any later version must still do what ``manifest.json`` says with them. So
+this script only ADDS files: it writes the files of ``FILES`` that do not exist yet and
+their manifest entries, and never rewrites an existing file or entry (byte-identical
+output would need the same zstandard library anyway). To add a version, add its files
+to ``FILES`` and run it once; deleting a committed file to regenerate it is a change of
+the format's history, not a routine step.
+
+    python spec/vectors/versions/generate.py
+
+Files of the current and older versions are made by kernelpack's own writer from fixed
+numbers (no random data, no LAPACK); files of versions that do not exist yet (a far
+future minor, another major) are such a file edited by hand: a new preamble and header,
+with a correct header SHA-256, so that the version is the only thing a reader can object to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+
+from kernelpack.container import Container, digest, header_block, write
+from kernelpack.errors import KernelpackError
+from kernelpack.forms import BasisTensor, DCTTensor, DenseTensor, Encoded, LinearTensor, SeriesTensor
+from kernelpack.forms._base import Stored, to_stored
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MANIFEST = os.path.join(HERE, "manifest.json")
+#: A minor version no reader will reach: the "newer minor" files stay newer forever.
+FUTURE_MINOR = 0xFFFF
+GRAPH = b"onnx graph bytes: opaque to kernelpack " * 8
+
+
+def every_form() -> dict[str, Encoded]:
+    """One small tensor per form, from fixed numbers (exact in float16)."""
+    def numbers(shape: tuple[int, ...], dtype: str = "float16") -> Stored:
+        count = int(np.prod(shape))
+        return to_stored((np.arange(count, dtype=np.float32) % 7 - 3).reshape(shape) / 4, dtype)
+
+    return {
+        "dense.float32": DenseTensor(Stored(np.arange(6, dtype=np.float32).reshape(2, 3) / 8, "float32"), "float32"),
+        "dense.int64": DenseTensor(Stored(np.array(-3, dtype=np.int64), "int64"), "int64"),
+        "dense.zeros": DenseTensor(Stored(np.zeros(256, dtype=np.float32), "float32"), "float32"),  # zstd
+        "dct": DCTTensor((4, 4), (0, 1), numbers((6,))),
+        "series": SeriesTensor((2, 3, 3), "cosine", ("cgl", (-0.5, 0.0, 0.75)), numbers((2, 2, 2))),
+        "basis": BasisTensor((3, 2, 2), "bank0", numbers((2, 2, 2)), Stored(np.array([0, 1, 1], np.uint8), "uint8"),
+                             numbers((3,)), numbers((3,), "bfloat16")),
+        "linear": LinearTensor((3, 4), numbers((2, 4), "float32"), (numbers((2, 1)),),
+                               Stored(np.array([2, 0, 1], np.int32), "int32")),
+    }
+
+
+# --- hand edits: a new preamble and header over the same payloads -----------------------
+def rewrite(path: str, major: int, minor: int, change: Callable[[dict[str, Any]], None]) -> None:
+    """Give a file another version and header; the payloads (offsets relative to the data
+    start) stay as they are, the header SHA-256 is recomputed."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    length = struct.unpack_from("<I", blob, 12)[0]
+    header = msgpack.unpackb(blob[48:48 + length], raw=False)
+    data = blob[-(-(48 + length) // 64) * 64:]
+    change(header)
+    with open(path, "wb") as f:
+        f.write(header_block(msgpack.packb(header, use_bin_type=True), minor, major) + data)
+
+
+EMPTY = hashlib.sha256(b"").digest()
+
+
+def empty_ref() -> dict[str, Any]:
+    """A stored array of no bytes: at offset 0 it fits any layout, so it adds nothing else wrong."""
+    return {"dtype": "float16", "shape": [0], "offset": 0, "length": 0, "codec": "none", "sha256": EMPTY}
+
+
+def future_keys(header: dict[str, Any]) -> None:
+    """Unknown keys everywhere a newer minor version may add them, and a tensor of an unknown form."""
+    header["future"] = {"anything": [1, 2.5, "text"]}
+    header["tensors"]["dct"]["quantiser"] = "new"
+    header["tensors"]["dct"]["fields"]["window"] = "hann"
+    header["tensors"]["dct"]["arrays"]["coefficients"]["checksum2"] = b"\x01" * 16
+    header["tensors"]["hyper"] = {"form": "hyperlinear", "shape": [0], "dtype": "float32", "digest": EMPTY,
+                                  "fields": {"depth": 3}, "arrays": {"data": empty_ref()}}
+
+
+def unknown(*keys: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Set one header entry (what an older reader must refuse rather than misread)."""
+    def change(header: dict[str, Any]) -> None:
+        node = header
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return change
+
+
+def keep(header: dict[str, Any]) -> None:
+    """No change: only the version differs."""
+
+
+def extra_array(header: dict[str, Any]) -> None:
+    """An array the form does not define (e.g. what a newer minor might add to ``dct``)."""
+    header["tensors"]["dct"]["arrays"]["residual"] = empty_ref()
+
+
+# --- the corpus: file -> (how it is made, what a reader must do) ----------------------------
+def plain(path: str) -> None:
+    write(path, every_form(), metadata={"corpus": "1.0"})
+
+
+def with_attachments(path: str) -> None:
+    write(path, every_form(), metadata={"corpus": "1.1"}, attachments={"onnx.graph": GRAPH, "empty": b""})
+
+
+def edited(base: Callable[[str], None], major: int, minor: int,
+           change: Callable[[dict[str, Any]], None]) -> Callable[[str], None]:
+    def make(path: str) -> None:
+        base(path)
+        rewrite(path, major, minor, change)
+    return make
+
+
+LOAD = {"expect": "load"}
+FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
+    "v1.0.kpk": (plain, LOAD),
+    "v1.1-attachments.kpk": (with_attachments, LOAD),
+    "v1.future-unknown-keys.kpk": (edited(with_attachments, 1, FUTURE_MINOR, future_keys), {
+        "expect": "load", "decode_errors": {"hyper": {"field": "form", "message": "needs a newer kernelpack"}}}),
+    "v1.future-unknown-codec.kpk": (edited(plain, 1, FUTURE_MINOR, unknown(
+        "tensors", "dct", "arrays", "coefficients", "codec", value="brotli")), {
+        "expect": "refuse", "tensor": "dct", "field": "arrays.coefficients.codec", "message": "must be one of"}),
+    "v1.future-unknown-dtype.kpk": (edited(plain, 1, FUTURE_MINOR, unknown(
+        "tensors", "dense.float32", "arrays", "data", "dtype", value="float8_e4m3")), {
+        "expect": "refuse", "tensor": "dense.float32", "field": "arrays.data.dtype", "message": "unknown dtype"}),
+    "v1.future-unknown-array.kpk": (edited(plain, 1, FUTURE_MINOR, extra_array), {
+        "expect": "refuse", "tensor": "dct", "field": "arrays.residual", "message": "is not a field of this form"}),
+    "v1.0-with-attachments.kpk": (edited(with_attachments, 1, 0, keep), {
+        "expect": "refuse", "tensor": None, "field": "attachments", "message": "unknown field in a version 1.0 file"}),
+    "v2.0.kpk": (edited(plain, 2, 0, keep), {
+        "expect": "refuse", "tensor": None, "field": "version", "message": "needs a kernelpack reader for format 2.x"}),
+    "v0.1.kpk": (edited(plain, 0, 1, keep), {
+        "expect": "refuse", "tensor": None, "field": "version", "message": "needs a kernelpack reader for format 0.x"}),
+}
+
+
+def record(path: str, expect: dict[str, Any]) -> dict[str, Any]:
+    """The manifest entry: file SHA-256, version, expectation and, for files that load, the
+    digest of every tensor decoded now (it must agree with the header's) and of every attachment."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    entry = {"sha256": hashlib.sha256(blob).hexdigest(), "version": list(struct.unpack_from("<HH", blob, 8)),
+             **expect}
+    if expect["expect"] != "load":
+        try:
+            Container(path).close()
+        except KernelpackError as exc:
+            assert (exc.tensor, exc.field) == (expect["tensor"], expect["field"]) and expect["message"] in str(exc), exc
+            return entry
+        raise AssertionError(f"{path} was expected to be refused")
+    failing = expect.get("decode_errors", {})
+    with Container(path) as c:
+        tensors = {}
+        for name in c.keys():
+            if name in failing:
+                continue
+            value, info = c.get_numpy(name), c.info(name)
+            assert digest(value, info.dtype) == info.digest, name
+            tensors[name] = {"shape": list(info.shape), "dtype": info.dtype, "sha256": info.digest.hex()}
+        entry["tensors"] = tensors
+        entry["attachments"] = {a: hashlib.sha256(c.read_attachment(a)).hexdigest() for a in c.attachments()}
+    return entry
+
+
+def main() -> int:
+    manifest = {"files": {}}
+    if os.path.exists(MANIFEST):
+        with open(MANIFEST, encoding="utf-8") as f:
+            manifest = json.load(f)
+    added = []
+    for name, (make, expect) in FILES.items():
+        path = os.path.join(HERE, name)
+        if os.path.exists(path) or name in manifest["files"]:
+            continue  # committed: never rewritten
+        with tempfile.TemporaryDirectory() as folder:
+            scratch = os.path.join(folder, name)
+            make(scratch)
+            manifest["files"][name] = record(scratch, expect)
+            os.replace(scratch, path)
+        added.append(name)
+    with open(MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"added {added or 'nothing'}; the corpus has {len(manifest['files'])} files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

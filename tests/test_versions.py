@@ -1,0 +1,136 @@
+"""Versions: files of older minor versions load; the keys a newer minor version adds are
+ignored as spec/FORMAT.md section 4 says; another major version is refused, naming the
+version it needs. The corpus in spec/vectors/versions is read as committed, in every run,
+so a later kernelpack keeps reading the files of every earlier version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kernelpack
+from conftest import RawFile, random_array
+from kernelpack._backend import get_ops
+from kernelpack.container import Container, digest
+
+CORPUS = Path(__file__).parent.parent / "spec" / "vectors" / "versions"
+MANIFEST: dict[str, Any] = json.loads((CORPUS / "manifest.json").read_text(encoding="utf-8"))["files"]
+LOADED = sorted(n for n, e in MANIFEST.items() if e["expect"] == "load")
+REFUSED = sorted(n for n, e in MANIFEST.items() if e["expect"] == "refuse")
+
+
+def test_every_corpus_file_is_in_the_manifest() -> None:
+    assert sorted(os.listdir(CORPUS)) == sorted([*MANIFEST, "README.md", "generate.py", "manifest.json"])
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_a_corpus_file_is_the_committed_one(name: str) -> None:
+    """The files are never regenerated: a changed byte is a changed history."""
+    blob = (CORPUS / name).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == MANIFEST[name]["sha256"]
+    assert [int.from_bytes(blob[8:10], "little"), int.from_bytes(blob[10:12], "little")] == MANIFEST[name]["version"]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("name", LOADED)
+def test_a_readable_version_decodes_to_its_recorded_digests(name: str, backend: str) -> None:
+    entry = MANIFEST[name]
+    failing = entry.get("decode_errors", {})
+    ops = get_ops(backend)
+    with kernelpack.open(CORPUS / name) as c:
+        assert list(c.version) == entry["version"]
+        assert sorted(c.keys()) == sorted([*entry["tensors"], *failing])
+        for tensor, expected in entry["tensors"].items():
+            value = ops.to_numpy(c.decode(tensor, ops))
+            assert list(value.shape) == expected["shape"], tensor
+            assert digest(value, expected["dtype"]).hex() == expected["sha256"], tensor
+        assert {a: hashlib.sha256(c.read_attachment(a)).hexdigest() for a in c.attachments()} == entry["attachments"]
+        for tensor, error in failing.items():
+            with pytest.raises(kernelpack.KernelpackError, match=error["message"]) as caught:
+                c.decode(tensor, ops)
+            assert (caught.value.tensor, caught.value.field) == (tensor, error["field"])
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_version_this_reader_cannot_read_is_refused_with_the_reason(name: str) -> None:
+    entry = MANIFEST[name]
+    path = CORPUS / name
+    for read in (kernelpack.open, kernelpack.load_numpy, kernelpack.load):
+        with pytest.raises(kernelpack.KernelpackError, match=entry["message"]) as caught:
+            read(path)
+        assert (caught.value.path, caught.value.tensor, caught.value.field) == (str(path), entry["tensor"],
+                                                                                entry["field"])
+
+
+def test_the_corpus_covers_every_version_rule() -> None:
+    """Older minor, current minor, newer minor (ignored keys, refused codec/dtype/array), other majors."""
+    versions = {tuple(e["version"]) for e in MANIFEST.values()}
+    assert {(1, 0), kernelpack.FORMAT_VERSION} <= versions
+    assert any(v[0] == 1 and v[1] > kernelpack.FORMAT_VERSION[1] for v in versions)
+    assert {v[0] for v in versions} >= {0, 1, 2}
+    assert {e.get("field") for e in MANIFEST.values()} >= {"version", "attachments", "arrays.coefficients.codec",
+                                                           "arrays.data.dtype", "arrays.residual"}
+
+
+# --- the same rules on files made now ------------------------------------------------------
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    path = tmp_path / "mixed.kpk"
+    tensors = {"bias": random_array(0, (8,)), "dct": random_array(1, (8, 4, 3, 3)),
+               "linear": random_array(4, (8, 4, 3, 3))}
+    kernelpack.save(tensors, path, forms={"dct": kernelpack.DCT(), "linear": kernelpack.Linear()})
+    return path
+
+
+def test_newer_minor_version_unknown_keys_are_ignored_and_unknown_forms_fail_alone(mixed: Path) -> None:
+    raw = RawFile.read(mixed)
+    raw.minor = kernelpack.FORMAT_VERSION[1] + 1
+    raw.header["future"] = {"anything": 1}
+    raw.header["tensors"]["dct"]["quantiser"] = "new"
+    raw.header["tensors"]["dct"]["arrays"]["coefficients"]["checksum2"] = b"x"
+    raw.header["tensors"]["linear"]["form"] = "hyperlinear"
+    raw.write(mixed)
+    with kernelpack.open(mixed) as c:
+        assert c.version == (1, kernelpack.FORMAT_VERSION[1] + 1)
+        assert c.get_numpy("dct").shape == (8, 4, 3, 3)
+        with pytest.raises(kernelpack.KernelpackError) as caught:
+            c.get_numpy("linear")
+    assert (caught.value.tensor, caught.value.field) == ("linear", "form")
+
+
+@pytest.mark.parametrize("minor", [0, kernelpack.FORMAT_VERSION[1]])
+def test_unknown_keys_in_a_file_of_this_or_an_older_minor_version_are_errors(mixed: Path, minor: int) -> None:
+    raw = RawFile.read(mixed)
+    raw.minor = minor
+    raw.header["tensors"]["dct"]["fields"]["window"] = "hann"
+    raw.write(mixed)
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.open(mixed)
+    assert (caught.value.tensor, caught.value.field) == ("dct", "fields.window")
+
+
+def test_attachments_in_a_version_1_0_file_are_an_unknown_field(tmp_path: Path) -> None:
+    path = tmp_path / "att.kpk"
+    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": b"graph"})
+    raw = RawFile.read(path)
+    raw.minor = 0
+    raw.write(path)
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.open(path)
+    assert caught.value.field == "attachments"
+
+
+def test_the_writer_writes_the_lowest_version_that_holds_the_file(tmp_path: Path) -> None:
+    """So a reader of an older minor version reads every file that needs nothing newer."""
+    w = {"w": np.ones(3, np.float32)}
+    kernelpack.save(w, tmp_path / "plain.kpk")
+    kernelpack.save(w, tmp_path / "att.kpk", attachments={"g": b"graph"})
+    for name, version in (("plain.kpk", (1, 0)), ("att.kpk", (1, 1))):
+        with Container(tmp_path / name) as c:
+            assert c.version == version
