@@ -377,7 +377,8 @@ class Container:
         except OSError as exc:
             raise KernelpackError(f"cannot read: {exc.strerror}", path=self.path) from None
         if len(data) != length:
-            raise KernelpackError(f"truncated: {length} bytes expected at offset {offset}", path=self.path)
+            raise KernelpackError(f"truncated: {length} bytes expected at offset {offset}", path=self.path,
+                                  field="size")
         return data
 
     def _read_header(self) -> None:

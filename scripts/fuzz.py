@@ -50,7 +50,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import msgpack  # noqa: E402
-import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 
 import kernelpack  # noqa: E402
@@ -66,11 +65,11 @@ def seed_files() -> list[bytes]:
     shared banks) and the version corpus (attachments, every version rule). Committed bytes,
     so the inputs are the same on every machine."""
     vectors = os.path.join(ROOT, "spec", "vectors")
-    paths = sorted(glob.glob(os.path.join(vectors, "*.kpk"))) + sorted(glob.glob(os.path.join(vectors, "versions", "*.kpk")))
     seeds = []
-    for path in paths:
-        with open(path, "rb") as f:
-            seeds.append(f.read())
+    for folder in (vectors, os.path.join(vectors, "versions")):
+        for path in sorted(glob.glob(os.path.join(folder, "*.kpk"))):
+            with open(path, "rb") as f:
+                seeds.append(f.read())
     return seeds
 
 
@@ -231,7 +230,8 @@ def random_bytes(rng: random.Random, blob: bytes, seeds: list[bytes]) -> tuple[b
     n = rng.randrange(600)
     body = rng.randbytes(n)
     if rng.random() < 0.5:
-        return MAGIC + struct.pack("<HHI", 1, rng.randrange(3), rng.randrange(n + 8)) + body, f"magic and {n} random bytes"
+        fixed = MAGIC + struct.pack("<HHI", 1, rng.randrange(3), rng.randrange(n + 8))
+        return fixed + body, f"magic and {n} random bytes"
     return body, f"{n} random bytes"
 
 
@@ -577,7 +577,8 @@ def fuzz(seeds: list[bytes], seed: int, count: int, jobs: int, timeout: float, t
 def report(stats: Stats, peak_kib: int, seconds: float, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python scripts/fuzz.py " + " ".join(sys.argv[1:]),
-        "inputs": stats.inputs, "seconds": round(seconds, 1), "inputs_per_second": round(stats.inputs / max(seconds, 1e-9)),
+        "inputs": stats.inputs, "seconds": round(seconds, 1),
+        "inputs_per_second": round(stats.inputs / max(seconds, 1e-9)),
         "seed": args.seed, "jobs": args.jobs, "max_decoded_bytes": LIMITS.max_decoded_bytes,
         "exception_types": dict(stats.exception_types().most_common()),
         "outcomes": dict(stats.outcomes.most_common()),

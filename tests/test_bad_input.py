@@ -209,7 +209,8 @@ def repeated_key(raw: RawFile, path: Path) -> None:
     """The header map with one key twice (msgpack can hold it; readers would disagree on which counts)."""
     items = list(raw.header.items()) + [("metadata", {"second": "copy"})]
     assert len(items) < 16  # a fixmap
-    head = bytes([0x80 | len(items)]) + b"".join(msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True) for k, v in items)
+    pack = lambda value: msgpack.packb(value, use_bin_type=True)  # noqa: E731
+    head = bytes([0x80 | len(items)]) + b"".join(pack(k) + pack(v) for k, v in items)
     raw.write(path, head=head)
 
 
@@ -449,16 +450,6 @@ def test_decoding_refuses_a_bad_payload(base: Path, tmp_path: Path, case: Case, 
         check_error(caught, path, tensor, field)
 
 
-@pytest.mark.parametrize("case", [header_padding, padding_after(("tensors", "bias", "data"))],
-                         ids=["after-header", "between-payloads"])
-def test_loading_refuses_non_zero_padding(base: Path, tmp_path: Path, case: Case) -> None:
-    path = corrupt(base, tmp_path, case)
-    for load in (kernelpack.load_numpy, kernelpack.load):
-        with pytest.raises(kernelpack.KernelpackError) as caught:
-            load(path)
-        check_error(caught, path, None, "padding")
-
-
 def test_a_wrong_digest_is_reported_by_verify(base: Path, tmp_path: Path) -> None:
     path = corrupt(base, tmp_path, t("dct", "digest", value=ZERO_SHA))
     with kernelpack.open(path) as c:
@@ -586,7 +577,8 @@ def test_a_decode_holds_no_array_much_beyond_its_declared_peak(tmp_path: Path, m
             allocated = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-    assert allocated <= 8 * (8 * peak) + MiB, f"{allocated / MiB:.1f} MiB for a declared peak of {8 * peak / MiB:.1f} MiB"
+    assert allocated <= 8 * (8 * peak) + MiB, \
+        f"{allocated / MiB:.1f} MiB for a declared peak of {8 * peak / MiB:.1f} MiB"
 
 
 def test_the_default_limit_refuses_a_tensor_of_2_to_the_31_elements(tmp_path: Path) -> None:
