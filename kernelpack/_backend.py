@@ -95,7 +95,8 @@ class NumpyOps:
         return np.concatenate(parts, axis=-1)
 
     def to_float32(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float32, order="C")
+        with np.errstate(over="ignore"):  # beyond float32's range is +-inf, as the spec says
+            return np.asarray(x, dtype=np.float32, order="C")
 
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, order="C")

@@ -22,9 +22,6 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 INPUTS = 20_000
-# Hostile but finite stored numbers may decode beyond the float32 range: +-inf, as the spec
-# says (section 6); numpy warns about that cast.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 
 
 def load_script() -> ModuleType:
