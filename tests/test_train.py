@@ -30,3 +30,20 @@ def test_fine_tune_is_reproducible_and_lowers_the_loss() -> None:
     (losses, weight), (again, weight2) = run(), run()
     assert losses == again and torch.equal(weight, weight2)
     assert losses[-1] < losses[0]
+
+
+def test_distillation_pulls_towards_the_teacher_and_lr_end_anneals() -> None:
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+    def gap(distill: float) -> float:
+        torch.manual_seed(1)
+        student = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+        fine_tune(student, x, y, epochs=15, lr=1e-2, teacher=teacher, distill=distill, lr_end=1e-4,
+                  progress=False)
+        with torch.no_grad():
+            return float((student(x).softmax(1) - teacher(x).softmax(1)).abs().mean())
+
+    assert gap(0.9) < 0.5 * gap(0.0)

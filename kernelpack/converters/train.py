@@ -2,7 +2,8 @@
 
 Any training loop works with ``compress_``-ed models; this one only saves writing it:
 Adam, shuffled mini-batches from a seeded generator, optional random affine augmentation
-of image batches, an optional regulariser added to the loss (e.g.
+of image batches, optional distillation from a teacher (the dense model a compressed one
+came from), an optional regulariser added to the loss (e.g.
 ``lambda m: 1e-3 * convsim_penalty(m)``) and callbacks at the end of each epoch (e.g.
 ``TailDropout.step``, ``reassign_``).
 """
@@ -20,11 +21,14 @@ Regulariser = Callable[[nn.Module], torch.Tensor]
 def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float = 1e-3,
               batch_size: int = 64, weight_decay: float = 0.0, regularizer: Regulariser | None = None,
               epoch_end: Iterable[Callable[[], object]] = (), seed: int = 0,
-              augment: bool = False, progress: bool = True) -> list[float]:
+              augment: bool = False, teacher: nn.Module | None = None, distill: float = 0.5,
+              temperature: float = 4.0, lr_end: float | None = None, progress: bool = True) -> list[float]:
     """Train ``model`` on (x, y) with cross-entropy; returns the mean loss of every epoch.
 
     ``augment`` moves every training image (n, c, h, w) by a random affine map (see
-    :func:`jitter`), drawn from the same seeded generator.
+    :func:`jitter`), drawn from the same seeded generator. With a ``teacher`` the loss is
+    (1 - distill) * CE + distill * T^2 * KL(teacher || model) at temperature T (Hinton et al.).
+    ``lr_end`` anneals the learning rate from ``lr`` to it along a cosine, once per epoch.
     """
     from tqdm import tqdm
 
@@ -32,6 +36,8 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    annealing = None if lr_end is None else torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, epochs - 1), eta_min=lr_end)
     losses = []
     bar = tqdm(range(epochs), desc="fine-tune", unit="epoch", disable=not progress, leave=False)
     for _ in bar:
@@ -39,7 +45,10 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
         total, count = 0.0, 0
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
             inputs = jitter(x[batch], generator) if augment else x[batch]
-            loss = nn.functional.cross_entropy(model(inputs), y[batch])
+            logits = model(inputs)
+            loss = nn.functional.cross_entropy(logits, y[batch])
+            if teacher is not None:
+                loss = (1 - distill) * loss + distill * _soft_loss(logits, teacher, inputs, temperature)
             if regularizer is not None:
                 loss = loss + regularizer(model)
             optimizer.zero_grad(set_to_none=True)
@@ -50,8 +59,17 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         for callback in callbacks:
             callback()
+        if annealing is not None:
+            annealing.step()
     model.eval()
     return losses
+
+
+def _soft_loss(logits: torch.Tensor, teacher: nn.Module, inputs: torch.Tensor, t: float) -> torch.Tensor:
+    with torch.no_grad():
+        target = nn.functional.log_softmax(teacher.eval()(inputs) / t, dim=1)
+    mine = nn.functional.log_softmax(logits / t, dim=1)
+    return t * t * nn.functional.kl_div(mine, target, reduction="batchmean", log_target=True)
 
 
 def jitter(images: torch.Tensor, generator: torch.Generator, shift: float = 2.0,
