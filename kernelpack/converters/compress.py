@@ -86,8 +86,8 @@ def encoded_state(model: nn.Module) -> dict[str, Any]:
     under the plain weight name, so the file loads into the unparametrised model.
     """
     plists = form_weights(model)
-    prefixes = {name.rsplit(".", 1)[0] + ".parametrizations." + name.rsplit(".", 1)[1] + "." if "." in name
-                else f"parametrizations.{name}.": name for name in plists}
+    prefixes = {_join(module, "parametrizations", tensor) + ".": name
+                for name in plists for module, tensor in [_split(name)]}
     state: dict[str, Any] = {}
     for key, value in model.state_dict().items():
         owner = next((prefixes[p] for p in prefixes if key.startswith(p)), None)
@@ -103,6 +103,16 @@ def encoded_state(model: nn.Module) -> dict[str, Any]:
 def finalize_(model: nn.Module) -> nn.Module:
     """Replace every kernelpack parametrisation by its current dense weight (for export)."""
     for name in form_weights(model):
-        module_name, tensor = name.rsplit(".", 1) if "." in name else ("", name)
+        module_name, tensor = _split(name)
         parametrize.remove_parametrizations(model.get_submodule(module_name), tensor, leave_parametrized=True)
     return model
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``layer1.0.conv1.weight`` -> (``layer1.0.conv1``, ``weight``); the root module is ''."""
+    module, _, tensor = name.rpartition(".")
+    return module, tensor
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)

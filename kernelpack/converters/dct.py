@@ -56,9 +56,7 @@ class DCTWeight(FormWeight):
         for a in self.axes:  # (frequency, position) synthesis tables, orthonormal
             table = torch.from_numpy(dct_table(self.shape[a], self.shape[a]))
             self.register_buffer(f"table{a}", table.to(torch.float32), persistent=False)
-        boundary = config.boundary if config.boundary is not None else max(
-            1, min(size, round((config.keep if config.keep is not None else 1.0) * size)))
-        self.boundary = boundary
+        self.boundary = config.boundary_for(size)
 
     @property
     def size(self) -> int:

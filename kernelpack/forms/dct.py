@@ -117,12 +117,14 @@ class DCT:
         need(x.ndim >= 1 and x.size >= 1, "shape", "the dct form needs a non-empty tensor")
         axes = check_axes(tuple(range(x.ndim)) if self.axes is None
                           else sorted(a % x.ndim for a in self.axes), shape)
-        boundary = self.boundary if self.boundary is not None else self._boundary_from_keep(x.size)
-        need_int(boundary, "boundary", 0, x.size)
+        boundary = self.boundary_for(x.size)
         spectrum = dctn(x, type=2, norm="ortho", axes=axes)
         positions = zigzag_positions(shape, axes, boundary)
         return DCTTensor(shape, axes, to_stored(spectrum[tuple(positions.T)], float_dtype(self.dtype)))
 
-    def _boundary_from_keep(self, size: int) -> int:
+    def boundary_for(self, size: int) -> int:
+        """How many coefficients a tensor of ``size`` elements keeps: ``boundary``, else ``keep``."""
+        if self.boundary is not None:
+            return need_int(self.boundary, "boundary", 0, size)
         need(self.keep is not None and 0.0 <= self.keep <= 1.0, "keep", "must be in [0, 1]")
         return max(1, min(size, round(self.keep * size)))
