@@ -26,8 +26,9 @@ def base(data: reproduce.Data) -> torch.nn.Module:
 
 
 def test_the_dense_baseline_learns_and_float16_keeps_it(data: reproduce.Data, base: torch.nn.Module) -> None:
-    acc32, bytes32, numbers = reproduce.packed(base, data)
-    acc16, bytes16, _ = reproduce.packed(base, data, reproduce.FP16)
+    acc32, bytes32, conv32, numbers = reproduce.packed(base, data)
+    acc16, bytes16, conv16, _ = reproduce.packed(base, data, reproduce.FP16)
+    assert conv32 <= 4 * (150 + 2400) and conv16 < 0.55 * conv32
     assert acc32 >= 0.95 and abs(acc16 - acc32) <= 0.003
     assert numbers == 61_470 and bytes16 < 0.55 * bytes32
 
@@ -38,7 +39,7 @@ def test_the_dense_baseline_learns_and_float16_keeps_it(data: reproduce.Data, ba
                                                (Linear(alpha=0.5), 0.25)])
 def test_conv_forms_post_hoc_and_fine_tuned(data: reproduce.Data, base: torch.nn.Module, config: object,
                                             tolerance: float) -> None:
-    reference, _, _ = reproduce.packed(base, data)
+    reference = reproduce.packed(base, data)[0]
     post = reproduce.timed(lambda: reproduce.conv_form(data, SETTINGS, base, "m", config, False), data)
     tuned = reproduce.timed(lambda: reproduce.conv_form(data, SETTINGS, base, "m", config, True), data)
     assert post.accuracy >= reference - tolerance
