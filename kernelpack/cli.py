@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import numpy as np
 
 from kernelpack._backend import bfloat16_bits_to_float32
 from kernelpack.container import Container, TensorInfo
-from kernelpack.errors import KernelpackError
+from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, config_from_dict
 from kernelpack.pack import as_numpy, save
 from kernelpack.runtime import load, load_numpy
@@ -52,15 +51,6 @@ Which rule applies: the --form rules in the order given, then the config's rules
 order; the first whose pattern matches the tensor name wins. A tensor no rule
 matches gets the config's "default", else dense (stored as it is).
 """
-
-
-def need_module(name: str, purpose: str) -> Any:
-    """Import an optional dependency, or say in one line which extra provides it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise KernelpackError(f"{purpose} needs the '{name.split('.')[0]}' package: "
-                              "pip install 'kernelpack[demo]'") from None
 
 
 # --- form rules ---------------------------------------------------------------------

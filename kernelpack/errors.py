@@ -7,6 +7,9 @@ file, the tensor and the field, so a service log says exactly what was wrong.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 
 class KernelpackError(ValueError):
     """Bad input: a container or argument that does not follow the spec."""
@@ -29,3 +32,12 @@ class KernelpackError(ValueError):
                                tensor=self.tensor if self.tensor is not None else tensor,
                                field=self.field)
 
+
+
+def need_module(name: str, purpose: str, extra: str = "demo") -> Any:
+    """Import an optional dependency, or say in one line which extra provides it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise KernelpackError(f"{purpose} needs the '{name.split('.')[0]}' package: "
+                              f"pip install 'kernelpack[{extra}]'") from None

@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from kernelpack.errors import KernelpackError
+from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need_name
-from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, graph_and_weights, require
+from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, graph_and_weights
 from kernelpack.pack import FormPlan, as_numpy, match, save, state_of
 
 #: Fewer elements than this: a constant of the graph (a scale, a bound), not a weight.
@@ -58,7 +58,7 @@ Keep = Callable[[Any], bool]
 
 
 def _onnx() -> Any:
-    return require("onnx", "ONNX models")
+    return need_module("onnx", "ONNX models", "onnx")
 
 
 def read_model(src: Any) -> Any:

@@ -24,7 +24,6 @@ are references, their types and dims) are read from the protobuf wire format dir
 from __future__ import annotations
 
 import ctypes
-import importlib
 import logging
 import os
 import warnings
@@ -34,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from kernelpack.container import Container, Limits
-from kernelpack.errors import KernelpackError
+from kernelpack.errors import KernelpackError, need_module
 
 #: The attachment holding the ONNX ModelProto with its weights taken out.
 GRAPH = "onnx.graph"
@@ -49,15 +48,6 @@ EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 log = logging.getLogger("kernelpack.ort")
 Provider = str | tuple[str, dict[str, Any]]
-
-
-def require(module: str, purpose: str) -> Any:
-    """Import an optional dependency, or say in one line which extra provides it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise KernelpackError(f"{purpose} needs the '{module}' package: "
-                              "pip install 'kernelpack[onnx]'") from None
 
 
 # --- the graph's weight references, from the protobuf wire format ---------------------------
@@ -250,7 +240,7 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Provider] | None = 
     and a ``RuntimeWarning`` says so. ``sess_options`` (an ``onnxruntime.SessionOptions``)
     is used as given, plus the weights; ``limits`` as for ``kernelpack.open``.
     """
-    ort = require("onnxruntime", "an ONNX Runtime session")
+    ort = need_module("onnxruntime", "an ONNX Runtime session", "onnx")
     graph, weights = graph_and_weights(path, limits)
     options = ort.SessionOptions() if sess_options is None else sess_options
     options.add_external_initializers(list(weights),

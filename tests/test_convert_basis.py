@@ -12,7 +12,6 @@ from torch import nn
 import kernelpack
 from kernelpack import Basis
 from kernelpack.converters import compress_, gaussian_bank, model_bank, reassign_
-from kernelpack.converters._common import fields
 from kernelpack.converters.examples import ResNetS
 from kernelpack.forms.basis import normalize_rows
 

@@ -7,7 +7,6 @@ equal it, and the fast forms must equal the naive one in value and gradient.
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest

@@ -34,7 +34,7 @@ from torch import nn
 
 import kernelpack
 from kernelpack import DCT, Basis, Dense, Linear, Series
-from kernelpack.converters.compress import Rules, compress_
+from kernelpack.converters.compress import compress_
 from kernelpack.converters.convsim import convsim_init_, convsim_penalty
 from kernelpack.converters.dct import TailDropout
 from kernelpack.converters.examples import LeNet5, mnist5000
