@@ -37,6 +37,11 @@ def test_error_budget_holds_for_every_tensor_and_anisotropic_orders_are_found() 
     for name, config in chosen.items():
         assert measure(tensors[name], config).error <= 0.01
         assert chosen.options[name].error <= 0.01
+    # a loose cap on noise: the smallest candidate within it, never one beyond it
+    noise = {"fc.weight": tensors["fc.weight"]}
+    loose = kernelpack.plan(noise, max_error=0.75)
+    assert 0.5 < loose.options["fc.weight"].error <= 0.75
+    assert measure(noise["fc.weight"], loose["fc.weight"]).error <= 0.75
 
 
 def test_size_budget_holds_and_more_bytes_never_cost_accuracy(tmp_path: Path) -> None:
