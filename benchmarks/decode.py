@@ -16,11 +16,16 @@ For each layer shape and form this measures, in one run:
   next to the float16 rounding unit 2^-11 that default (float16) storage adds anyway;
 * whether numpy and torch decode to the same bits;
 * ``other load``: cores other processes kept busy while the row was measured, since a
-  shared machine skews timings (0 on an idle machine).
+  shared machine skews timings (0 on an idle machine);
+* whole model: a ResNet-18-shaped state dict (every tensor of torchvision's ``resnet18()``
+  but ``num_batches_tracked``, He-initialised) in dense float16 and with each form on the
+  weights it suits, loaded with ``threads=1`` and with the default threads (one per core),
+  against ``safetensors.numpy.load_file`` of the same state dict as dense float32.
 
     python benchmarks/decode.py            # full run (minutes on 2 cores)
     python benchmarks/decode.py --quick    # smoke run on small shapes (seconds)
     python benchmarks/decode.py --profile  # also: where each load spends its time (cProfile)
+    python benchmarks/decode.py --model    # only the whole-model rows
 """
 
 from __future__ import annotations
@@ -236,11 +241,131 @@ def measure(layer: Layer, label: str, config: Config, w: np.ndarray, path: str, 
 
 def baseline(w: np.ndarray, folder: str, repeats: int) -> float:
     """MB/s of safetensors.numpy.load_file reading the tensor as dense float32."""
+    return baseline_state({"w": w}, folder, repeats)
+
+
+def baseline_state(state: dict[str, np.ndarray], folder: str, repeats: int) -> float:
+    """MB/s of safetensors.numpy.load_file reading the tensors as dense float32."""
     from safetensors.numpy import load_file, save_file
 
     path = os.path.join(folder, "w.safetensors")
-    save_file({"w": w}, path)
-    return w.nbytes / 1e6 / median_seconds(lambda: load_file(path), repeats)
+    save_file(state, path)
+    return sum(w.nbytes for w in state.values()) / 1e6 / median_seconds(lambda: load_file(path), repeats)
+
+
+# --- whole model ------------------------------------------------------------------------------
+def resnet18(width: int = 64) -> dict[str, tuple[int, ...]]:
+    """Shapes of torchvision's ResNet-18 state dict (``num_batches_tracked`` left out);
+    ``width`` 64 is the real model, smaller widths scale every layer for a quick run."""
+    shapes: dict[str, tuple[int, ...]] = {"conv1.weight": (width, 3, 7, 7)}
+    norm = ("weight", "bias", "running_mean", "running_var")
+    shapes.update({f"bn1.{k}": (width,) for k in norm})
+    c_in = width
+    for stage, c in enumerate((width, 2 * width, 4 * width, 8 * width), start=1):
+        for block in range(2):
+            prefix = f"layer{stage}.{block}"
+            for conv, fan_in in (("1", c_in if block == 0 else c), ("2", c)):
+                shapes[f"{prefix}.conv{conv}.weight"] = (c, fan_in, 3, 3)
+                shapes.update({f"{prefix}.bn{conv}.{k}": (c,) for k in norm})
+            if block == 0 and c_in != c:
+                shapes[f"{prefix}.downsample.0.weight"] = (c, c_in, 1, 1)
+                shapes.update({f"{prefix}.downsample.1.{k}": (c,) for k in norm})
+        c_in = c
+    shapes.update({"fc.weight": (1000, c_in), "fc.bias": (1000,)})
+    return shapes
+
+
+def model_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """He-initialised weights; norm scales near 1, variances positive, biases and means small."""
+    state = {}
+    for seed, (name, shape) in enumerate(shapes.items()):
+        rng = np.random.default_rng(seed)
+        if len(shape) > 1:
+            state[name] = weights(shape, seed)
+        elif name.endswith(("weight", "running_var")):
+            state[name] = (1.0 + 0.1 * np.abs(rng.standard_normal(shape))).astype(np.float32)
+        else:
+            state[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return state
+
+
+#: (label, config, which weights get it); every other tensor is stored as dense float16.
+MODEL_FORMS: tuple[tuple[str, Config, Callable[[tuple[int, ...]], bool]], ...] = (
+    ("dense fp16", Dense("float16"), lambda shape: True),
+    ("dct 10%", DCT(keep=0.1), lambda shape: len(shape) > 1),
+    ("series 2x2", Series("cosine", 2), lambda shape: len(shape) == 4 and min(shape[-2:]) >= 3),
+    ("basis 16", Basis(16), lambda shape: len(shape) == 4 and min(shape[-2:]) >= 3),
+    ("linear a=0.5", Linear(0.5), lambda shape: len(shape) > 1),
+)
+
+
+@dataclass
+class ModelResult:
+    """One whole-model row: MB/s of dense float32 produced by a load of every tensor."""
+
+    form: str
+    stored_mb: float
+    numpy_1: float
+    numpy_auto: float
+    numpy_auto_blas1: float
+    torch_1: float
+    torch_auto: float
+    dense: float
+    other_load: float
+
+    HEADER = ("| model | form | stored MB | load numpy MB/s, 1 thread | load numpy MB/s, auto "
+              "| load numpy MB/s, auto, 1 BLAS thread | load torch MB/s, 1 thread | load torch MB/s, auto "
+              "| safetensors MB/s | numpy auto / 1 thread | numpy auto, 1 BLAS / 1 thread "
+              "| best numpy / safetensors | other load |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(self, model: str) -> str:
+        best = max(self.numpy_auto, self.numpy_auto_blas1)
+        return (f"| {model} | {self.form} | {self.stored_mb:.1f} | {self.numpy_1:.0f} | {self.numpy_auto:.0f} "
+                f"| {self.numpy_auto_blas1:.0f} | {self.torch_1:.0f} | {self.torch_auto:.0f} | {self.dense:.0f} "
+                f"| {self.numpy_auto / self.numpy_1:.2f} | {self.numpy_auto_blas1 / self.numpy_1:.2f} "
+                f"| {best / self.dense:.3f} | {self.other_load:.2f} |")
+
+
+def measure_model(state: dict[str, np.ndarray], label: str, config: Config,
+                  takes: Callable[[tuple[int, ...]], bool], path: str, repeats: int,
+                  dense_mbs: float) -> ModelResult:
+    """Load throughput of the whole state dict with one thread and with the default threads."""
+    mb = sum(w.nbytes for w in state.values()) / 1e6
+    fallback = Dense("float16")
+    write(path, {name: (config if takes(w.shape) else fallback).encode(w, "float32")
+                 for name, w in state.items()})
+    with OtherLoad() as other:
+        speeds = [mb / median_seconds(fn, repeats) for fn in (
+            lambda: kernelpack.load_numpy(path, threads=1), lambda: kernelpack.load_numpy(path),
+            lambda: one_blas_thread(lambda: kernelpack.load_numpy(path)),
+            lambda: kernelpack.load(path, "cpu", threads=1), lambda: kernelpack.load(path, "cpu"))]
+    return ModelResult(label, os.path.getsize(path) / 1e6, *speeds, dense_mbs, other.cores)
+
+
+def one_blas_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with numpy's BLAS on one thread (threadpoolctl; a process-wide setting, so
+    kernelpack leaves it to the application): each load thread then has a core to itself."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return fn()
+
+
+def whole_model(quick: bool, folder: str, repeats: int) -> list[str]:
+    """The whole-model table (printed as it goes), and the paths of its containers' profiles."""
+    width = 16 if quick else 64
+    model = f"resnet18{'' if width == 64 else f' (width {width})'}"
+    state = model_weights(resnet18(width))
+    dense_mbs = baseline_state(state, folder, repeats)
+    print(f"\n{model}: {len(state)} tensors, {sum(w.nbytes for w in state.values()) / 1e6:.1f} MB "
+          f"of float32\n\n{ModelResult.HEADER}")
+    paths = []
+    for label, config, takes in MODEL_FORMS:
+        path = os.path.join(folder, f"model-{len(paths)}.kpk")
+        print(measure_model(state, label, config, takes, path, repeats, dense_mbs).row(model), flush=True)
+        paths.append((f"{model}, {label}", path))
+    return paths
 
 
 def profile(fn: Callable[[], Any], top: int) -> str:
@@ -254,6 +379,12 @@ def profile(fn: Callable[[], Any], top: int) -> str:
     start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
     return "\n".join(ln.replace(os.path.dirname(np.__path__[0]) + os.sep, "")
                      for ln in lines[start:start + top + 1])
+
+
+def load_profiles(name: str, path: str, top: int) -> list[str]:
+    """cProfiles of a one-thread load of ``path`` by numpy and by torch (threads hide in a profile)."""
+    return [f"{name}, {label}:\n```\n{profile(lambda: load(path, threads=1), top)}\n```"
+            for label, load in (("load_numpy", kernelpack.load_numpy), ("load cpu", kernelpack.load))]
 
 
 def revision() -> str:
@@ -294,25 +425,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of each load")
     parser.add_argument("--top", type=int, default=8, help="functions per profile (default 8)")
+    parser.add_argument("--model", action="store_true", help="only the whole-model rows")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
     print(f"# kernelpack decode benchmark ({'quick' if args.quick else 'full'}, median of {repeats})\n")
     print(environment() + "\n")
-    print(Result.HEADER)
     profiles = []
     with tempfile.TemporaryDirectory() as folder:
-        for seed, layer in enumerate(layers(args.quick)):
-            w = weights(layer.shape, seed)
-            dense_mbs = baseline(w, folder, repeats)
-            for label, config in layer.forms:
-                path = os.path.join(folder, "w.kpk")
-                print(measure(layer, label, config, w, path, repeats, dense_mbs).row(), flush=True)
-                if args.profile:
-                    for name, load in (("load_numpy", kernelpack.load_numpy), ("load cpu", kernelpack.load)):
-                        text = profile(lambda: load(path), args.top)
-                        profiles.append(f"{layer.name}, {label}, {name}:\n```\n{text}\n```")
+        if not args.model:
+            print(Result.HEADER)
+            for seed, layer in enumerate(layers(args.quick)):
+                w = weights(layer.shape, seed)
+                dense_mbs = baseline(w, folder, repeats)
+                for label, config in layer.forms:
+                    path = os.path.join(folder, "w.kpk")
+                    print(measure(layer, label, config, w, path, repeats, dense_mbs).row(), flush=True)
+                    if args.profile:
+                        profiles += load_profiles(f"{layer.name}, {label}", path, args.top)
+        for name, path in whole_model(args.quick, folder, repeats):
+            if args.profile:
+                profiles += load_profiles(name, path, args.top)
     print("\nother load: cores kept busy by other processes while the row was measured (0 = idle machine;"
-          " nan: too short to tell).")
+          " nan: too short to tell). auto: one thread per core (kernelpack's default).")
     if profiles:
         print("\n" + "\n\n".join(profiles))
     return 0

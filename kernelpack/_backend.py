@@ -34,8 +34,8 @@ class Ops(Protocol):
     def from_stored(self, stored: np.ndarray, dtype: str) -> Any: ...
     def float64(self, stored: np.ndarray, dtype: str) -> Any: ...
     def absmax(self, x: Any) -> float: ...
-    def scale(self, x: Any, factor: float) -> Any: ...
-    def rint(self, x: Any) -> Any: ...
+    def scaled_rint(self, x: Any, factor: float) -> Any: ...
+    def scale_product(self, product: Any, factor: float) -> Any: ...
     def matmul(self, a: Any, b: Any) -> Any: ...
     def moveaxis(self, x: Any, source: int, destination: int) -> Any: ...
     def reshape(self, x: Any, shape: Sequence[int]) -> Any: ...
@@ -60,13 +60,21 @@ class NumpyOps:
         return self.from_stored(stored, dtype).astype(np.float64)
 
     def absmax(self, x: np.ndarray) -> float:
-        return float(np.max(np.abs(x))) if x.size else 0.0
+        """max |x| from the two extremes: two reductions, no temporary |x| (x is never NaN)."""
+        return max(float(np.max(x)), -float(np.min(x))) if x.size else 0.0
 
-    def scale(self, x: np.ndarray, factor: float) -> np.ndarray:
-        return x * factor
+    def scaled_rint(self, x: np.ndarray, factor: float) -> np.ndarray:
+        """rint(x * factor) into a new C-ordered array: a transposed view is copied in the
+        same pass, and the rounding happens in place (one allocation, two passes)."""
+        out = np.empty(x.shape, dtype=np.float64)
+        np.multiply(x, factor, out=out)
+        return np.rint(out, out=out)
 
-    def rint(self, x: np.ndarray) -> np.ndarray:
-        return np.rint(x)
+    def scale_product(self, product: np.ndarray, factor: float) -> np.ndarray:
+        """(product + 0.0) * factor, in place: ``product`` is a fresh matmul result."""
+        product += 0.0
+        product *= factor
+        return product
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a @ b
@@ -78,7 +86,7 @@ class NumpyOps:
         return np.asarray(x, order="C").reshape(tuple(shape))
 
     def transpose2(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x.T, order="C")
+        return x.T  # a view: the quantize that reads it writes C order
 
     def take(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
         return x[index]
@@ -123,16 +131,23 @@ class TorchOps:
         return t.to(self.device)
 
     def float64(self, stored: np.ndarray, dtype: str) -> Any:
-        return self.from_stored(stored, dtype).to(self.torch.float64)
+        if self.device.type == "cpu":  # widened by numpy: one pass, no copy of the read-only payload
+            return self.torch.from_numpy(NumpyOps().float64(stored, dtype))
+        return self.from_stored(stored, dtype).to(self.torch.float64)  # narrow bytes to the device
 
     def absmax(self, x: Any) -> float:
-        return float(x.abs().max()) if x.numel() else 0.0
+        if not x.numel():
+            return 0.0
+        low, high = self.torch.aminmax(x)  # one pass, no temporary |x| (x is never NaN)
+        return float(self.torch.maximum(high, -low))
 
-    def scale(self, x: Any, factor: float) -> Any:
-        return x * factor
+    def scaled_rint(self, x: Any, factor: float) -> Any:
+        out = self.torch.empty(tuple(x.shape), dtype=self.torch.float64, device=self.device)
+        self.torch.mul(x, factor, out=out)  # C-ordered even when x is a transposed view
+        return out.round_()  # round half to even on every device
 
-    def rint(self, x: Any) -> Any:
-        return self.torch.round(x)  # round half to even on every device
+    def scale_product(self, product: Any, factor: float) -> Any:
+        return product.add_(0.0).mul_(factor)
 
     def matmul(self, a: Any, b: Any) -> Any:
         return a @ b
@@ -144,7 +159,7 @@ class TorchOps:
         return x.contiguous().reshape(tuple(shape))
 
     def transpose2(self, x: Any) -> Any:
-        return x.T.contiguous()
+        return x.T
 
     def take(self, x: Any, index: np.ndarray) -> Any:
         return x[self.torch.from_numpy(index.astype(np.int64)).to(self.device)]

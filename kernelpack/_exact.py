@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -52,8 +52,12 @@ def exponent(peak: float) -> int:
 
 
 def quantize(ops: Ops, x: Any, bits: int, e: int) -> Any:
-    """Round ``x`` half to even onto the grid 2**(e - bits): integers with |q| <= 2**bits."""
-    return ops.rint(ops.scale(x, math.ldexp(1.0, bits - e)))
+    """Round ``x`` half to even onto the grid 2**(e - bits): integers with |q| <= 2**bits.
+
+    The result is C-ordered whatever the layout of ``x`` (a transposed view is copied in
+    the same pass).
+    """
+    return ops.scaled_rint(x, math.ldexp(1.0, bits - e))
 
 
 def exact_product(ops: Ops, qa: Any, qb: Any, scale_exponent: int) -> Any:
@@ -62,7 +66,7 @@ def exact_product(ops: Ops, qa: Any, qb: Any, scale_exponent: int) -> Any:
     Adding +0.0 makes every zero +0: a single product 0 * -1 is -0, and BLAS
     libraries differ in whether a sum starts from +0.
     """
-    return ops.scale(ops.matmul(qa, qb) + 0.0, math.ldexp(1.0, scale_exponent))
+    return ops.scale_product(ops.matmul(qa, qb), math.ldexp(1.0, scale_exponent))
 
 
 def fixed_matmul(ops: Ops, a: Any, b: Any, b_exponent: int | None = None) -> Any:
@@ -89,17 +93,22 @@ def transform_axis(ops: Ops, x: Any, axis: int, table: Table, k: int, m: int) ->
     in column blocks, so a long axis never needs the whole k x m table in memory (its
     grid exponent is the maximum over all blocks, found in a first pass).
     """
-    moved = ops.moveaxis(x, axis, -1)
+    moved = ops.moveaxis(x, axis, -1)  # a view: quantizing it makes the C-ordered copy
     lead = tuple(moved.shape[:-1])
-    flat = ops.reshape(moved, (-1, k))
+    p, s = grid_bits(k)
+    ea = exponent(ops.absmax(x))
+    qx = ops.reshape(quantize(ops, moved, p, ea), (-1, k))  # once, for every block of the table
     width = max(1, TABLE_BLOCK // k)
     if m <= width:  # the usual case: one block, built once
-        out = fixed_matmul(ops, flat, ops.float64(table(0, m), "float64"))
-    else:
-        blocks = [(lo, min(m, lo + width)) for lo in range(0, m, width)]
-        eb = max(exponent(float(np.max(np.abs(table(lo, hi))))) for lo, hi in blocks)
-        out = ops.concat_last([fixed_matmul(ops, flat, ops.float64(table(lo, hi), "float64"), eb)
-                               for lo, hi in blocks])
+        first = ops.float64(table(0, m), "float64")
+        eb = exponent(ops.absmax(first))
+        blocks: Iterable[Any] = [first]
+    else:  # a long axis: each block built twice, first for the grid exponent (their maximum)
+        spans = [(lo, min(m, lo + width)) for lo in range(0, m, width)]
+        eb = max(exponent(float(np.max(np.abs(table(lo, hi))))) for lo, hi in spans)
+        blocks = (ops.float64(table(lo, hi), "float64") for lo, hi in spans)
+    parts = [exact_product(ops, qx, quantize(ops, block, s, eb), ea - p + eb - s) for block in blocks]
+    out = parts[0] if len(parts) == 1 else ops.concat_last(parts)
     return ops.moveaxis(ops.reshape(out, lead + (m,)), -1, axis)
 
 
@@ -187,9 +196,34 @@ def zigzag_positions(shape: tuple[int, ...], axes: tuple[int, ...], boundary: in
     memory are proportional to the box that can hold the kept indices, not to the
     whole tensor.
     """
-    ndim = len(shape)
     if boundary == 0:
-        return np.zeros((0, ndim), dtype=np.int64)
+        return np.zeros((0, len(shape)), dtype=np.int64)
+    chosen, box = _zigzag_chosen(shape, axes, boundary)
+    return np.stack(np.unravel_index(chosen, box), axis=1).astype(np.int64, copy=False)
+
+
+def zigzag_scatter(shape: tuple[int, ...], axes: tuple[int, ...],
+                   boundary: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """Where a decode scatters the kept coefficients: ``(box, flat)``.
+
+    ``box`` is the smallest box holding the first ``boundary`` zigzag indices (on a
+    transformed axis, the largest kept index plus one; elsewhere the axis length) and
+    ``flat`` their C-order flat indices in it: :func:`zigzag_positions` raveled into
+    ``box``, without building the (boundary, ndim) array.
+    """
+    if boundary == 0:
+        return tuple(1 if a in axes else d for a, d in enumerate(shape)), np.zeros(0, dtype=np.int64)
+    chosen, candidate_box = _zigzag_chosen(shape, axes, boundary)
+    coords = np.unravel_index(chosen, candidate_box)
+    box = tuple(int(coords[a].max()) + 1 if a in axes else d for a, d in enumerate(shape))
+    return box, (chosen if box == candidate_box else np.ravel_multi_index(coords, box))
+
+
+def _zigzag_chosen(shape: tuple[int, ...], axes: tuple[int, ...],
+                   boundary: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The first ``boundary`` (> 0) zigzag indices as flat indices into a candidate box
+    (every index of norm up to the last kept one), and that box."""
+    ndim = len(shape)
     other = math.prod(shape[a] for a in range(ndim) if a not in axes)
     counts = np.ones(1, dtype=np.int64)
     for a in axes:  # count of frequency indices by L1 norm: convolve with a box, in O(n)
@@ -202,5 +236,4 @@ def zigzag_positions(shape: tuple[int, ...], axes: tuple[int, ...], boundary: in
         norm = norm + np.arange(box[a], dtype=np.int32).reshape([-1 if b == a else 1 for b in range(ndim)])
     flat = norm.reshape(-1)
     candidates = np.flatnonzero(flat <= level)
-    chosen = candidates[np.argsort(flat[candidates], kind="stable")[:boundary]]
-    return np.stack(np.unravel_index(chosen, box), axis=1).astype(np.int64)
+    return candidates[np.argsort(flat[candidates], kind="stable")[:boundary]], box

@@ -41,6 +41,8 @@ form rules (--form, repeatable):
     --form '*conv*.weight=basis:bank=16'
     --form '*.weight=linear:alpha=0.5,rank=4'
     --form '*.bias=dense:dtype=float16'
+    --form '*conv*.weight=dct:keep=0.3,rel_step=0.02'   (quantised numbers: step=S
+                                         absolute, rel_step=R per array's RMS; format 1.2)
 
 form config (--config FILE.json), for what a command line cannot say (explicit
 series points, banks given as arrays):

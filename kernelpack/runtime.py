@@ -8,12 +8,29 @@ that carries its ONNX graph (:mod:`kernelpack.ort`, no torch). Every load checks
 file: header, layout, zero padding and the SHA-256 of every payload (attachments included),
 so that any corrupted byte is an error. ``limits`` (a :class:`Limits`) bounds what a file
 may make the reader allocate; services that open untrusted files may lower the defaults.
+
+Whole-file loads decode their tensors on ``threads`` threads (default None: one per CPU
+core, at most one per tensor of PARALLEL_MIN elements or more; smaller tensors decode in
+the calling thread first): reading, SHA-256, zstd and the large numpy/torch operations
+release the GIL. The result is the same with any number of threads (each tensor's decode
+is deterministic and independent of the others), and so is a failure: the error raised is
+the one of the first failing tensor in the file's order, as a one-thread load would raise.
+Each decode is checked against ``limits`` before it allocates, as on one thread; ``threads``
+decodes run at once, so peak memory is up to ``threads`` times one decode's.
+``threads=1`` decodes in the calling thread, one tensor after another. The forms whose
+decode is mostly matrix products (dct, series, linear) gain from the threads in numpy only
+when numpy's BLAS runs on one thread (``OPENBLAS_NUM_THREADS=1``, or
+``threadpoolctl.threadpool_limits(1, "blas")`` around the load: a process-wide setting,
+left to the application); with a multi-threaded BLAS they load at about the one-thread
+speed (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -27,27 +44,90 @@ def open(path: str | os.PathLike, limits: Limits | None = None) -> Container:  #
     return Container(path, limits)
 
 
-def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = None) -> dict[str, Any]:
+Value = TypeVar("Value")
+
+
+def worker_count(threads: int | None, tasks: int) -> int:
+    """Threads a load uses: ``threads`` (None: one per CPU core), never more than ``tasks``."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    wanted = (os.cpu_count() or 1) if threads is None else threads
+    return max(1, min(wanted, tasks))
+
+
+#: Tensors of fewer elements decode in the calling thread, before the others start on the
+#: pool: their decode is mostly Python, and a thread running Python beside threads busy in
+#: C calls makes each of those wait for the GIL when its call returns (up to the 5 ms switch
+#: interval), which made many small tensors load slower on two threads than on one.
+PARALLEL_MIN = 1 << 15
+
+
+def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int | None,
+                 cost: Callable[[str], int]) -> dict[str, Value]:
+    """``{name: fn(name)}`` in the order of ``names``, on up to ``threads`` threads.
+
+    Items costing less than PARALLEL_MIN run first, in the calling thread; the others then
+    run on the pool, costliest first, so that no big item is left running alone at the end.
+    The exception raised is that of the first failing name in the order of ``names``,
+    exactly as a sequential loop would raise it: after a failing small item only the big
+    items before it run, and pool results are collected in order. Items not yet started
+    are cancelled once one fails, and the pool waits for the running ones (nothing is left
+    working after the call).
+    """
+    big = [name for name in names if cost(name) >= PARALLEL_MIN]
+    workers = worker_count(threads, len(big))
+    if workers == 1:
+        return {name: fn(name) for name in names}
+    results: dict[str, Value] = {}
+    failure: Exception | None = None
+    for position, name in enumerate(names):
+        if cost(name) < PARALLEL_MIN:
+            try:
+                results[name] = fn(name)
+            except Exception as exc:  # raised below, unless a big item before it fails first
+                failure, names = exc, names[:position]
+                break
+    big = [name for name in names if cost(name) >= PARALLEL_MIN]
+    with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
+        futures = {name: pool.submit(fn, name) for name in sorted(big, key=cost, reverse=True)}
+        try:
+            results.update((name, futures[name].result()) for name in big)
+        finally:
+            for future in futures.values():
+                future.cancel()
+    if failure is not None:
+        raise failure
+    return {name: results[name] for name in names}
+
+
+def _elements(container: Container) -> Callable[[str], int]:
+    """A tensor's decode cost, roughly: its element count (from the checked header)."""
+    return lambda name: math.prod(container.info(name).shape)
+
+
+def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = None,
+         threads: int | None = None) -> dict[str, Any]:
     """Every tensor decoded by torch on ``device``: a state_dict of dense tensors."""
     from kernelpack._backend import TorchOps
 
     ops = TorchOps(device)
     with Container(path, limits) as c:
-        state = {name: c.decode(name, ops) for name in c.keys()}
+        state = map_in_order(lambda name: c.decode(name, ops), c.keys(), threads, _elements(c))
         c.check_payloads()
         return state
 
 
-def load_numpy(path: str | os.PathLike, limits: Limits | None = None) -> dict[str, np.ndarray]:
+def load_numpy(path: str | os.PathLike, limits: Limits | None = None,
+               threads: int | None = None) -> dict[str, np.ndarray]:
     """Every tensor decoded by numpy on the CPU (no torch import; bfloat16 widened to float32)."""
     with Container(path, limits) as c:
-        state = {name: c.get_numpy(name) for name in c.keys()}
+        state = map_in_order(c.get_numpy, c.keys(), threads, _elements(c))
         c.check_payloads()
         return state
 
 
 def load_model(model: Any, path: str | os.PathLike, strict: bool = True,
-               device: Any = None, limits: Limits | None = None) -> Any:
+               device: Any = None, limits: Limits | None = None, threads: int | None = None) -> Any:
     """Decode into a ready ``nn.Module`` (on its device unless ``device`` is given).
 
     Returns what ``load_state_dict`` returns (missing and unexpected keys).
@@ -55,4 +135,4 @@ def load_model(model: Any, path: str | os.PathLike, strict: bool = True,
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else "cpu"
-    return model.load_state_dict(load(path, device=device, limits=limits), strict=strict)
+    return model.load_state_dict(load(path, device=device, limits=limits, threads=threads), strict=strict)

@@ -75,7 +75,8 @@ def test_the_corpus_covers_every_version_rule() -> None:
     assert any(v[0] == 1 and v[1] > kernelpack.FORMAT_VERSION[1] for v in versions)
     assert {v[0] for v in versions} >= {0, 1, 2}
     assert {e.get("field") for e in MANIFEST.values()} >= {"version", "attachments", "arrays.coefficients.codec",
-                                                           "arrays.data.dtype", "arrays.residual"}
+                                                           "arrays.data.dtype", "arrays.residual",
+                                                           "banks.bank0.step"}
 
 
 # --- the same rules on files made now ------------------------------------------------------
@@ -131,6 +132,7 @@ def test_the_writer_writes_the_lowest_version_that_holds_the_file(tmp_path: Path
     w = {"w": np.ones(3, np.float32)}
     kernelpack.save(w, tmp_path / "plain.kpk")
     kernelpack.save(w, tmp_path / "att.kpk", attachments={"g": b"graph"})
-    for name, version in (("plain.kpk", (1, 0)), ("att.kpk", (1, 1))):
+    kernelpack.save(w, tmp_path / "quantised.kpk", forms=kernelpack.Dense(step=0.5))
+    for name, version in (("plain.kpk", (1, 0)), ("att.kpk", (1, 1)), ("quantised.kpk", (1, 2))):
         with Container(tmp_path / name) as c:
             assert c.version == version

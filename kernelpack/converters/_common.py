@@ -7,8 +7,9 @@ with no re-fit. Two rules make the packed model equal the trained one up to the
 canonical decode:
 
 * the forward pass uses the numbers *as they will be stored*: each trainable field
-  is rounded to the storage dtype with a straight-through estimator (the value is
-  rounded, the gradient passes as if it were not);
+  is rounded to the storage dtype, or quantised with its step when the config has one,
+  with a straight-through estimator (the value is rounded, the gradient passes as if it
+  were not);
 * ``right_inverse`` initialises the fields with the form's own closed-form encoder
   (``kernelpack.forms``), so there is one home for each fit.
 """
@@ -23,26 +24,36 @@ import torch
 from torch import nn
 
 from kernelpack.forms import Encoded
-from kernelpack.forms._base import Stored, to_stored
+from kernelpack.forms._base import Stored, quantise, to_stored
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def as_stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """``x`` rounded to the storage dtype in the forward pass, unrounded in the backward pass.
+def as_stored(x: torch.Tensor, dtype: str | None, step: float | None = None) -> torch.Tensor:
+    """``x`` as it will be stored in the forward pass, unrounded in the backward pass.
 
-    torch rounds float32 to float16 and bfloat16 half to even, as ``forms.to_stored``
-    does, so these are the very numbers that will be packed.
+    Without a step: rounded to the storage dtype; torch rounds float32 to float16 and
+    bfloat16 half to even, as ``forms.to_stored`` does. With a step: quantised as
+    ``forms._base.quantise`` and dequantised as the decode does (float32, then float64
+    codes ``round_half_even(x / step)``, then ``float32(q) * float32(step)``, one IEEE
+    product on every device). Either way these are the very numbers that will be packed.
     """
-    if dtype == "float32" and x.dtype == torch.float32:
+    if step is not None:
+        codes = torch.round(x.detach().to(torch.float32).to(torch.float64) / step)  # half to even
+        factor = torch.tensor(step, dtype=torch.float32, device=x.device)
+        rounded = (codes.to(torch.float32) * factor).to(x.dtype)
+    elif dtype in (None, "float32") and x.dtype == torch.float32:
         return x
-    rounded = x.detach().to(TORCH_DTYPES[dtype]).to(x.dtype)
+    else:
+        rounded = x.detach().to(TORCH_DTYPES[dtype or "float32"]).to(x.dtype)
     return x + (rounded - x.detach())
 
 
-def stored(x: torch.Tensor, dtype: str) -> Stored:
-    """A trained field as the form stores it (float32 first, then rounded like the forward)."""
-    return to_stored(x.detach().to("cpu", torch.float32).numpy(), dtype)
+def stored(x: torch.Tensor, dtype: str | None, step: float | None = None) -> Stored:
+    """A trained field as the form stores it (float32 first, then rounded or quantised like
+    the forward)."""
+    values = x.detach().to("cpu", torch.float32).numpy()
+    return to_stored(values, dtype or "float32") if step is None else quantise(values, step)
 
 
 def as_param(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:

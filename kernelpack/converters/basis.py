@@ -40,6 +40,7 @@ class BasisWeight(FormWeight):
         super().__init__()
         self.shape = tuple(int(d) for d in shape)
         self.config, self.dtype = config, config.dtype
+        self.steps: tuple[float | None, ...] = (None, None, None)  # bank, a, b: set by right_inverse
         self.pull: torch.Tensor | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -47,7 +48,8 @@ class BasisWeight(FormWeight):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         filters = self.bank.to(a.dtype)[self.index].reshape(len(self.index), -1)
-        slices = as_stored(a, self.dtype)[:, None] * filters + as_stored(b, self.dtype)[:, None]
+        step_a, step_b = self.steps[1:]
+        slices = as_stored(a, self.dtype, step_a)[:, None] * filters + as_stored(b, self.dtype, step_b)[:, None]
         weight = slices.reshape(self.shape)
         if weight.requires_grad:
             weight.register_hook(self._accumulate)
@@ -59,6 +61,7 @@ class BasisWeight(FormWeight):
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = self.config.encode(as_numpy64(weight))
+        self.steps = (encoded.bank.step, encoded.a.step, encoded.b.step)  # quantised: fixed from the fit
         # Buffers (saved in checkpoints): the stored-rounded bank and the slices' indices.
         bank = torch.from_numpy(encoded.bank.values().astype(np.float32))
         self.register_buffer("bank", bank.to(weight.device))
@@ -80,10 +83,12 @@ class BasisWeight(FormWeight):
         b.copy_(as_param(new_b, b))
 
     def to_encoded(self, a: torch.Tensor, b: torch.Tensor) -> BasisTensor:
-        bank = stored(self.bank, self.dtype)  # exact: the buffer holds stored-rounded values
+        step_bank, step_a, step_b = self.steps
+        bank = stored(self.bank, self.dtype, step_bank)  # exact: the buffer holds stored values
         index = to_stored(self.index.cpu().numpy(), "uint8" if len(self.bank) <= 256 else "uint16")
         name = self.config.bank_name or content_name(bank)
-        return BasisTensor(self.shape, name, bank, index, stored(a, self.dtype), stored(b, self.dtype))
+        return BasisTensor(self.shape, name, bank, index, stored(a, self.dtype, step_a),
+                           stored(b, self.dtype, step_b))
 
 
 def gaussian_bank(size: int | tuple[int, int], sigmas: Sequence[float] = (0.5, 1.0)) -> np.ndarray:

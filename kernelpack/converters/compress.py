@@ -64,7 +64,8 @@ def compress_(model: nn.Module, config: Rules) -> nn.Module:
         if not isinstance(module, LAYERS):
             continue
         chosen = rule_for(config, module_name)
-        if chosen is None or (isinstance(chosen, Dense) and chosen.dtype in (None, "float32")):
+        if chosen is None or (isinstance(chosen, Dense) and chosen.dtype in (None, "float32")
+                              and not chosen.quantised):
             continue
         name = f"{module_name}.weight"
         try:

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kernelpack.converters._common import FormWeight, as_stored, stored
+from kernelpack.converters._common import FormWeight, as_numpy64, as_stored, stored
 from kernelpack.forms import Dense
 from kernelpack.forms.dense import DenseTensor
 
@@ -19,15 +19,17 @@ class DenseWeight(FormWeight):
     def __init__(self, shape: Sequence[int], config: Dense) -> None:
         super().__init__()
         self.shape, self.dtype = tuple(int(d) for d in shape), config.dtype
+        self.config, self.step = config, None
 
     def settings(self) -> dict[str, Any]:
         return {"dtype": self.dtype}
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        return as_stored(values, self.dtype)
+        return as_stored(values, self.dtype, self.step)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
+        self.step = self.config.step_for(as_numpy64(weight))
         return (weight.detach().clone(),)
 
     def to_encoded(self, values: torch.Tensor) -> DenseTensor:
-        return DenseTensor(stored(values, self.dtype), "float32")
+        return DenseTensor(stored(values, self.dtype, self.step), "float32")

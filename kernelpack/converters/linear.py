@@ -31,13 +31,14 @@ class LinearWeight(FormWeight):
         self.shape = tuple(int(d) for d in shape)
         self.config, self.dtype = config, config.dtype
         self.field_names = ("primaries", "A") if config.rank is None else ("primaries", "A1", "A2")
+        self.steps: tuple[float | None, ...] = (None,) * len(self.field_names)  # set by right_inverse
 
     def settings(self) -> dict[str, Any]:
         return {"alpha": self.config.alpha, "rank": self.config.rank, "dtype": self.dtype}
 
     def forward(self, primaries: torch.Tensor, *coefficients: torch.Tensor) -> torch.Tensor:
-        wp = as_stored(primaries, self.dtype).reshape(len(primaries), -1)
-        a = [as_stored(c, self.dtype) for c in coefficients]
+        wp = as_stored(primaries, self.dtype, self.steps[0]).reshape(len(primaries), -1)
+        a = [as_stored(c, self.dtype, step) for c, step in zip(coefficients, self.steps[1:])]
         coeff = a[0] @ a[1] if len(a) == 2 else a[0]
         rows = torch.cat([wp, coeff.T @ wp])
         if self.order is not None:
@@ -48,12 +49,14 @@ class LinearWeight(FormWeight):
         encoded = self.config.encode(as_numpy64(weight))
         order = None if encoded.order is None else torch.from_numpy(encoded.order.data.astype(np.int64))
         self.register_buffer("order", None if order is None else order.to(weight.device))
-        return tuple(as_param(s.values(), weight) for s in (encoded.primaries, *encoded.coefficients))
+        fitted = (encoded.primaries, *encoded.coefficients)
+        self.steps = tuple(s.step for s in fitted)  # a quantised config's steps, fixed from the fit
+        return tuple(as_param(s.values(), weight) for s in fitted)
 
     def to_encoded(self, primaries: torch.Tensor, *coefficients: torch.Tensor) -> LinearTensor:
         order = None if self.order is None else to_stored(self.order.cpu().numpy(), "int32")
-        return LinearTensor(self.shape, stored(primaries, self.dtype),
-                            tuple(stored(c, self.dtype) for c in coefficients), order)
+        return LinearTensor(self.shape, stored(primaries, self.dtype, self.steps[0]),
+                            tuple(stored(c, self.dtype, s) for c, s in zip(coefficients, self.steps[1:])), order)
 
 
 def correlation_loss(model: nn.Module) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -21,6 +21,10 @@ from kernelpack.errors import KernelpackError
 
 #: Dtypes in which a compressed form may store its numbers (float16 by default).
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+#: Dtypes of quantised numbers (integer codes, since format 1.2) and the magnitude of their
+#: most negative code: -128 and -32768 are valid codes, an encoder writes |q| below it.
+CODE_DTYPES = {"int8": 1 << 7, "int16": 1 << 15}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Hard limits (spec/FORMAT.md, "Limits").
 MAX_RANK = 8
 MAX_DIM = 1 << 31
@@ -33,6 +37,7 @@ class ArraySpec:
 
     dtype: str
     shape: tuple[int, ...]
+    step: float | None = None  # quantised numbers: dtype holds integer codes
 
     @property
     def size(self) -> int:
@@ -45,18 +50,112 @@ class ArraySpec:
 
 @dataclass(frozen=True)
 class Stored:
-    """A stored array: raw little-endian numpy data (bfloat16 as uint16 bits) and its spec dtype."""
+    """A stored array: raw little-endian numpy data (bfloat16 as uint16 bits), its spec dtype
+    and, for quantised numbers, the step its integer codes are multiplied by."""
 
     data: np.ndarray
     dtype: str
+    step: float | None = None
 
     @property
     def spec(self) -> ArraySpec:
-        return ArraySpec(self.dtype, tuple(int(d) for d in self.data.shape))
+        return ArraySpec(self.dtype, tuple(int(d) for d in self.data.shape), self.step)
 
     def values(self) -> np.ndarray:
-        """The stored numbers as numpy (bfloat16 widened exactly to float32)."""
+        """The stored numbers as numpy (bfloat16 widened exactly to float32, codes dequantised)."""
+        if self.step is not None:
+            return dequantise(self.data, self.step)
         return bfloat16_bits_to_float32(self.data) if self.dtype == "bfloat16" else self.data
+
+    def numbers(self) -> tuple[np.ndarray, str]:
+        """What a decode hands its backend (``ops.float64(*stored.numbers())``): the payload as
+        stored, or the float32 numbers quantised codes stand for, made here once with numpy so
+        that every backend and device starts from the same bits."""
+        return (self.values(), "float32") if self.step is not None else (self.data, self.dtype)
+
+
+def dequantise(codes: np.ndarray, step: float) -> np.ndarray:
+    """``float32(q) * float32(step)``: one IEEE binary32 product, rounded to nearest even, the
+    same on every machine (int16 and int8 codes are exact in float32; the header check keeps
+    every product finite)."""
+    return codes.astype(np.float32) * np.float32(step)
+
+
+def as_step(value: Any, field: str = "step") -> float:
+    """An encoder's step, rounded to the nearest float32 (the header holds float32 values)."""
+    need(isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool), field,
+         f"must be a number, got {shown(value)}")
+    with np.errstate(over="ignore"):
+        step = float(np.float32(value))
+    need(math.isfinite(step) and step > 0 and step * CODE_DTYPES["int16"] <= FLOAT32_MAX, field,
+         f"must be a finite float32 > 0 (and at most {FLOAT32_MAX / CODE_DTYPES['int16']:.3g}), got {value!r}")
+    return step
+
+
+def need_step(value: Any, dtype: str, field: str) -> float:
+    """A header's ``step``: a float, finite, > 0, exactly a float32, on int8/int16 codes whose
+    every value times it is finite in float32 (so a decode never meets an infinity)."""
+    need(isinstance(value, float), field, f"must be a float, got {shown(value)}")
+    need(math.isfinite(value) and value > 0, field, f"must be finite and > 0, got {value!r}")
+    with np.errstate(over="ignore", under="ignore"):
+        need(float(np.float32(value)) == value, field, f"must be exactly representable as float32, got {value!r}")
+    need(dtype in CODE_DTYPES, field, f"needs integer codes (dtype {' or '.join(CODE_DTYPES)}), "
+         f"the array is {shown(dtype)}")
+    need(value * CODE_DTYPES[dtype] <= FLOAT32_MAX, field,
+         f"{value!r} times the {dtype} code -{CODE_DTYPES[dtype]} overflows float32")
+    return value
+
+
+def quantise(values: Any, step: float) -> Stored:
+    """Integer codes ``q = round_half_even(values / step)``, int8 when every code is in
+    [-127, 127], else int16; codes beyond [-32767, 32767] are an error (a larger step, or
+    float storage, is needed)."""
+    step = as_step(step)
+    codes = np.rint(np.asarray(values, dtype=np.float64) / step)
+    need(bool(np.all(np.isfinite(codes))), "values", "holds a NaN or infinity, which cannot be quantised")
+    peak = float(np.max(np.abs(codes), initial=0.0))
+    need(peak < CODE_DTYPES["int16"], "step", f"step {step!r} is too small for these numbers: a code of "
+         f"{peak:.0f} does not fit int16 (|q| <= {CODE_DTYPES['int16'] - 1}); use a larger step")
+    dtype = "int8" if peak < CODE_DTYPES["int8"] else "int16"
+    return Stored(codes.astype(NUMPY_DTYPES[dtype]), dtype, step)
+
+
+@dataclass(frozen=True)
+class Quantisable:
+    """Encoder settings every form shares: optional uniform quantisation of its stored numbers.
+
+    ``step`` quantises every number array of the tensor with that absolute step (rounded to
+    float32); ``rel_step`` gives each number array its own step, ``rel_step`` times the RMS
+    of that array (1 if it is all zero), so every array's numbers carry a relative error of
+    about ``rel_step / sqrt(12)`` whatever its units (weights, unit-norm bank filters, the
+    dimensionless A of ``linear``). Neither: numbers are floats of the config's ``dtype``.
+    Keyword-only, so the forms' positional settings keep their order.
+    """
+
+    step: float | None = field(default=None, kw_only=True)
+    rel_step: float | None = field(default=None, kw_only=True)
+
+    @property
+    def quantised(self) -> bool:
+        return self.step is not None or self.rel_step is not None
+
+    def step_for(self, values: Any) -> float | None:
+        """The step this config quantises ``values`` with (None: not quantised)."""
+        if self.rel_step is None:
+            return None if self.step is None else as_step(self.step)
+        need(self.step is None, "rel_step", "give step or rel_step, not both")
+        need(isinstance(self.rel_step, (int, float)) and 0 < self.rel_step < math.inf, "rel_step",
+             f"must be a number > 0, got {shown(self.rel_step)}")
+        x = np.asarray(values, dtype=np.float64)
+        rms = math.sqrt(float(np.mean(np.square(x)))) if x.size else 0.0
+        return as_step(self.rel_step * (rms if rms > 0 else 1.0), "rel_step")
+
+    def store(self, values: Any) -> Stored:
+        """Numbers as this config stores them: quantised, else rounded to its float ``dtype``."""
+        step = self.step_for(values)
+        if step is None:
+            return to_stored(values, float_dtype(getattr(self, "dtype")))  # every config has a dtype
+        return quantise(values, step)
 
 
 def to_stored(values: Any, dtype: str) -> Stored:
@@ -144,16 +243,28 @@ def need_shape(value: Any, field: str, min_dim: int = 0) -> tuple[int, ...]:
 
 
 def need_array(arrays: Mapping[str, ArraySpec], name: str, dtypes: tuple[str, ...],
-               shape: tuple[int, ...] | None = None) -> ArraySpec:
-    """The stored array ``name`` exists, has one of ``dtypes`` and, if given, ``shape``."""
+               shape: tuple[int, ...] | None = None, numbers: bool = False) -> ArraySpec:
+    """The stored array ``name`` exists, has one of ``dtypes`` (or, for ``numbers``, is
+    quantised: integer codes and a step) and, if given, ``shape``."""
     field = f"arrays.{name}"
     need(name in arrays, field, "is missing")
     spec = arrays[name]
-    need(spec.dtype in dtypes, field + ".dtype", f"must be one of {dtypes}, got {spec.dtype!r}")
+    need_dtype(spec, field, dtypes, numbers)
     if shape is not None:
         need(spec.shape == tuple(shape), field + ".shape",
              f"must be {list(shape)}, got {list(spec.shape)}")
     return spec
+
+
+def need_dtype(spec: ArraySpec, field: str, dtypes: tuple[str, ...], numbers: bool) -> None:
+    """A stored array's dtype is one of ``dtypes``, unless it holds quantised numbers: integer
+    codes and a valid step. Only arrays of numbers may be quantised (never an index)."""
+    if spec.step is None:
+        codes = " (int8 and int16 only with a step)" if numbers else ""
+        need(spec.dtype in dtypes, field + ".dtype", f"must be one of {dtypes}{codes}, got {spec.dtype!r}")
+    else:
+        need(numbers, field + ".step", "only arrays of numbers may be quantised")
+        need_step(spec.step, spec.dtype, field + ".step")
 
 
 def need_only(arrays: Mapping[str, Any], allowed: set[str]) -> None:
@@ -163,8 +274,11 @@ def need_only(arrays: Mapping[str, Any], allowed: set[str]) -> None:
 
 
 def need_finite(stored: Stored, field: str) -> None:
-    """Stored numbers of compressed forms are finite (no NaN or infinity)."""
+    """Stored numbers of compressed forms are finite (no NaN or infinity; quantised numbers are,
+    by the header check of their step)."""
     values = stored.data
+    if stored.step is not None:
+        return
     if stored.dtype == "bfloat16":
         finite = (values & 0x7F80) != 0x7F80
     else:

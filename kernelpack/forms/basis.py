@@ -29,8 +29,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from kernelpack._backend import Ops
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
-                                    need_array, need_finite, need_name, need_only, to_stored)
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
+                                    need_array, need_dtype, need_finite, need_name, need_only, to_stored)
 
 NAME = "basis"
 INDEX_DTYPES = ("uint8", "uint16")
@@ -64,7 +64,7 @@ class BasisTensor(Encoded):
         name = fields.get("bank")
         need(isinstance(name, str) and name in banks, "bank", f"names no bank of this file: {name!r}")
         bank = banks[name]
-        need(bank.dtype in FLOAT_DTYPES, f"banks.{name}.dtype", f"must be one of {FLOAT_DTYPES}")
+        need_dtype(bank, f"banks.{name}", FLOAT_DTYPES, numbers=True)
         filt = bank.shape[1:]
         need(len(shape) >= len(filt) and tuple(shape[len(shape) - len(filt):]) == filt, "shape",
              f"must end with the bank's filter shape {list(filt)}")
@@ -72,8 +72,8 @@ class BasisTensor(Encoded):
         slices = (math.prod(shape[:len(shape) - len(filt)]),)
         need_only(arrays, {"index", "a", "b"})
         need_array(arrays, "index", INDEX_DTYPES, slices)
-        need_array(arrays, "a", FLOAT_DTYPES, slices)
-        need_array(arrays, "b", FLOAT_DTYPES, slices)
+        need_array(arrays, "a", FLOAT_DTYPES, slices, numbers=True)
+        need_array(arrays, "b", FLOAT_DTYPES, slices, numbers=True)
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
@@ -88,12 +88,14 @@ class BasisTensor(Encoded):
         return cls(shape, fields["bank"], bank, index, arrays["a"], arrays["b"])
 
     def decode(self, ops: Ops) -> Any:
-        bank = ops.float64(self.bank.data, self.bank.dtype)
+        bank = ops.float64(*self.bank.numbers())
         n_slices = self.index.data.shape[0]
         filters = ops.reshape(ops.take(bank, self.index.data.astype(np.int64)), (n_slices, -1))
-        a = ops.reshape(ops.float64(self.a.data, self.a.dtype), (n_slices, 1))
-        b = ops.reshape(ops.float64(self.b.data, self.b.dtype), (n_slices, 1))
-        return ops.to_float32(ops.reshape(filters * a + b, self.shape))
+        a = ops.reshape(ops.float64(*self.a.numbers()), (n_slices, 1))
+        b = ops.reshape(ops.float64(*self.b.numbers()), (n_slices, 1))
+        weights = filters * a  # exact in float64 (two 24-bit significands)
+        weights += b  # in place: the one rounding of the float64 sum, no second temporary
+        return ops.to_float32(ops.reshape(weights, self.shape))
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -119,13 +121,14 @@ def kmeans_bank(slices: np.ndarray, n_filters: int, seed: int = 0) -> np.ndarray
 
 
 @dataclass(frozen=True)
-class Basis:
+class Basis(Quantisable):
     """Encoder settings.
 
     ``bank``: an int builds a bank of that many filters by k-means of the tensor's
     own slices; an array (n, *filter_shape) is a bank given by the caller, shared by
     every tensor that uses the same array. ``bank_name`` names it in the file
-    (default: derived from its contents).
+    (default: derived from its contents). ``step``/``rel_step`` quantise the bank, then
+    ``a`` and ``b`` (fitted against the stored bank) (:class:`Quantisable`).
     """
 
     bank: int | np.ndarray = 16
@@ -147,18 +150,17 @@ class Basis:
         else:
             need(1 <= len(given) <= MAX_BANK, "bank", f"bank size must be in [1, {MAX_BANK}]")
             unit_bank = normalize_rows(given.reshape(len(given), -1))
-        dtype = float_dtype(self.dtype)
-        bank = to_stored(unit_bank.reshape((-1,) + tuple(filt)), dtype)
+        bank = self.store(unit_bank.reshape((-1,) + tuple(filt)))
         index, a, b = fit_slices(slices, bank.values().astype(np.float64).reshape(len(unit_bank), -1))
         name = need_name(self.bank_name or content_name(bank), "bank")
         idx_dtype = "uint8" if len(unit_bank) <= 256 else "uint16"
-        return BasisTensor(tuple(w.shape), name, bank, to_stored(index, idx_dtype),
-                           to_stored(a, dtype), to_stored(b, dtype))
+        return BasisTensor(tuple(w.shape), name, bank, to_stored(index, idx_dtype), self.store(a), self.store(b))
 
 
 def content_name(bank: Stored) -> str:
-    """The default name of a bank: from its stored bytes, so equal banks share one entry."""
-    return "bank-" + hashlib.sha256(bank.data.tobytes()).hexdigest()[:16]
+    """The default name of a bank: from its stored bytes (and step), so equal banks share one entry."""
+    step = b"" if bank.step is None else np.float64(bank.step).tobytes()
+    return "bank-" + hashlib.sha256(bank.data.tobytes() + step).hexdigest()[:16]
 
 
 def fit_slices(slices: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,9 +25,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from kernelpack._backend import Ops
-from kernelpack._exact import MAX_REDUCTION, dct_table, transform_axis, zigzag_positions
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
-                                    need_array, need_finite, need_int, need_only, to_stored)
+from kernelpack._exact import MAX_REDUCTION, dct_table, transform_axis, zigzag_positions, zigzag_scatter
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
+                                    need_array, need_finite, need_int, need_only)
 
 NAME = "dct"
 
@@ -68,7 +68,7 @@ class DCTTensor(Encoded):
         check_axes(fields.get("axes"), shape)
         boundary = need_int(fields.get("boundary"), "boundary", 0, math.prod(shape))
         need_only(arrays, {"coefficients"})
-        need_array(arrays, "coefficients", FLOAT_DTYPES, (boundary,))
+        need_array(arrays, "coefficients", FLOAT_DTYPES, (boundary,), numbers=True)
 
     @classmethod
     def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
@@ -83,13 +83,10 @@ class DCTTensor(Encoded):
         return cls(shape, tuple(fields["axes"]), arrays["coefficients"])
 
     def decode(self, ops: Ops) -> Any:
-        positions = zigzag_positions(self.shape, self.axes, self.boundary)
         # Box holding every kept index: its extent K along a transformed axis is the
         # reduction length of that axis's stage (it fixes the grid widths).
-        box = tuple((int(positions[:, a].max(initial=0)) + 1) if a in self.axes else d
-                    for a, d in enumerate(self.shape))
-        flat = np.ravel_multi_index(tuple(positions.T), box)
-        values = ops.float64(self.coefficients.data, self.coefficients.dtype)
+        box, flat = zigzag_scatter(self.shape, self.axes, self.boundary)
+        values = ops.float64(*self.coefficients.numbers())
         x = ops.reshape(ops.scatter(math.prod(box), flat, values), box)
         for a in self.axes:
             n, k = self.shape[a], box[a]
@@ -98,10 +95,11 @@ class DCTTensor(Encoded):
 
 
 @dataclass(frozen=True)
-class DCT:
+class DCT(Quantisable):
     """Encoder settings: keep a fraction ``keep`` of the coefficients, or exactly ``boundary``.
 
     ``axes=None`` transforms every axis (the paper's N-D frequency regularisation).
+    ``step``/``rel_step`` quantise the kept coefficients (:class:`Quantisable`).
     """
 
     keep: float | None = 0.25
@@ -120,7 +118,7 @@ class DCT:
         boundary = self.boundary_for(x.size)
         spectrum = dctn(x, type=2, norm="ortho", axes=axes)
         positions = zigzag_positions(shape, axes, boundary)
-        return DCTTensor(shape, axes, to_stored(spectrum[tuple(positions.T)], float_dtype(self.dtype)))
+        return DCTTensor(shape, axes, self.store(spectrum[tuple(positions.T)]))
 
     def boundary_for(self, size: int) -> int:
         """How many coefficients a tensor of ``size`` elements keeps: ``boundary``, else ``keep``."""

@@ -2,7 +2,9 @@
 
 Fields: one array ``data`` of the tensor's shape. The decoded dtype is the stored
 dtype, or float32 when float16/bfloat16 data stands for a float32 tensor (an
-exact widening). Decoding is a copy, so any dtype round-trips bit for bit.
+exact widening) or when quantised int8/int16 codes do (format 1.2: ``float32(q) *
+float32(step)``, the float32 tensor itself). Decoding is otherwise a copy, so any dtype
+round-trips bit for bit.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES, Ops
-from kernelpack.forms._base import (ArraySpec, Encoded, Stored, need, need_array, need_only,
-                                    to_stored)
+from kernelpack.forms._base import (ArraySpec, Encoded, Quantisable, Stored, need, need_array,
+                                    need_only, to_stored)
 
 NAME = "dense"
 WIDENING = {"float16": "float32", "bfloat16": "float32"}
@@ -45,9 +47,10 @@ class DenseTensor(Encoded):
     def check(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
               arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
         need_only(arrays, {"data"})
-        spec = need_array(arrays, "data", tuple(NUMPY_DTYPES), shape)
-        need(dtype in (spec.dtype, WIDENING.get(spec.dtype)), "dtype",
-             f"a dense tensor of stored dtype {spec.dtype} cannot decode to {dtype}")
+        spec = need_array(arrays, "data", tuple(NUMPY_DTYPES), shape, numbers=True)
+        decodes_to = ("float32",) if spec.step is not None else (spec.dtype, WIDENING.get(spec.dtype))
+        need(dtype in decodes_to, "dtype", f"a dense tensor of stored dtype {spec.dtype}"
+             f"{' with a step' if spec.step is not None else ''} cannot decode to {dtype}")
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
@@ -58,18 +61,24 @@ class DenseTensor(Encoded):
         return cls(data, dtype)
 
     def decode(self, ops: Ops) -> Any:
-        value = ops.from_stored(self.data.data, self.data.dtype)
+        value = ops.from_stored(*self.data.numbers())
         return ops.to_float32(value) if self.out_dtype != self.data.dtype else value
 
 
 @dataclass(frozen=True)
-class Dense:
-    """Store as it is; ``dtype`` ('float16', 'bfloat16') stores a float32 tensor narrower."""
+class Dense(Quantisable):
+    """Store as it is; ``dtype`` ('float16', 'bfloat16') stores a float32 tensor narrower, and
+    ``step``/``rel_step`` (instead of ``dtype``) quantise one (:class:`Quantisable`)."""
 
     dtype: str | None = None
 
     def encode(self, array: np.ndarray, source_dtype: str) -> DenseTensor:
         """``array`` is the tensor as numpy (bfloat16 as uint16 bits, named by ``source_dtype``)."""
+        if self.quantised:
+            need(source_dtype == "float32" and self.dtype in (None, "float32"), "step",
+                 f"quantised dense storage is for float32 tensors without a dtype, got a {source_dtype} "
+                 f"tensor and dtype {self.dtype}")
+            return DenseTensor(self.store(array), "float32")
         if self.dtype is None or self.dtype == source_dtype:
             return DenseTensor(Stored(np.asarray(array, order="C"), source_dtype), source_dtype)
         need(source_dtype == "float32" and self.dtype in WIDENING, "dtype",

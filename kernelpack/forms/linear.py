@@ -27,7 +27,7 @@ import numpy as np
 
 from kernelpack._backend import Ops
 from kernelpack._exact import MAX_REDUCTION, fixed_matmul
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
                                     need_array, need_finite, need_int, need_only, to_stored)
 
 NAME = "linear"
@@ -57,7 +57,7 @@ class LinearTensor(Encoded):
               arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> None:
         need(len(shape) >= 2 and min(shape) >= 1, "shape", "must have rank >= 2 and no empty axis")
         need_only(arrays, {"primaries", "A", "A1", "A2", "order"})
-        primaries = need_array(arrays, "primaries", FLOAT_DTYPES)
+        primaries = need_array(arrays, "primaries", FLOAT_DTYPES, numbers=True)
         p = primaries.shape[0] if primaries.shape else 0
         need(primaries.shape[1:] == shape[1:] and 1 <= p <= min(shape[0], MAX_REDUCTION),
              "arrays.primaries.shape", f"must be [p, {', '.join(map(str, shape[1:]))}] with "
@@ -65,13 +65,13 @@ class LinearTensor(Encoded):
         s = shape[0] - p
         if "A" in arrays:
             need("A1" not in arrays and "A2" not in arrays, "arrays.A1", "A and A1/A2 are exclusive")
-            need_array(arrays, "A", FLOAT_DTYPES, (p, s))
+            need_array(arrays, "A", FLOAT_DTYPES, (p, s), numbers=True)
         else:
-            a1 = need_array(arrays, "A1", FLOAT_DTYPES)
+            a1 = need_array(arrays, "A1", FLOAT_DTYPES, numbers=True)
             r = a1.shape[1] if len(a1.shape) == 2 else 0
             need(len(a1.shape) == 2 and a1.shape[0] == p and 1 <= r <= MAX_REDUCTION,
                  "arrays.A1.shape", f"must be [{p}, r] with 1 <= r <= {MAX_REDUCTION}")
-            need_array(arrays, "A2", FLOAT_DTYPES, (r, s))
+            need_array(arrays, "A2", FLOAT_DTYPES, (r, s), numbers=True)
         if "order" in arrays:
             need_array(arrays, "order", ("int32",), (shape[0],))
 
@@ -97,10 +97,10 @@ class LinearTensor(Encoded):
 
     def decode(self, ops: Ops) -> Any:
         p = self.primaries.data.shape[0]
-        primaries = ops.reshape(ops.float64(self.primaries.data, self.primaries.dtype), (p, -1))
+        primaries = ops.reshape(ops.float64(*self.primaries.numbers()), (p, -1))
         parts = [primaries]
         if self.shape[0] > p:
-            a = [ops.float64(c.data, c.dtype) for c in self.coefficients]
+            a = [ops.float64(*c.numbers()) for c in self.coefficients]
             coeff = fixed_matmul(ops, a[0], a[1]) if len(a) == 2 else a[0]
             parts.append(fixed_matmul(ops, ops.transpose2(coeff), primaries))
         rows = ops.concat(parts)
@@ -110,11 +110,12 @@ class LinearTensor(Encoded):
 
 
 @dataclass(frozen=True)
-class Linear:
+class Linear(Quantisable):
     """Encoder settings: ``alpha`` the share of primaries (or ``primaries`` p), ``rank`` r of A.
 
     ``pivot=False`` takes the first p filters as the primaries (no ``order`` stored), as a
-    layer trained as LinearConv from scratch has them.
+    layer trained as LinearConv from scratch has them. ``step``/``rel_step`` quantise the
+    primaries, then A (or A1 and A2), fitted against the stored primaries (:class:`Quantisable`).
     """
 
     alpha: float = 0.5
@@ -131,24 +132,23 @@ class Linear:
         c_out = w.shape[0]
         p = self.primaries if self.primaries is not None else round(self.alpha * c_out)
         need_int(p, "primaries", 1, min(c_out, MAX_REDUCTION))
-        dtype = float_dtype(self.dtype)
         filters = w.reshape(c_out, -1)
         if self.pivot:
             _, _, pivots = qr(filters.T, mode="economic", pivoting=True)
             chosen = np.concatenate([pivots[:p], np.sort(pivots[p:])])
         else:
             chosen = np.arange(c_out)
-        primaries = to_stored(filters[chosen[:p]].reshape((p,) + w.shape[1:]), dtype)
+        primaries = self.store(filters[chosen[:p]].reshape((p,) + w.shape[1:]))
         wp = primaries.values().astype(np.float64).reshape(p, -1)
         a = np.linalg.lstsq(wp.T, filters[chosen[p:]].T, rcond=None)[0]  # (p, s)
-        coefficients = self._factor(a, dtype)
+        coefficients = self._factor(a)
         identity = np.array_equal(chosen, np.arange(c_out))
         order = None if identity else to_stored(chosen, "int32")
         return LinearTensor(tuple(w.shape), primaries, coefficients, order)
 
-    def _factor(self, a: np.ndarray, dtype: str) -> tuple[Stored, ...]:
+    def _factor(self, a: np.ndarray) -> tuple[Stored, ...]:
         if self.rank is None:
-            return (to_stored(a, dtype),)
+            return (self.store(a),)
         need_int(self.rank, "rank", 1, MAX_REDUCTION)
         u, sv, vt = np.linalg.svd(a, full_matrices=False)
         r = self.rank
@@ -157,4 +157,4 @@ class Linear:
             vt = np.pad(vt, ((0, r - len(sv)), (0, 0)))
             sv = np.pad(sv, (0, r - len(sv)))
         root = np.sqrt(sv[:r])
-        return to_stored(u[:, :r] * root, dtype), to_stored(root[:, None] * vt[:r], dtype)
+        return self.store(u[:, :r] * root), self.store(root[:, None] * vt[:r])

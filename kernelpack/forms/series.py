@@ -31,8 +31,8 @@ import numpy as np
 
 from kernelpack._backend import Ops
 from kernelpack._exact import MAX_REDUCTION, chebyshev_table, named_points, transform_axis
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Stored, float_dtype, need,
-                                    need_array, need_finite, need_int, need_only, to_stored)
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
+                                    need_array, need_finite, need_int, need_only)
 
 NAME = "series"
 FAMILIES = ("cosine", "chebyshev")
@@ -99,7 +99,7 @@ class SeriesTensor(Encoded):
         check_points(points[0], "points", shape[-2])
         check_points(points[1], "points", shape[-1])
         need_only(arrays, {"coefficients"})
-        need_array(arrays, "coefficients", FLOAT_DTYPES, shape[:-2] + (nx, ny))
+        need_array(arrays, "coefficients", FLOAT_DTYPES, shape[:-2] + (nx, ny), numbers=True)
 
     @classmethod
     def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
@@ -117,7 +117,7 @@ class SeriesTensor(Encoded):
         return cls(shape, fields["family"], points, arrays["coefficients"])  # type: ignore[arg-type]
 
     def decode(self, ops: Ops) -> Any:
-        x = ops.float64(self.coefficients.data, self.coefficients.dtype)
+        x = ops.float64(*self.coefficients.numbers())
         for axis, table in zip((-2, -1), self.tables()):
             x = transform_axis(ops, x, len(self.shape) + axis,
                                lambda lo, hi, t=table: t[:, lo:hi], *table.shape)
@@ -125,9 +125,10 @@ class SeriesTensor(Encoded):
 
 
 @dataclass(frozen=True)
-class Series:
+class Series(Quantisable):
     """Encoder settings: ``harmonics`` N or (Nx, Ny); ``points`` a set name for both axes
-    or a pair (points_x, points_y) of names or explicit coordinates (default 'cgl')."""
+    or a pair (points_x, points_y) of names or explicit coordinates (default 'cgl');
+    ``step``/``rel_step`` quantise the coefficients (:class:`Quantisable`)."""
 
     family: str = "cosine"
     harmonics: int | tuple[int, int] = 3
@@ -149,7 +150,7 @@ class Series:
         table_x, table_y = sample_table(nx, points[0], kh), sample_table(ny, points[1], kw)
         # W ~= Tx^T C Ty on the last two axes; the least-squares solution is separable.
         coefficients = np.linalg.pinv(table_x.T) @ w @ np.linalg.pinv(table_y)
-        stored = to_stored(coefficients, float_dtype(self.dtype))
+        stored = self.store(coefficients)
         return SeriesTensor(tuple(w.shape), self.family, points, stored)  # type: ignore[arg-type]
 
 

@@ -30,8 +30,8 @@ import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES
 from kernelpack.container import Container, digest, write
-from kernelpack.forms import (DCT, Basis, BasisTensor, Config, DCTTensor, Dense, Encoded,
-                              Linear, LinearTensor, Series, SeriesTensor)
+from kernelpack.forms import (DCT, FORMS, Basis, BasisTensor, Config, DCTTensor, Dense, DenseTensor,
+                              Encoded, Linear, LinearTensor, Series, SeriesTensor)
 from kernelpack.forms._base import Stored, to_stored
 from kernelpack.pack import encode
 
@@ -188,6 +188,40 @@ def signed_zero_file() -> dict[str, Entry]:
     }
 
 
+def codes(values: list[int], dtype: str, step: float, shape: tuple[int, ...] | None = None) -> Stored:
+    """Exact quantised numbers: integer codes and their step (format 1.2)."""
+    data = np.array(values, dtype=NUMPY_DTYPES[dtype])
+    return Stored(data if shape is None else data.reshape(shape), dtype, step)
+
+
+def quant_file() -> dict[str, Entry]:
+    """Format 1.2, quantised numbers (int8/int16 codes times a float32 step): every number array
+    of every form from the encoders (absolute ``step`` and per-array ``rel_step``), a quantised
+    dense float32 tensor; by hand, the extreme codes -128/127 and -32768/32767, products that
+    round half to even (step 1 + 2^-23), subnormal products (step 2^-149), products near the
+    float32 limit (step 2^112), and quantised and float arrays side by side."""
+    shared = normal(801, (5, 3, 3))
+    tie = float(np.float32(1 + 2.0 ** -23))
+    return {
+        "dct_step": (normal(802, (6, 4, 3, 3)) * 0.1, DCT(keep=0.2, step=2.0 ** -7)),
+        "dct_rel_int16": (normal(803, (8, 6)), DCT(boundary=20, axes=(1,), rel_step=0.001)),
+        "series_step": (normal(804, (4, 3, 3, 3)) * 0.1, Series("cosine", (3, 2), "cgl", step=0.01)),
+        "basis_rel": (normal(805, (6, 3, 3, 3)), Basis(shared, bank_name="quant_bank", rel_step=0.02)),
+        "linear_step": (normal(806, (8, 3, 3, 3)) * 0.1, Linear(alpha=0.5, step=0.004)),
+        "linear_low_rank_rel": (normal(807, (10, 12)), Linear(primaries=4, rank=2, rel_step=0.01)),
+        "dense_step": (normal(808, (4, 5)) * 0.1, Dense(step=0.003)),
+        "dense_rel_int16": (normal(809, (3, 7)), Dense(rel_step=0.0005)),
+        "dense_extreme_int8": DenseTensor(codes([-128, -127, -1, 0, 1, 127], "int8", 0.375), "float32"),
+        "dense_extreme_int16": DenseTensor(codes([-32768, -32767, -129, 128, 32767], "int16",
+                                                 float(np.float32(0.1))), "float32"),
+        "dense_ties_to_even": DenseTensor(codes([1, 3, 5, -3, 7, 127], "int8", tie), "float32"),
+        "dense_subnormal": DenseTensor(codes([1, 3, -2, 100, -32768], "int16", 2.0 ** -149), "float32"),
+        "dense_near_float32_max": DenseTensor(codes([-32768, 32767, 1], "int16", 2.0 ** 112), "float32"),
+        "linear_quantised_and_float": LinearTensor((3, 2), codes([3, -5], "int8", 0.25, (1, 2)),
+                                                   (to_stored(np.array([[0.5, -1.5]], np.float32), "float16"),)),
+    }
+
+
 def mixed_file() -> dict[str, Entry]:
     """A small model: every form side by side, names in non-sorted order, as save() writes them."""
     return {
@@ -220,6 +254,7 @@ FILES = (
                (("source", "kernelpack spec/vectors"), ("note", "unicode µ ✓"))),
     VectorFile("signed_zero.kpk", signed_zero_file.__doc__ or "", signed_zero_file),
     VectorFile("empty.kpk", "No tensors: metadata only.", dict, (("empty", "true"),)),
+    VectorFile("quant.kpk", quant_file.__doc__ or "", quant_file),
 )
 
 
@@ -247,15 +282,18 @@ def record(path: str, description: str) -> dict[str, Any]:
                 raise AssertionError(f"{path}: {name}: numpy, torch and header digests disagree")
             tensors[name] = {
                 "form": info.form, "shape": list(info.shape), "dtype": info.dtype, "sha256": sha.hex(),
-                "fields": info.fields,
-                "arrays": {k: {"dtype": r.spec.dtype, "shape": list(r.spec.shape), "codec": r.codec}
-                           for k, r in info.arrays.items()},
+                "fields": info.fields, "arrays": {k: array_entry(r) for k, r in info.arrays.items()},
             }
-        banks = {k: {"dtype": r.spec.dtype, "shape": list(r.spec.shape), "codec": r.codec}
-                 for k, r in c.bank_info().items()}
-        metadata = dict(c.metadata)
+        banks = {k: array_entry(r) for k, r in c.bank_info().items()}
+        metadata, version = dict(c.metadata), list(c.version)
     return {"description": description, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-            "metadata": metadata, "banks": banks, "tensors": tensors}
+            "version": version, "metadata": metadata, "banks": banks, "tensors": tensors}
+
+
+def array_entry(ref: Any) -> dict[str, Any]:
+    """A stored array in the manifest: dtype, shape, codec and, if quantised, its step."""
+    entry = {"dtype": ref.spec.dtype, "shape": list(ref.spec.shape), "codec": ref.codec}
+    return entry if ref.spec.step is None else {**entry, "step": ref.spec.step}
 
 
 def check_coverage(manifest: dict[str, Any]) -> None:
@@ -274,6 +312,13 @@ def check_coverage(manifest: dict[str, Any]) -> None:
         "boundary 0": tensors[("dct.kpk", "boundary_0")]["fields"]["boundary"] == 0,
         "shared bank": tensors[("basis.kpk", "conv_a")]["fields"]["bank"]
         == tensors[("basis.kpk", "conv_b")]["fields"]["bank"],
+        "int8 and int16 codes": {a["dtype"] for (f, _), t in tensors.items() if f == "quant.kpk"
+                                 for a in t["arrays"].values() if "step" in a} == {"int8", "int16"},
+        "every form quantised": {t["form"] for (f, _), t in tensors.items() if f == "quant.kpk"
+                                 and any("step" in a for a in t["arrays"].values())} == set(FORMS),
+        "quantised bank": "step" in manifest["files"]["quant.kpk"]["banks"]["quant_bank"],
+        "only quant.kpk is 1.2": all((entry["version"] == [1, 2]) == (f == "quant.kpk")
+                                     for f, entry in manifest["files"].items()),
     }
     broken = [k for k, ok in promises.items() if not ok]
     if broken:
@@ -311,7 +356,7 @@ def generate(folder: str) -> dict[str, Any]:
     total = sum(f["size"] for f in files.values())
     if total > MAX_TOTAL_BYTES:
         raise AssertionError(f"the vectors take {total} bytes; the limit is {MAX_TOTAL_BYTES}")
-    manifest = {"format_version": [1, 0], "generator": "spec/vectors/generate.py", "files": files}
+    manifest = {"format_version": [1, 2], "generator": "spec/vectors/generate.py", "files": files}
     check_coverage(manifest)
     check_uint16_indices(folder)
     check_signed_zeros(folder)

@@ -60,6 +60,27 @@ def every_form() -> dict[str, Encoded]:
     }
 
 
+def quantised_forms() -> dict[str, Encoded]:
+    """Format 1.2: every kind of number array quantised (int8 and int16 codes times a float32
+    step), one small tensor per form, beside float arrays in the same tensor (basis ``b``)."""
+    def codes(shape: tuple[int, ...], dtype: str, step: float) -> Stored:
+        count, top = int(np.prod(shape)), 127 if dtype == "int8" else 32767
+        values = (np.arange(count, dtype=np.int64) * 7919) % (2 * top + 1) - top
+        return Stored(values.astype(dtype).reshape(shape), dtype, step)
+
+    tenth = float(np.float32(0.1))
+    return {
+        "dense": DenseTensor(codes((2, 3), "int16", 2.0 ** -12), "float32"),
+        "dct": DCTTensor((4, 4), (0, 1), codes((6,), "int8", 0.125)),
+        "series": SeriesTensor((2, 3, 3), "cosine", ("cgl", (-0.5, 0.0, 0.75)), codes((2, 2, 2), "int16", 2.0 ** -10)),
+        "basis": BasisTensor((3, 2, 2), "bank0", codes((2, 2, 2), "int8", tenth),
+                             Stored(np.array([0, 1, 1], np.uint8), "uint8"), codes((3,), "int16", tenth),
+                             to_stored(np.array([0.5, -0.25, 0.0], np.float32), "float16")),
+        "linear": LinearTensor((3, 4), codes((2, 4), "int8", 0.5), (codes((2, 1), "int16", 2.0 ** -8),),
+                               Stored(np.array([2, 0, 1], np.int32), "int32")),
+    }
+
+
 # --- hand edits: a new preamble and header over the same payloads -----------------------
 def rewrite(path: str, major: int, minor: int, change: Callable[[dict[str, Any]], None]) -> None:
     """Give a file another version and header; the payloads (offsets relative to the data
@@ -120,6 +141,10 @@ def with_attachments(path: str) -> None:
     write(path, every_form(), metadata={"corpus": "1.1"}, attachments={"onnx.graph": GRAPH, "empty": b""})
 
 
+def quantised(path: str) -> None:
+    write(path, quantised_forms(), metadata={"corpus": "1.2"})
+
+
 def edited(base: Callable[[str], None], major: int, minor: int,
            change: Callable[[dict[str, Any]], None]) -> Callable[[str], None]:
     def make(path: str) -> None:
@@ -132,6 +157,10 @@ LOAD = {"expect": "load"}
 FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
     "v1.0.kpk": (plain, LOAD),
     "v1.1-attachments.kpk": (with_attachments, LOAD),
+    "v1.2-quantised.kpk": (quantised, LOAD),
+    "v1.1-with-step.kpk": (edited(quantised, 1, 1, keep), {
+        "expect": "refuse", "tensor": None, "field": "banks.bank0.step",
+        "message": "is not a field of a stored array in a version 1.1 file"}),
     "v1.future-unknown-keys.kpk": (edited(with_attachments, 1, FUTURE_MINOR, future_keys), {
         "expect": "load", "decode_errors": {"hyper": {"field": "form", "message": "needs a newer kernelpack"}}}),
     "v1.future-unknown-codec.kpk": (edited(plain, 1, FUTURE_MINOR, unknown(
