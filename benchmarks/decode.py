@@ -20,7 +20,10 @@ For each layer shape and form this measures, in one run:
 * whole model: a ResNet-18-shaped state dict (every tensor of torchvision's ``resnet18()``
   but ``num_batches_tracked``, He-initialised) in dense float16 and with each form on the
   weights it suits, loaded with ``threads=1`` and with the default threads (one per core),
-  against ``safetensors.numpy.load_file`` of the same state dict as dense float32.
+  against ``safetensors.numpy.load_file`` of the same state dict as dense float32; the same
+  for a MobileNet-shaped state dict of many small tensors (``mobile_small``, like PP-OCR's
+  text-direction classifier: 177 tensors, most of them batch-norm vectors), where a load
+  costs per tensor (header checks, reads, zstd frames), not per byte.
 
     python benchmarks/decode.py            # full run (minutes on 2 cores)
     python benchmarks/decode.py --quick    # smoke run on small shapes (seconds)
@@ -275,6 +278,24 @@ def resnet18(width: int = 64) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def mobile_small() -> dict[str, tuple[int, ...]]:
+    """Shapes of a small MobileNet-like classifier, like PP-OCR's text-direction classifier
+    (183 tensors, 0.53 MB of float32; no download needed): a 3x3 stem and 17 depthwise-
+    separable blocks (3x3 depthwise, 1x1 pointwise), each convolution followed by batch
+    norm's four vectors, and a 2-class fc: 177 tensors, 0.35 MB, four fifths of them 1-D."""
+    norm = ("weight", "bias", "running_mean", "running_var")
+    shapes: dict[str, tuple[int, ...]] = {"stem.conv.weight": (8, 3, 3, 3)}
+    shapes.update({f"stem.bn.{k}": (8,) for k in norm})
+    c_in = 8
+    for block, c in enumerate((8, 16, 16, 24, 24, 24, 40, 40, 40, 48, 48, 96, 96, 96, 96, 96, 200)):
+        for conv, shape in (("dw", (c_in, 1, 3, 3)), ("pw", (c, c_in, 1, 1))):
+            shapes[f"blocks.{block}.{conv}.weight"] = shape
+            shapes.update({f"blocks.{block}.{conv}_bn.{k}": shape[:1] for k in norm})
+        c_in = c
+    shapes.update({"fc.weight": (2, c_in), "fc.bias": (2,)})
+    return shapes
+
+
 def model_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """He-initialised weights; norm scales near 1, variances positive, biases and means small."""
     state = {}
@@ -352,19 +373,23 @@ def one_blas_thread(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def whole_model(quick: bool, folder: str, repeats: int) -> list[str]:
-    """The whole-model table (printed as it goes), and the paths of its containers' profiles."""
+def whole_model(quick: bool, folder: str, repeats: int) -> list[tuple[str, str]]:
+    """The whole-model tables (printed as they go), and the paths of their containers' profiles.
+    The many-small-tensors model is measured in dense float16 only: its tensors are too small
+    for the other forms to matter, and its point is the per-tensor cost."""
     width = 16 if quick else 64
-    model = f"resnet18{'' if width == 64 else f' (width {width})'}"
-    state = model_weights(resnet18(width))
-    dense_mbs = baseline_state(state, folder, repeats)
-    print(f"\n{model}: {len(state)} tensors, {sum(w.nbytes for w in state.values()) / 1e6:.1f} MB "
-          f"of float32\n\n{ModelResult.HEADER}")
+    models = ((f"resnet18{'' if width == 64 else f' (width {width})'}", resnet18(width), MODEL_FORMS),
+              ("mobile-small", mobile_small(), MODEL_FORMS[:1]))
     paths = []
-    for label, config, takes in MODEL_FORMS:
-        path = os.path.join(folder, f"model-{len(paths)}.kpk")
-        print(measure_model(state, label, config, takes, path, repeats, dense_mbs).row(model), flush=True)
-        paths.append((f"{model}, {label}", path))
+    for model, shapes, forms in models:
+        state = model_weights(shapes)
+        dense_mbs = baseline_state(state, folder, repeats)
+        print(f"\n{model}: {len(state)} tensors, {sum(w.nbytes for w in state.values()) / 1e6:.2f} MB "
+              f"of float32\n\n{ModelResult.HEADER}")
+        for label, config, takes in forms:
+            path = os.path.join(folder, f"model-{len(paths)}.kpk")
+            print(measure_model(state, label, config, takes, path, repeats, dense_mbs).row(model), flush=True)
+            paths.append((f"{model}, {label}", path))
     return paths
 
 

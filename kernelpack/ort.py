@@ -167,17 +167,22 @@ def weight_array(container: Container, ref: WeightRef) -> np.ndarray:
     return np.ascontiguousarray(container.get_numpy(ref.name), dtype=ONNX_FLOAT_TYPES[ref.elem_type])
 
 
-def graph_and_weights(path: str | os.PathLike,
-                      limits: Limits | None = None) -> tuple[bytes, dict[str, np.ndarray]]:
-    """The attached graph and every weight it reads, decoded (numpy, checked against the SHA-256s)."""
-    with Container(path, limits) as c:
+def graph_and_weights(path: str | os.PathLike, limits: Limits | None = None,
+                      threads: int | None = None) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The attached graph and every weight it reads, decoded (numpy, checked against the SHA-256s)
+    on ``threads`` threads as by ``kernelpack.load_numpy``, with the same errors as one by one."""
+    from kernelpack.runtime import _elements, map_in_order  # runtime imports this module
+
+    with Container(path, limits, preload=True) as c:
         graph = c.read_attachment(GRAPH)
         try:
             refs = graph_weights(graph)
         except (_WireError, UnicodeDecodeError) as exc:
             raise KernelpackError(f"not a valid ONNX ModelProto: {exc}", path=c.path,
                                   field=f"attachments.{GRAPH}") from None
-        return graph, {ref.name: weight_array(c, ref) for ref in refs}
+        by_name = {ref.name: ref for ref in refs}  # graph order; a repeated name: its last ref
+        return graph, map_in_order(lambda name: weight_array(c, by_name[name]), list(by_name), threads,
+                                   _elements(c))
 
 
 # --- providers ----------------------------------------------------------------------------
@@ -231,17 +236,18 @@ def usable_providers(requested: Sequence[Provider] | None = None) -> list[Provid
 
 # --- the session --------------------------------------------------------------------------
 def ort_session(path: str | os.PathLike, providers: Sequence[Provider] | None = None,
-                sess_options: Any = None, limits: Limits | None = None) -> Any:
+                sess_options: Any = None, limits: Limits | None = None, threads: int | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` for a container holding ``onnx.graph``.
 
     ``providers`` default to CUDA then CPU; unusable ones are dropped (see
     :func:`usable_providers`) and ``session.get_providers()[0]`` is the one that runs.
     If ORT itself cannot start a GPU provider (e.g. missing cuDNN), it falls back to CPU
     and a ``RuntimeWarning`` says so. ``sess_options`` (an ``onnxruntime.SessionOptions``)
-    is used as given, plus the weights; ``limits`` as for ``kernelpack.open``.
+    is used as given, plus the weights; ``limits`` as for ``kernelpack.open``, ``threads`` (the
+    weights' decode) as for ``kernelpack.load_numpy``.
     """
     ort = need_module("onnxruntime", "an ONNX Runtime session", "onnx")
-    graph, weights = graph_and_weights(path, limits)
+    graph, weights = graph_and_weights(path, limits, threads)
     options = ort.SessionOptions() if sess_options is None else sess_options
     options.add_external_initializers(list(weights),
                                       [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])

@@ -74,22 +74,23 @@ def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int 
     are cancelled once one fails, and the pool waits for the running ones (nothing is left
     working after the call).
     """
-    big = [name for name in names if cost(name) >= PARALLEL_MIN]
+    costs = {name: cost(name) for name in names}  # once: for a small tensor it is a good part of its load
+    big = [name for name in names if costs[name] >= PARALLEL_MIN]
     workers = worker_count(threads, len(big))
     if workers == 1:
         return {name: fn(name) for name in names}
     results: dict[str, Value] = {}
     failure: Exception | None = None
     for position, name in enumerate(names):
-        if cost(name) < PARALLEL_MIN:
+        if costs[name] < PARALLEL_MIN:
             try:
                 results[name] = fn(name)
             except Exception as exc:  # raised below, unless a big item before it fails first
                 failure, names = exc, names[:position]
                 break
-    big = [name for name in names if cost(name) >= PARALLEL_MIN]
+    big = [name for name in names if costs[name] >= PARALLEL_MIN]
     with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
-        futures = {name: pool.submit(fn, name) for name in sorted(big, key=cost, reverse=True)}
+        futures = {name: pool.submit(fn, name) for name in sorted(big, key=costs.__getitem__, reverse=True)}
         try:
             results.update((name, futures[name].result()) for name in big)
         finally:
@@ -101,8 +102,9 @@ def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int 
 
 
 def _elements(container: Container) -> Callable[[str], int]:
-    """A tensor's decode cost, roughly: its element count (from the checked header)."""
-    return lambda name: math.prod(container.info(name).shape)
+    """A tensor's decode cost, roughly: its element count (from the checked header); 0 for a
+    name the container lacks (its decode raises the error, in the calling thread)."""
+    return lambda name: math.prod(container.info(name).shape) if name in container else 0
 
 
 def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = None,
@@ -111,7 +113,7 @@ def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = N
     from kernelpack._backend import TorchOps
 
     ops = TorchOps(device)
-    with Container(path, limits) as c:
+    with Container(path, limits, preload=True) as c:
         state = map_in_order(lambda name: c.decode(name, ops), c.keys(), threads, _elements(c))
         c.check_payloads()
         return state
@@ -120,7 +122,7 @@ def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = N
 def load_numpy(path: str | os.PathLike, limits: Limits | None = None,
                threads: int | None = None) -> dict[str, np.ndarray]:
     """Every tensor decoded by numpy on the CPU (no torch import; bfloat16 widened to float32)."""
-    with Container(path, limits) as c:
+    with Container(path, limits, preload=True) as c:
         state = map_in_order(c.get_numpy, c.keys(), threads, _elements(c))
         c.check_payloads()
         return state

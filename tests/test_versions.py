@@ -76,7 +76,7 @@ def test_the_corpus_covers_every_version_rule() -> None:
     assert {v[0] for v in versions} >= {0, 1, 2}
     assert {e.get("field") for e in MANIFEST.values()} >= {"version", "attachments", "arrays.coefficients.codec",
                                                            "arrays.data.dtype", "arrays.residual",
-                                                           "banks.bank0.step"}
+                                                           "banks.bank0.step", "arrays.data.codec"}
 
 
 # --- the same rules on files made now ------------------------------------------------------
@@ -133,6 +133,8 @@ def test_the_writer_writes_the_lowest_version_that_holds_the_file(tmp_path: Path
     kernelpack.save(w, tmp_path / "plain.kpk")
     kernelpack.save(w, tmp_path / "att.kpk", attachments={"g": b"graph"})
     kernelpack.save(w, tmp_path / "quantised.kpk", forms=kernelpack.Dense(step=0.5))
-    for name, version in (("plain.kpk", (1, 0)), ("att.kpk", (1, 1)), ("quantised.kpk", (1, 2))):
+    kernelpack.save({"w": np.arange(4096, dtype=np.float32)}, tmp_path / "shuffled.kpk")  # zstd-shuffle
+    for name, version in (("plain.kpk", (1, 0)), ("att.kpk", (1, 1)), ("quantised.kpk", (1, 2)),
+                          ("shuffled.kpk", (1, 2))):
         with Container(tmp_path / name) as c:
             assert c.version == version

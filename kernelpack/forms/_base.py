@@ -224,6 +224,8 @@ def need_name(value: Any, field: str) -> str:
 
 def need_int(value: Any, field: str, low: int, high: int) -> int:
     """An int (not bool) in [low, high]."""
+    if type(value) is int and low <= value <= high:  # the common case: no message formatted
+        return value
     need(isinstance(value, int) and not isinstance(value, bool), field,
          f"must be an integer, got {type(value).__name__}")
     need(low <= value <= high, field, f"must be in [{low}, {high}], got {value}")
@@ -232,6 +234,8 @@ def need_int(value: Any, field: str, low: int, high: int) -> int:
 
 def need_shape(value: Any, field: str, min_dim: int = 0) -> tuple[int, ...]:
     """A list of at most MAX_RANK dimensions with an element count within MAX_ELEMENTS."""
+    if _plain_shape(value, min_dim):
+        return tuple(value)
     need(isinstance(value, (list, tuple)), field, "must be a list of dimensions")
     need(len(value) <= MAX_RANK, field, f"rank {len(value)} exceeds the limit {MAX_RANK}")
     dims = tuple(need_int(d, field, min_dim, MAX_DIM) for d in value)
@@ -242,6 +246,20 @@ def need_shape(value: Any, field: str, min_dim: int = 0) -> tuple[int, ...]:
     return dims
 
 
+_INT = frozenset({int})
+
+
+def _plain_shape(value: Any, min_dim: int) -> bool:
+    """The common valid shape, checked in a few C-speed calls: a list of at most MAX_RANK
+    plain ints, each in [max(1, min_dim), MAX_DIM], whose product is within MAX_ELEMENTS (no
+    dimension is 0, so every partial product is within it too). need_shape checks anything
+    else one dimension at a time, and says what is wrong."""
+    return (type(value) is list and len(value) <= MAX_RANK
+            and _INT.issuperset(map(type, value))
+            and (not value or (min(value) >= max(1, min_dim) and max(value) <= MAX_DIM))
+            and math.prod(value) <= MAX_ELEMENTS)
+
+
 def need_array(arrays: Mapping[str, ArraySpec], name: str, dtypes: tuple[str, ...],
                shape: tuple[int, ...] | None = None, numbers: bool = False) -> ArraySpec:
     """The stored array ``name`` exists, has one of ``dtypes`` (or, for ``numbers``, is
@@ -250,9 +268,8 @@ def need_array(arrays: Mapping[str, ArraySpec], name: str, dtypes: tuple[str, ..
     need(name in arrays, field, "is missing")
     spec = arrays[name]
     need_dtype(spec, field, dtypes, numbers)
-    if shape is not None:
-        need(spec.shape == tuple(shape), field + ".shape",
-             f"must be {list(shape)}, got {list(spec.shape)}")
+    if shape is not None and spec.shape != tuple(shape):
+        raise KernelpackError(f"must be {list(shape)}, got {list(spec.shape)}", field=field + ".shape")
     return spec
 
 
@@ -260,8 +277,9 @@ def need_dtype(spec: ArraySpec, field: str, dtypes: tuple[str, ...], numbers: bo
     """A stored array's dtype is one of ``dtypes``, unless it holds quantised numbers: integer
     codes and a valid step. Only arrays of numbers may be quantised (never an index)."""
     if spec.step is None:
-        codes = " (int8 and int16 only with a step)" if numbers else ""
-        need(spec.dtype in dtypes, field + ".dtype", f"must be one of {dtypes}{codes}, got {spec.dtype!r}")
+        if spec.dtype not in dtypes:  # the message (every dtype) formatted only on failure
+            codes = " (int8 and int16 only with a step)" if numbers else ""
+            raise KernelpackError(f"must be one of {dtypes}{codes}, got {spec.dtype!r}", field=field + ".dtype")
     else:
         need(numbers, field + ".step", "only arrays of numbers may be quantised")
         need_step(spec.step, spec.dtype, field + ".step")
@@ -269,8 +287,8 @@ def need_dtype(spec: ArraySpec, field: str, dtypes: tuple[str, ...], numbers: bo
 
 def need_only(arrays: Mapping[str, Any], allowed: set[str]) -> None:
     """No stored arrays other than ``allowed``."""
-    extra = sorted(set(arrays) - allowed)
-    need(not extra, f"arrays.{extra[0]}" if extra else "arrays", "is not a field of this form")
+    if not allowed.issuperset(arrays):
+        raise KernelpackError("is not a field of this form", field=f"arrays.{sorted(set(arrays) - allowed)[0]}")
 
 
 def need_finite(stored: Stored, field: str) -> None:

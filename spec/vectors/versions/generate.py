@@ -81,6 +81,24 @@ def quantised_forms() -> dict[str, Encoded]:
     }
 
 
+def byte_planes() -> dict[str, Encoded]:
+    """Format 1.2 by its codec alone (no ``step``): arrays of 2, 4 and 8 byte elements that
+    ``zstd-shuffle`` packs smallest, and a uint8 array, which is never shuffled."""
+    ramp = np.arange(512, dtype=np.int64)
+    wrapped = ramp * 7919 % 1021  # 0..1020 in a fixed scrambled order
+
+    def dense(values: np.ndarray, dtype: str) -> DenseTensor:
+        return DenseTensor(Stored(values.astype(dtype), dtype), dtype)
+
+    return {
+        "float16": dense(wrapped / 1024 + 1, "float16"),
+        "float32": dense(np.sin(ramp * 0.37) / 10, "float32"),
+        "int16": dense(wrapped - 510, "int16"),
+        "int64": dense(wrapped * 1000, "int64"),
+        "bytes": dense(ramp % 7, "uint8"),
+    }
+
+
 # --- hand edits: a new preamble and header over the same payloads -----------------------
 def rewrite(path: str, major: int, minor: int, change: Callable[[dict[str, Any]], None]) -> None:
     """Give a file another version and header; the payloads (offsets relative to the data
@@ -145,6 +163,14 @@ def quantised(path: str) -> None:
     write(path, quantised_forms(), metadata={"corpus": "1.2"})
 
 
+def shuffled(path: str) -> None:
+    write(path, byte_planes(), metadata={"corpus": "1.2 zstd-shuffle"})
+    with Container(path) as c:  # the codec really is in the file
+        codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
+    assert codecs == {**dict.fromkeys(["float16", "float32", "int16", "int64"], "zstd-shuffle"),
+                      "bytes": "zstd"}, codecs
+
+
 def edited(base: Callable[[str], None], major: int, minor: int,
            change: Callable[[dict[str, Any]], None]) -> Callable[[str], None]:
     def make(path: str) -> None:
@@ -161,6 +187,14 @@ FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
     "v1.1-with-step.kpk": (edited(quantised, 1, 1, keep), {
         "expect": "refuse", "tensor": None, "field": "banks.bank0.step",
         "message": "is not a field of a stored array in a version 1.1 file"}),
+    "v1.2-zstd-shuffle.kpk": (shuffled, LOAD),
+    "v1.1-zstd-shuffle.kpk": (edited(shuffled, 1, 1, keep), {
+        "expect": "refuse", "tensor": "float16", "field": "arrays.data.codec",
+        "message": "in a version 1.1 file, got 'zstd-shuffle'"}),
+    "v1.2-zstd-shuffle-bytes.kpk": (edited(shuffled, 1, 2, unknown(
+        "tensors", "bytes", "arrays", "data", "codec", value="zstd-shuffle")), {
+        "expect": "refuse", "tensor": "bytes", "field": "arrays.data.codec",
+        "message": "zstd-shuffle is only for elements of more than one byte"}),
     "v1.future-unknown-keys.kpk": (edited(with_attachments, 1, FUTURE_MINOR, future_keys), {
         "expect": "load", "decode_errors": {"hyper": {"field": "form", "message": "needs a newer kernelpack"}}}),
     "v1.future-unknown-codec.kpk": (edited(plain, 1, FUTURE_MINOR, unknown(
