@@ -208,12 +208,12 @@ def tuned_methods(quick: bool) -> list[Method]:
     model on its task's training data (see ``fine_tuned`` and ``frequency``)."""
     epochs = 2 if quick else 10
     out = []
-    for rel in ((0.8,) if quick else (0.2, 0.4, 0.8)):
+    for rel in ((0.8,) if quick else (0.2, 0.4, 0.8, 1.6)):
         out.append(Method(f"kpk q{rel:g} + fine-tune", "kernelpack", True,
                           lambda m, w, rel=rel: fine_tuned(m, w, "dense", rel, epochs), tuned=True))
     out.append(Method("kpk series N=3 q0.4 + fine-tune", "kernelpack", True,
                       lambda m, w: fine_tuned(m, w, "series", 0.4, epochs), tuned=True))
-    for share in ((0.05,) if quick else (0.03, 0.08)):
+    for share in ((0.05,) if quick else (0.03, 0.08, 0.15)):
         out.append(Method(f"kpk FR {share:.0%} q0.3 + fine-tune", "kernelpack", True,
                           lambda m, w, share=share: frequency(m, w, share, 0.3, 4 if quick else 40), tuned=True))
     return out
@@ -317,13 +317,12 @@ def load_to_ready(repeats: int) -> dict[str, dict[str, float]]:
     """Median model-file-to-first-result seconds per case, fresh processes (load_to_ready.py)."""
     import load_to_ready as ltr
 
-    work = os.path.join(tempfile.gettempdir(), "kernelpack-suite-ltr")
-    os.makedirs(work, exist_ok=True)
-    cases = ltr.cases([*ltr.PPOCR, "digits-cnn"], "cpu", work)
-    runs: dict[int, list[float]] = {i: [] for i in range(len(cases))}
-    for _ in range(repeats):
-        for i, case in enumerate(cases):
-            runs[i].append(ltr.measure(case)["marks"]["first result"])
+    with tempfile.TemporaryDirectory() as work:  # files of this run only
+        cases = ltr.cases([*ltr.PPOCR, "digits-cnn"], "cpu", work)
+        runs: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+        for _ in range(repeats):
+            for i, case in enumerate(cases):
+                runs[i].append(ltr.measure(case)["marks"]["first result"])
     out: dict[str, dict[str, float]] = {}
     for i, case in enumerate(cases):
         out.setdefault(case["model"], {})[case["label"]] = statistics.median(runs[i])
