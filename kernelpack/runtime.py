@@ -10,8 +10,9 @@ so that any corrupted byte is an error. ``limits`` (a :class:`Limits`) bounds wh
 may make the reader allocate; services that open untrusted files may lower the defaults.
 
 Whole-file loads decode their tensors on ``threads`` threads (default None: one per CPU
-core, at most one per tensor of PARALLEL_MIN elements or more; smaller tensors decode in
-the calling thread first): reading, SHA-256, zstd and the large numpy/torch operations
+core, at most one per tensor of PARALLEL_MIN elements or more, and none beside the calling
+thread when those tensors hold fewer than AUTO_PARALLEL_TOTAL elements in all; smaller
+tensors decode in the calling thread first): reading, SHA-256, zstd and the large numpy/torch operations
 release the GIL. The result is the same with any number of threads (each tensor's decode
 is deterministic and independent of the others), and so is a failure: the error raised is
 the one of the first failing tensor in the file's order, as a one-thread load would raise.
@@ -60,6 +61,11 @@ def worker_count(threads: int | None, tasks: int) -> int:
 #: C calls makes each of those wait for the GIL when its call returns (up to the 5 ms switch
 #: interval), which made many small tensors load slower on two threads than on one.
 PARALLEL_MIN = 1 << 15
+#: With ``threads=None`` a load whose big tensors hold fewer elements than this in all runs in
+#: the calling thread: below it the pool's start and the GIL hand-offs cost more than the
+#: second core gives back (measured on the PP-OCR models, 1.2M-2.7M elements: one thread was
+#: up to 1.3x faster for quantised containers; a ResNet-18, 11.7M, loads 1.8x faster on two).
+AUTO_PARALLEL_TOTAL = 1 << 22
 
 
 def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int | None,
@@ -77,7 +83,7 @@ def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int 
     costs = {name: cost(name) for name in names}  # once: for a small tensor it is a good part of its load
     big = [name for name in names if costs[name] >= PARALLEL_MIN]
     workers = worker_count(threads, len(big))
-    if workers == 1:
+    if workers == 1 or (threads is None and sum(costs[name] for name in big) < AUTO_PARALLEL_TOTAL):
         return {name: fn(name) for name in names}
     results: dict[str, Value] = {}
     failure: Exception | None = None

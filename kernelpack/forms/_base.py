@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -78,7 +79,7 @@ def dequantise(codes: np.ndarray, step: float) -> np.ndarray:
     """``float32(q) * float32(step)``: one IEEE binary32 product, rounded to nearest even, the
     same on every machine (int16 and int8 codes are exact in float32; the header check keeps
     every product finite)."""
-    return codes.astype(np.float32) * np.float32(step)
+    return np.multiply(codes, np.float32(step), dtype=np.float32)  # codes cast exactly, one pass
 
 
 def as_step(value: Any, field: str = "step") -> float:
@@ -94,16 +95,26 @@ def as_step(value: Any, field: str = "step") -> float:
 
 def need_step(value: Any, dtype: str, field: str) -> float:
     """A header's ``step``: a float, finite, > 0, exactly a float32, on int8/int16 codes whose
-    every value times it is finite in float32 (so a decode never meets an infinity)."""
+    every value times it is finite in float32 (so a decode never meets an infinity).
+
+    Checked first and explained only on failure: a container has one per quantised array."""
+    if (isinstance(value, float) and math.isfinite(value) and value > 0 and _is_float32(value)
+            and dtype in CODE_DTYPES and value * CODE_DTYPES[dtype] <= FLOAT32_MAX):
+        return value
     need(isinstance(value, float), field, f"must be a float, got {shown(value)}")
     need(math.isfinite(value) and value > 0, field, f"must be finite and > 0, got {value!r}")
-    with np.errstate(over="ignore", under="ignore"):
-        need(float(np.float32(value)) == value, field, f"must be exactly representable as float32, got {value!r}")
+    need(_is_float32(value), field, f"must be exactly representable as float32, got {value!r}")
     need(dtype in CODE_DTYPES, field, f"needs integer codes (dtype {' or '.join(CODE_DTYPES)}), "
          f"the array is {shown(dtype)}")
-    need(value * CODE_DTYPES[dtype] <= FLOAT32_MAX, field,
-         f"{value!r} times the {dtype} code -{CODE_DTYPES[dtype]} overflows float32")
-    return value
+    raise KernelpackError(f"{value!r} times the {dtype} code -{CODE_DTYPES[dtype]} overflows float32", field=field)
+
+
+def _is_float32(value: float) -> bool:
+    """``value`` (finite) is exactly a float32: packing it as one and back gives it again."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0] == value
+    except OverflowError:  # beyond the float32 range
+        return False
 
 
 def quantise(values: Any, step: float) -> Stored:
