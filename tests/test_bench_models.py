@@ -5,24 +5,14 @@ and rebuild the model from nothing but the weights they are given."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmark_modules import load
 
-
-def load_models():
-    spec = importlib.util.spec_from_file_location("kernelpack_bench_models", BENCHMARKS / "models.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-M = load_models()
+M = load("models")
 
 
 def damaged(weights: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:

@@ -8,23 +8,13 @@ import importlib
 import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmark_modules import load
 
-
-def load_peers():
-    spec = importlib.util.spec_from_file_location("kernelpack_bench_peers", BENCHMARKS / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-P = load_peers()
+P = load("peers")
 F32_EPS = 2.0 ** -24  # float32 unit roundoff
 
 

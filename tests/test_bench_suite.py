@@ -7,30 +7,16 @@ cannot reach the report unnoticed.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.join(os.path.dirname(HERE), "benchmarks")
-
+from benchmark_modules import load
 
 @pytest.fixture(scope="module")
 def suite():
-    sys.path.insert(0, BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location("kp_bench_suite", os.path.join(BENCH, "suite.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(BENCH)
-        sys.modules.pop("kp_bench_suite", None)
+    return load("suite")
 
 
 def tiny_model() -> SimpleNamespace:
