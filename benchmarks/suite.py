@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -95,8 +95,6 @@ class Method:
     family: str
     lossy: bool
     make: Callable[[Any, str], Artifact]  # (model, work folder) -> artifact
-    tuned: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def peer_methods(quick: bool) -> list[Method]:
@@ -210,12 +208,12 @@ def tuned_methods(quick: bool) -> list[Method]:
     out = []
     for rel in ((0.8,) if quick else (0.2, 0.4, 0.8, 1.6)):
         out.append(Method(f"kpk q{rel:g} + fine-tune", "kernelpack", True,
-                          lambda m, w, rel=rel: fine_tuned(m, w, "dense", rel, epochs), tuned=True))
+                          lambda m, w, rel=rel: fine_tuned(m, w, "dense", rel, epochs)))
     out.append(Method("kpk series N=3 q0.4 + fine-tune", "kernelpack", True,
-                      lambda m, w: fine_tuned(m, w, "series", 0.4, epochs), tuned=True))
+                      lambda m, w: fine_tuned(m, w, "series", 0.4, epochs)))
     for share in ((0.05,) if quick else (0.03, 0.08, 0.15)):
         out.append(Method(f"kpk FR {share:.0%} q0.3 + fine-tune", "kernelpack", True,
-                          lambda m, w, share=share: frequency(m, w, share, 0.3, 4 if quick else 40), tuned=True))
+                          lambda m, w, share=share: frequency(m, w, share, 0.3, 4 if quick else 40)))
     return out
 
 
