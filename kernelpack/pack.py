@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES, bfloat16_bits_to_float32
-from kernelpack.container import write
+from kernelpack.container import CODECS, write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need
@@ -104,16 +104,18 @@ def state_of(obj: Any) -> Mapping[str, Any]:
 
 def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
          metadata: Mapping[str, str] | None = None, level: int = 19,
-         attachments: Mapping[str, bytes] | None = None) -> dict[str, Encoded]:
+         attachments: Mapping[str, bytes] | None = None, codecs: Collection[str] = CODECS) -> dict[str, Encoded]:
     """Pack a model (its state_dict) or a dict of tensors into a container at ``path``.
 
     ``attachments`` are named byte strings stored alongside (e.g. ``onnx.graph``).
-    Returns the encoded tensors (what was written). The write is atomic.
+    Each payload takes the smallest of ``codecs``; ``codecs=codecs_of(1)`` leaves out
+    ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
+    by 1.1 readers. Returns the encoded tensors (what was written). The write is atomic.
     """
     encoded = {name: encode(name, value, choose(forms, name, value))
                for name, value in state_of(obj).items()}
     try:
-        write(path, encoded, metadata, level, attachments)
+        write(path, encoded, metadata, level, attachments, codecs)
     except KernelpackError as exc:
         raise exc.located(path=os.fspath(path)) from None
     return encoded

@@ -144,6 +144,15 @@ def test_a_writer_kept_to_the_codecs_of_1_1_writes_a_1_1_file(tmp_path: Path) ->
     assert caught.value.field == "codecs"
 
 
+def test_save_passes_its_codecs_to_the_writer(tmp_path: Path) -> None:
+    weights = {"w": smooth("float32")}
+    kernelpack.save(weights, tmp_path / "new.kpk")
+    kernelpack.save(weights, tmp_path / "old.kpk", codecs=codecs_of(1))
+    assert RawFile.read(tmp_path / "new.kpk").minor == 2  # zstd-shuffle was smaller
+    assert RawFile.read(tmp_path / "old.kpk").minor == 0
+    assert np.array_equal(kernelpack.load_numpy(tmp_path / "old.kpk")["w"], weights["w"])
+
+
 # --- what a reader refuses -------------------------------------------------------------------
 def test_zstd_shuffle_on_one_byte_elements_is_refused(tmp_path: Path) -> None:
     raw = saved(tmp_path / "b.kpk", Stored(np.arange(64, dtype=np.int8), "int8"))
