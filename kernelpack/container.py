@@ -393,11 +393,11 @@ def codecs_of(minor: int) -> tuple[str, ...]:
     return tuple(c for c in CODECS if all(c not in added or m <= minor for m, added in ADDED_CODECS.items()))
 
 
-def _need_codec(codec: Any, spec: ArraySpec, field: str, minor: int) -> str:
-    """A codec of the file's minor version (every codec this reader knows, in a newer one):
-    a codec added later is refused like an unknown one, so no reader misreads its bytes.
-    ``zstd-shuffle`` needs elements of more than one byte (one plane is the array itself)."""
-    known = codecs_of(minor)
+def _need_codec(codec: Any, spec: ArraySpec, field: str, minor: int, known: tuple[str, ...]) -> str:
+    """A codec of the file's minor version, ``known = codecs_of(minor)`` (every codec this
+    reader knows, in a newer one): a codec added later is refused like an unknown one, so no
+    reader misreads its bytes. ``zstd-shuffle`` needs elements of more than one byte (one
+    plane is the array itself)."""
     if codec not in known:  # messages formatted only on failure: this runs once per array ref
         raise KernelpackError(f"must be one of {known} in a version {VERSION[0]}.{minor} file, "
                               f"got {shown(codec)}", field=field)
@@ -407,9 +407,10 @@ def _need_codec(codec: Any, spec: ArraySpec, field: str, minor: int) -> str:
     return codec
 
 
-def _parse_ref(value: Any, field: str, file_size: int, minor: int) -> ArrayRef:
-    """An array ref of a file of minor version ``minor``; unknown keys (a key added after
-    ``minor`` included) are ignored only in a file of a newer minor version than this reader."""
+def _parse_ref(value: Any, field: str, file_size: int, minor: int, codecs: tuple[str, ...]) -> ArrayRef:
+    """An array ref of a file of minor version ``minor`` (whose codecs are ``codecs_of(minor)``,
+    worked out once per file); unknown keys (a key added after ``minor`` included) are
+    ignored only in a file of a newer minor version than this reader."""
     need(isinstance(value, dict), field, "must be a map")
     known = ARRAY_KEYS
     if not value.keys() <= known:  # keys added by a minor version, or unknown ones
@@ -425,7 +426,7 @@ def _parse_ref(value: Any, field: str, file_size: int, minor: int) -> ArrayRef:
     spec = ArraySpec(dtype, need_shape(value.get("shape"), f"{field}.shape"), step)
     offset = need_int(value.get("offset"), f"{field}.offset", 0, file_size)
     length = need_int(value.get("length"), f"{field}.length", 0, file_size)
-    codec = _need_codec(value.get("codec"), spec, f"{field}.codec", minor)
+    codec = _need_codec(value.get("codec"), spec, f"{field}.codec", minor, codecs)
     if codec == "none":
         need(length == spec.nbytes, f"{field}.length",
              f"uncompressed payload must be {spec.nbytes} bytes for its dtype and shape, got {length}")
@@ -580,10 +581,11 @@ class Container:
         banks, tensors = header.get("banks", {}), header.get("tensors")
         need(isinstance(banks, dict), "banks", "must be a map")
         need(isinstance(tensors, dict), "tensors", "must be a map")
+        self._codecs = codecs_of(self.version[1])  # every array ref checks its codec against them
         self._banks: dict[str, ArrayRef] = {}
         for name, value in banks.items():
             need_name(name, "banks")
-            self._banks[name] = _parse_ref(value, f"banks.{name}", self._size, self.version[1])
+            self._banks[name] = _parse_ref(value, f"banks.{name}", self._size, self.version[1], self._codecs)
             bank_shape = self._banks[name].spec.shape
             need(len(bank_shape) >= 2 and 1 <= bank_shape[0] <= MAX_BANK, f"banks.{name}.shape",
                  f"must be [n, *filter_shape] with 1 <= n <= {MAX_BANK}")
@@ -593,7 +595,7 @@ class Container:
         self._attachments: dict[str, ArrayRef] = {}
         for name, value in attachments.items():
             need_name(name, "attachments")
-            ref = _parse_ref(value, f"attachments.{name}", self._size, self.version[1])
+            ref = _parse_ref(value, f"attachments.{name}", self._size, self.version[1], self._codecs)
             need(ref.spec.dtype == "uint8" and len(ref.spec.shape) == 1, f"attachments.{name}",
                  "must be a uint8 array of rank 1 (bytes)")
             self._attachments[name] = ref
@@ -622,7 +624,8 @@ class Container:
         need(isinstance(fields, dict), "fields", "must be a map")
         need(isinstance(arrays, dict) and all(isinstance(k, str) for k in arrays), "arrays",
              "must be a map of stored arrays")
-        refs = {k: _parse_ref(v, f"arrays.{k}", self._size, self.version[1]) for k, v in arrays.items()}
+        refs = {k: _parse_ref(v, f"arrays.{k}", self._size, self.version[1], self._codecs)
+                for k, v in arrays.items()}
         cls = FORMS.get(form)
         if cls is None:
             if not self._newer:
