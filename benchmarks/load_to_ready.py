@@ -94,7 +94,7 @@ def _safetensors_ort(case: dict[str, Any], mark: Any) -> Any:
     with open(case["graph"], "rb") as f:
         graph = f.read()
     mark("weights")
-    options = ort.SessionOptions()
+    options = ort.SessionOptions()  # not kernelpack.ort.with_weights: this baseline must not import kernelpack
     options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
     session = ort.InferenceSession(graph, options, providers=providers(case["device"]))
     mark("session")
@@ -104,13 +104,12 @@ def _safetensors_ort(case: dict[str, Any], mark: Any) -> Any:
 def _kpk_ort(case: dict[str, Any], mark: Any) -> Any:
     import onnxruntime as ort
 
-    from kernelpack.ort import graph_and_weights, usable_providers
+    from kernelpack.ort import graph_and_weights, usable_providers, with_weights
 
     mark("imports")
     graph, weights = graph_and_weights(case["file"])  # what kernelpack.ort_session does, in phases
     mark("weights")
-    options = ort.SessionOptions()
-    options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
+    options = with_weights(ort.SessionOptions(), weights)
     session = ort.InferenceSession(graph, options, providers=usable_providers(providers(case["device"])))
     mark("session")
     return lambda x: session.run(None, {session.get_inputs()[0].name: x})[0]

@@ -220,6 +220,7 @@ class OnnxTask:
     def session(self, weights: Weights) -> Any:
         """A CPU session of the graph with ``weights`` (cast to each initializer's dtype)."""
         from kernelpack.errors import need_module
+        from kernelpack.ort import with_weights
 
         ort = need_module("onnxruntime", "the benchmark models", "onnx")
         if set(weights) != set(self.weights):
@@ -228,8 +229,7 @@ class OnnxTask:
         arrays = {k: np.ascontiguousarray(weights[k], dtype=v.dtype) for k, v in self.weights.items()}
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
-        return ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(self.graph, with_weights(options, arrays), providers=["CPUExecutionProvider"])
 
     def runner(self, weights: Weights) -> Callable[[], np.ndarray]:
         session = self.session(weights)

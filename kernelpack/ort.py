@@ -28,7 +28,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -235,6 +235,16 @@ def usable_providers(requested: Sequence[Provider] | None = None) -> list[Provid
 
 
 # --- the session --------------------------------------------------------------------------
+def with_weights(options: Any, weights: Mapping[str, np.ndarray]) -> Any:
+    """``options`` (an ``onnxruntime.SessionOptions``) given ``weights`` as the graph's external
+    initializers, by name: how decoded weights reach ORT without a dense file (ORT refuses
+    external references through ``add_initializer``)."""
+    import onnxruntime as ort
+
+    options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
+    return options
+
+
 def ort_session(path: str | os.PathLike, providers: Sequence[Provider] | None = None,
                 sess_options: Any = None, limits: Limits | None = None, threads: int | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` for a container holding ``onnx.graph``.
@@ -248,9 +258,7 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Provider] | None = 
     """
     ort = need_module("onnxruntime", "an ONNX Runtime session", "onnx")
     graph, weights = graph_and_weights(path, limits, threads)
-    options = ort.SessionOptions() if sess_options is None else sess_options
-    options.add_external_initializers(list(weights),
-                                      [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
+    options = with_weights(ort.SessionOptions() if sess_options is None else sess_options, weights)
     chosen = usable_providers(providers)
     try:
         session = ort.InferenceSession(graph, options, providers=chosen)
