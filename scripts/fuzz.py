@@ -53,10 +53,13 @@ import msgpack  # noqa: E402
 import zstandard  # noqa: E402
 
 import kernelpack  # noqa: E402
+from kernelpack import ort  # noqa: E402
 from kernelpack.container import MAGIC, header_block  # noqa: E402
 
-#: What the fuzzed reader may allocate: hostile shapes are refused, not decoded for seconds.
-LIMITS = kernelpack.Limits(max_decoded_bytes=16 << 20)
+#: The reader's settings under test: the defaults, and what the README suggests for a service.
+LIMITS_BY_NAME = {"default": kernelpack.Limits(), "service": kernelpack.Limits(max_decoded_bytes=16 << 20)}
+#: What the fuzzed reader may allocate when not told: hostile shapes are refused, not decoded for seconds.
+LIMITS = LIMITS_BY_NAME["service"]
 
 
 # --- seeds ----------------------------------------------------------------------------------
@@ -68,6 +71,141 @@ def seed_files() -> list[bytes]:
     seeds = []
     for folder in (vectors, os.path.join(vectors, "versions")):
         for path in sorted(glob.glob(os.path.join(folder, "*.kpk"))):
+            with open(path, "rb") as f:
+                seeds.append(f.read())
+    return seeds + graph_seeds()
+
+
+# --- ONNX graphs: the protobuf wire format, for the graph seeds and the graph mutation -------
+#: One protobuf field: [number, wire type, value]; the value is an int (varint), bytes
+#: (fixed32/64, or length-delimited that is not a message) or a list of fields (a message).
+PbField = list
+
+
+def pb_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def pb_bytes(fields: list[PbField]) -> bytes:
+    """A message's wire bytes (varints as the shortest encoding, so parse then write is exact for
+    what protobuf writers emit)."""
+    out = b""
+    for number, wire, value in fields:
+        out += pb_varint(number << 3 | wire)
+        if wire == 0:
+            out += pb_varint(value)
+        elif wire == 2:
+            body = pb_bytes(value) if isinstance(value, list) else value
+            out += pb_varint(len(body)) + body
+        else:
+            out += value
+    return out
+
+
+def pb_parse(buf: bytes, depth: int = 0) -> list[PbField]:
+    """A message as fields; a length-delimited value becomes a message when it parses as one and
+    writes back to the same bytes (strings mostly do not); raises ValueError if ``buf`` is not a
+    message."""
+    fields, pos = [], 0
+    while pos < len(buf):
+        key, pos = _pb_read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _pb_read_varint(buf, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 2:
+            size, pos = _pb_read_varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+            value = _pb_message(value, depth) if depth < 8 else value
+        else:
+            raise ValueError(f"wire type {wire}")
+        if pos > len(buf) or number == 0:
+            raise ValueError("truncated field")
+        fields.append([number, wire, value])
+    return fields
+
+
+def _pb_read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(buf) and shift < 64:
+        byte, pos = buf[pos], pos + 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def _pb_message(value: bytes, depth: int) -> bytes | list[PbField]:
+    try:
+        fields = pb_parse(value, depth + 1)
+    except ValueError:
+        return value
+    return fields if fields and pb_bytes(fields) == value else value
+
+
+def pb_message(*fields: tuple[int, Any]) -> list[PbField]:
+    """Fields from (number, value): an int is a varint, bytes or str length-delimited, a list a message."""
+    out = []
+    for number, value in fields:
+        if isinstance(value, str):
+            value = value.encode()
+        out.append([number, 0 if isinstance(value, int) else 2, value])
+    return out
+
+
+def initializer(name: str, dims: tuple[int, ...], elem_type: int = 1, location: str | None = ort.LOCATION,
+                raw: bytes | None = None) -> list[PbField]:
+    """An ONNX TensorProto: a reference (``location``) or inline data (``raw``)."""
+    fields = pb_message(*[(1, d) for d in dims], (2, elem_type), (8, name))
+    if raw is not None:
+        fields += pb_message((9, raw))
+    if location is not None:
+        fields += pb_message((13, pb_message((1, "location"), (2, location))), (14, ort.EXTERNAL))
+    return fields
+
+
+def model_proto(initializers: list[list[PbField]], nodes: list[tuple[str, list[str], str]]) -> bytes:
+    """A small ONNX ModelProto (ir 8, opset 13): ``nodes`` are (op, inputs, output); graph input
+    'x', output the last node's."""
+    def value_info(name: str) -> list[PbField]:  # float tensor of unknown shape
+        return pb_message((1, name), (2, pb_message((1, pb_message((1, 1))))))
+
+    graph = pb_message(*[(1, pb_message(*[(1, i) for i in inputs], (2, out), (4, op))) for op, inputs, out in nodes],
+                       (2, "fuzz"), *[(5, t) for t in initializers], (11, value_info("x")),
+                       (12, value_info(nodes[-1][2])))
+    return pb_bytes(pb_message((1, 8), (7, graph), (8, pb_message((1, ""), (2, 13)))))
+
+
+@functools.lru_cache(maxsize=None)
+def graph_seeds() -> list[bytes]:
+    """Containers with an ``onnx.graph`` that reads their tensors, written by this kernelpack's
+    writer from fixed arrays (dense only, so the bytes do not depend on a float library): a graph
+    of references only, one with an inline initializer beside them, and one whose initializer
+    points outside the container (the attack of issue 11, item 1), so that the graph checks
+    are reached from the start."""
+    import numpy as np
+
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 8, "b": np.array([0.5, -1, 2], np.float32),
+               "h": np.arange(4, dtype=np.float16)}
+    nodes = [("MatMul", ["x", "w"], "y"), ("Add", ["y", "b"], "z"), ("Mul", ["z", "k"], "out")]
+    refs = [initializer("w", (2, 3)), initializer("b", (3,)), initializer("h", (4,), elem_type=10)]
+    inline = initializer("k", (3,), location=None, raw=np.ones(3, np.float32).tobytes())
+    outside = initializer("k", (3,), location=".env")
+    graphs = [model_proto(refs, nodes[:2]), model_proto(refs + [inline], nodes), model_proto(refs + [outside], nodes)]
+    seeds = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i, graph in enumerate(graphs):
+            path = os.path.join(folder, f"{i}.kpk")
+            kernelpack.save(tensors, path, level=3, attachments={ort.GRAPH: graph},
+                            forms={"h": kernelpack.Dense(), "b": kernelpack.Dense(dtype="float16")})
             with open(path, "rb") as f:
                 seeds.append(f.read())
     return seeds
@@ -327,6 +465,92 @@ def forged(rng: random.Random, blob: bytes, seeds: list[bytes]) -> tuple[bytes, 
         return parts.data, "forged header that msgpack cannot write"
 
 
+#: Values the graph mutation puts in a graph: strings where names and locations are, varints
+#: where element types, dims and data locations are, and fields a hostile graph adds to a
+#: TensorProto (data location, external data entries, inline data, dims, type, name).
+GRAPH_STRINGS = [ort.LOCATION.encode(), b".env", b"/etc/passwd", b"../../etc/passwd", b"file:///etc/passwd",
+                 b"kernelpack/../.env", b"location", b"offset", b"length", b"checksum", b"basepath", b"",
+                 b"\xff\xfe", b"a\x00b", b"x" * 300, b"w", b"b", b"h", b"k", b"missing"]
+GRAPH_INTS = [0, 1, 2, 3, 7, 9, 10, 11, 13, 14, 16, 255, 65536, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+def _entry(key: str, value: str) -> list[PbField]:
+    return pb_message((1, key), (2, value))
+
+
+GRAPH_FIELDS: list[tuple[int, Any]] = [
+    (14, 1), (14, 0), (14, 2), (13, _entry("location", ".env")), (13, _entry("location", ort.LOCATION)),
+    (13, _entry("offset", "0")), (13, _entry("length", "99999999999")), (13, _entry("location", "/etc/passwd")),
+    (9, bytes(12)), (4, bytes(8)), (1, 65536), (1, 0), (2, 1), (2, 10), (8, "w"), (8, "k"), (5, pb_message((1, 1))),
+]
+
+
+def mutate_graph(rng: random.Random, graph: bytes) -> tuple[bytes, str]:
+    """One structure-aware change to a serialized protobuf message (an ONNX graph): a field's
+    value, a field deleted, repeated, renumbered or added, anywhere in the message tree; raw
+    damage if ``graph`` does not parse."""
+    try:
+        tree = pb_parse(graph)
+    except ValueError:
+        tree = []
+    messages = _pb_messages(tree)
+    if not tree or rng.random() < 0.05:
+        i = rng.randrange(len(graph) + 1)
+        return graph[:i] + rng.randbytes(rng.choice([0, 1, 4])), f"raw damage at {i}"
+    fields = rng.choice(messages)
+    action = rng.random()
+    if not fields or action < 0.25:
+        number, value = rng.choice(GRAPH_FIELDS)
+        fields.insert(rng.randrange(len(fields) + 1), pb_message((number, value))[0])
+        what = f"add field {number}"
+    else:
+        at = rng.randrange(len(fields))
+        number, wire, value = fields[at]
+        if action < 0.4:
+            del fields[at]
+            what = f"delete field {number}"
+        elif action < 0.5:
+            fields.insert(at, list(fields[at]))
+            what = f"repeat field {number}"
+        elif action < 0.6:
+            fields[at][0] = rng.choice([1, 2, 4, 5, 7, 8, 9, 13, 14, rng.randrange(1, 40)])
+            what = f"renumber field {number} to {fields[at][0]}"
+        elif wire == 0:
+            fields[at][2] = rng.choice(GRAPH_INTS + [value + 1, max(value - 1, 0)])
+            what = f"set varint {number} from {value} to {fields[at][2]}"
+        elif wire == 2 and not isinstance(value, list):
+            fields[at][2] = rng.choice(GRAPH_STRINGS + [value[:-1], value + b"\x00"])
+            what = f"set bytes {number} from {_short(bytes(value))} to {_short(fields[at][2])}"
+        else:
+            fields[at][2] = rng.randbytes(len(pb_bytes([fields[at]])) % 16) if wire == 2 else rng.randbytes(len(value))
+            what = f"set field {number} to random bytes"
+    return pb_bytes(tree), what
+
+
+def _pb_messages(tree: list[PbField]) -> list[list[PbField]]:
+    """Every message of a parsed message tree, itself first."""
+    found = [tree]
+    for _, _, value in tree:
+        if isinstance(value, list):
+            found += _pb_messages(value)
+    return found
+
+
+def graph(rng: random.Random, blob: bytes, seeds: list[bytes]) -> tuple[bytes, str] | None:
+    """A change to the attached ONNX graph, re-signed (so the graph checks are reached)."""
+    parts = Parts.of(blob)
+    ref = parts.header.get("attachments", {}).get(ort.GRAPH)
+    if not isinstance(ref, dict):
+        return None
+    body = parts.data[ref["offset"]:ref["offset"] + ref["length"]]
+    if ref.get("codec") != "none":
+        body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 20)
+    body, what = mutate_graph(rng, body)
+    ref.update(shape=[len(body)], codec="none")
+    parts.replace(ref, body)
+    return parts.blob(), f"{what} ({len(body)} bytes)"
+
+
 def _short(value: Any) -> str:
     text = repr(value) if not isinstance(value, (list, dict)) or len(repr(value)) < 200 else type(value).__name__
     return text[:60]
@@ -338,10 +562,10 @@ MUTATIONS: dict[str, tuple[Mutation, bool]] = {
     "flip": (flip, False), "bytes": (set_bytes, False), "truncate": (truncate, False),
     "extend": (extend, False), "splice": (splice, False), "chunk": (chunk, False),
     "random": (random_bytes, False), "header": (header_value, True), "preamble": (preamble, True),
-    "payload": (payload, True), "forged": (forged, True),
+    "payload": (payload, True), "forged": (forged, True), "graph": (graph, True),
 }
 WEIGHTS = {"flip": 3, "bytes": 1, "truncate": 1, "extend": 1, "splice": 1, "chunk": 1, "random": 1,
-           "header": 8, "preamble": 1, "payload": 4, "forged": 2}
+           "header": 8, "preamble": 1, "payload": 4, "forged": 2, "graph": 3}
 
 
 def make_input(seeds: list[bytes], seed: int, index: int) -> tuple[bytes, str, bool]:
@@ -357,12 +581,47 @@ def make_input(seeds: list[bytes], seed: int, index: int) -> tuple[bytes, str, b
 
 
 # --- the reader under test --------------------------------------------------------------------
-def probe(path: str, backend: str) -> str:
-    """Read a whole file as a service would; 'ok' or the KernelpackError's field."""
+def probe(path: str, backend: str, limits: kernelpack.Limits = LIMITS) -> str:
+    """Read a whole file as a service would: open and verify (every payload checked, every
+    tensor decoded with ``backend``), ``load_numpy`` (the preloaded, threaded path) and, for a
+    file with an ONNX graph, what ``ort_session`` does before ONNX Runtime sees the graph.
+    'ok', 'ok, digest mismatch' or the first KernelpackError's field. Every step runs even
+    after an earlier one refused the file: each path meets every input."""
+    outcomes = [_step(path, lambda: _verify(path, backend, limits)),
+                _step(path, lambda: _load_numpy(path, limits))]
+    if outcomes[0].startswith("ok") and _has_graph(path, limits):
+        outcomes.append(_step(path, lambda: read_graph(path, limits)))
+    refused = [o for o in outcomes if not o.startswith("ok")]
+    return refused[0] if refused else outcomes[0]
+
+
+def _verify(path: str, backend: str, limits: kernelpack.Limits) -> str:
+    with kernelpack.open(path, limits=limits) as c:
+        results = c.verify(backend)
+    return "ok" if all(results.values()) else "ok, digest mismatch"
+
+
+def _load_numpy(path: str, limits: kernelpack.Limits) -> str:
+    kernelpack.load_numpy(path, limits=limits)
+    return "ok"
+
+
+def _has_graph(path: str, limits: kernelpack.Limits) -> bool:
+    with kernelpack.open(path, limits=limits) as c:
+        return ort.GRAPH in c.attachments()
+
+
+def read_graph(path: str, limits: kernelpack.Limits) -> str:
+    """What ``ort_session`` reads before it starts ONNX Runtime: the graph, its references to the
+    container's tensors, and those tensors decoded."""
+    ort.graph_and_weights(path, limits)
+    return "ok"
+
+
+def _step(path: str, read: Callable[[], str]) -> str:
+    """One read: its outcome, or the KernelpackError's field (which must name the file)."""
     try:
-        with kernelpack.open(path, limits=LIMITS) as c:
-            results = c.verify(backend)
-        return "ok" if all(results.values()) else "ok, digest mismatch"
+        return read()
     except kernelpack.KernelpackError as exc:
         if exc.path != path:
             raise AssertionError(f"an error that does not name the file: {exc}") from None
