@@ -1,4 +1,5 @@
-"""Serving: the HTTP service (a real process, real requests on loopback) and the Triton Python
+"""Serving: the HTTP service (a real process, real requests on loopback, and the same service
+started in-process with tight bounds to hold it against hostile clients) and the Triton Python
 backend model (run against a faithful stand-in for triton_python_backend_utils; Triton itself is
 not run) load a container at start and answer exactly what the ORT session answers."""
 
@@ -9,17 +10,22 @@ import importlib.util
 import json
 import os
 import re
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 import types
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
 from ocr_inputs import CLS, cls_batch, ppocr_model
 
+import kernelpack
 from kernelpack.ort import ort_session
 
 pytest.importorskip("onnx")
@@ -30,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVING = os.path.join(ROOT, "serving")
 TRITON_MODEL = os.path.join(SERVING, "triton", "ppocr_cls")
 CPU = ["CPUExecutionProvider"]
-
+sys.path.insert(0, SERVING)
+import http_service  # noqa: E402
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory) -> str:
@@ -43,7 +50,7 @@ def expected(container: str, x: np.ndarray) -> np.ndarray:
     return ort_session(container, CPU).run(None, {"x": x})[0]
 
 
-# --- HTTP -----------------------------------------------------------------------------------
+# --- HTTP: the command line, real process --------------------------------------------------
 @pytest.fixture(scope="module")
 def service(container: str):
     """``python serving/http_service.py cls.kpk --port 0 --cpu``, until the module's tests end."""
@@ -83,6 +90,7 @@ def test_health_says_ready_with_the_provider_and_the_model_signature(service):
     assert status == 200 and health["status"] == "ready" and health["providers"] == CPU
     assert [(i["name"], i["type"]) for i in health["inputs"]] == [("x", "tensor(float)")]
     assert health["outputs"][0]["name"] == "save_infer_model/scale_0.tmp_1"
+    assert health["load"]["connections"] >= 1 and health["load"]["requests"] == 0
 
 
 def test_predictions_are_the_sessions_outputs_exactly_also_concurrently(service, container):
@@ -97,20 +105,204 @@ def test_predictions_are_the_sessions_outputs_exactly_also_concurrently(service,
 
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "Expecting"),
+    (b'{"inputs": {"x": [1]}}\xff', "not UTF-8"),
     (json.dumps({"x": [1]}).encode(), '{"inputs"'),
     (json.dumps({"inputs": {"y": [1]}}).encode(), "exactly ['x']"),
     (json.dumps({"inputs": {"x": [[1, 2], [3]]}}).encode(), "rectangular"),
     (json.dumps({"inputs": {"x": [[1.0, 2.0]]}}).encode(), "refused the inputs"),
-])
-def test_bad_requests_get_400_and_a_reason(service, body, message):
+    (b'{"inputs": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "nests 100002 deep"),
+    (b'{"inputs": {"x": ' + b"[" * 100_000, "nests 100002 deep"),  # and unfinished
+    (b'{"inputs": {"x]]]]]]": ' + b"[" * 1000 + b"]" * 1000 + b"}}", "nests 1002 deep"),  # brackets in a key
+    (b'{"inputs": {"x\\"]]]]": ' + b"[" * 1000 + b"]" * 1000 + b"}}", "nests 1002 deep"),  # and an escaped quote
+], ids=["not-json", "not-utf8", "no-inputs", "wrong-name", "ragged", "wrong-shape", "deep", "deep-unfinished",
+        "deep-brackets-in-key", "deep-escaped-quote-in-key"])
+def test_bad_requests_get_400_and_a_reason_and_the_service_stays_up(service, body, message):
     status, answer = request(service, "POST", "/predict", body)
     assert status == 400 and message in answer["error"]
+    assert request(service, "GET", "/health")[0] == 200
 
 
 def test_unknown_paths_get_404(service):
     assert request(service, "GET", "/predict")[0] == 404
     assert request(service, "POST", "/health", b"{}")[0] == 404
 
+
+def test_a_container_the_reader_refuses_stops_the_start_with_one_line(container, tmp_path):
+    not_a_container = tmp_path / "noise.kpk"
+    not_a_container.write_bytes(os.urandom(4096))
+    for argv in ([container, "--limit", "max_decoded_bytes=1000"], [str(not_a_container)]):
+        done = subprocess.run([sys.executable, os.path.join(SERVING, "http_service.py"), *argv, "--port", "0",
+                               "--cpu"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout == "", done
+        assert re.fullmatch(r"http_service: error: file '[^']+'.*\n", done.stderr), done.stderr
+    with pytest.raises(kernelpack.KernelpackError, match="max_decoded_bytes"):
+        http_service.start_service(container, limits=kernelpack.Limits(max_decoded_bytes=1000))
+
+
+# --- HTTP: hostile clients, against the service in-process with tight bounds -----------------
+TIGHT = http_service.Settings(workers=4, max_body_bytes=4 << 20, max_inflight_bytes=6 << 20,
+                              max_json_values=200_000, idle_timeout=2.0, header_timeout=2.0,
+                              transfer_timeout=3.0)
+WAIT = 60.0  # seconds: the most any step below waits before the test fails
+
+
+@pytest.fixture(scope="module")
+def tight(container: str) -> Iterator[http_service.Service]:
+    with http_service.start_service(container, settings=TIGHT, providers=CPU) as running:
+        yield running
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+
+def until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def eventually(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "the service did not get there in time"
+        time.sleep(0.02)
+
+
+def head(length: int | None, extra: str = "") -> bytes:
+    declared = f"Content-Length: {length}\r\n" if length is not None else ""
+    return f"POST /predict HTTP/1.1\r\nHost: x\r\n{declared}{extra}\r\n".encode()
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def test_a_body_beyond_the_cap_gets_413_before_it_is_sent(tight):
+    with connect(tight.port) as sock:
+        sock.sendall(head(TIGHT.max_body_bytes + 1))  # and not a byte of the body
+        response = until_closed(sock)
+    assert status_of(response) == 413 and b"at most 4194304" in response
+
+
+@pytest.mark.parametrize("extra", ["", "Transfer-Encoding: chunked\r\n"], ids=["none", "chunked"])
+def test_a_body_without_content_length_gets_411(tight, extra):
+    with connect(tight.port) as sock:
+        sock.sendall(head(None, extra) + b"5\r\n{}\r\n0\r\n\r\n")
+        assert status_of(until_closed(sock)) == 411
+
+
+def test_expect_100_continue_gets_the_go_ahead_then_the_answer(tight, container):
+    x = cls_batch(1)
+    body = json.dumps({"inputs": {"x": x.tolist()}}).encode()
+    with connect(tight.port) as sock:
+        sock.sendall(head(len(body), "Expect: 100-continue\r\nConnection: close\r\n"))
+        assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        response = until_closed(sock)
+    out = json.loads(response.split(b"\r\n\r\n", 1)[1])["outputs"]["save_infer_model/scale_0.tmp_1"]
+    assert status_of(response) == 200 and np.array_equal(np.float32(out), expected(container, x))
+
+
+def test_bodies_beyond_the_bytes_in_flight_get_503_and_the_account_stays_under_the_cap(tight):
+    first, second = 4 << 20, 3 << 20  # each under max_body_bytes, together over max_inflight_bytes
+    with connect(tight.port) as holder:
+        holder.sendall(head(first) + b"[" * 1000)  # admitted; the rest of its body never comes
+        eventually(lambda: tight.load.now["body_bytes"] == first)
+        with connect(tight.port) as late:
+            late.sendall(head(second))
+            response = until_closed(late)
+        assert status_of(response) == 503 and b"no room for 3145728" in response
+        assert tight.load.now["body_bytes"] == first
+        assert status_of(until_closed(holder)) == 408  # the held body times out
+    eventually(lambda: tight.load.now["body_bytes"] == 0)
+    assert tight.load.peak["body_bytes"] <= TIGHT.max_inflight_bytes
+
+
+def test_too_many_values_get_400(tight):
+    body = b'{"inputs": {"x": [' + b"0," * 300_000 + b'0]}}'
+    status, answer = request(tight.port, "POST", "/predict", body)
+    assert status == 400 and "at most 200000" in answer["error"]
+
+
+def test_hundreds_of_idle_connections_leave_health_answering_and_are_closed_after_the_timeout(tight):
+    idle = [connect(tight.port) for _ in range(320)]
+    try:
+        eventually(lambda: tight.load.now["connections"] >= len(idle))
+        status, health = request(tight.port, "GET", "/health")
+        assert status == 200 and health["load"]["connections"] >= len(idle) + 1
+        for sock in idle:  # the server hangs up on each, silently
+            assert until_closed(sock) == b""
+        eventually(lambda: tight.load.now["connections"] == 0)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@pytest.mark.parametrize("start, trickle", [
+    (b"GET /health HTTP/1.1\r\nX-Slow: ", b"a"),            # the head, a byte at a time
+    (head(1000) + b'{"inputs": ', b" "),                     # the body, a byte at a time
+], ids=["head", "body"])
+def test_a_client_trickling_a_request_is_dropped_after_the_timeout(tight, start, trickle):
+    with connect(tight.port) as sock:
+        sock.sendall(start)
+        deadline = time.monotonic() + WAIT
+        while not select.select([sock], [], [], 0.2)[0]:  # one byte every 0.2 s, well within any per-read timeout
+            assert time.monotonic() < deadline
+            sock.sendall(trickle)
+        assert status_of(until_closed(sock)) == 408
+
+
+class Gate:
+    """An ORT session whose ``run`` waits until ``parties`` runs are inside it at once: if the
+    service serialised them, the barrier would break (after WAIT) and the requests fail."""
+
+    def __init__(self, session: Any, parties: int) -> None:
+        self._session, self._barrier = session, threading.Barrier(parties, timeout=WAIT)
+
+    def run(self, *args: Any) -> Any:
+        self._barrier.wait()
+        return self._session.run(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def test_predictions_run_in_parallel_up_to_the_workers(tight, container):
+    session = tight.model.session
+    tight.model.session = Gate(session, TIGHT.workers)
+    try:
+        batches = [cls_batch(1, seed=s) for s in range(TIGHT.workers)]
+        with ThreadPoolExecutor(len(batches)) as pool:
+            answers = list(pool.map(lambda x: predict(tight.port, x), batches))
+    finally:
+        tight.model.session = session
+    for x, (status, answer) in zip(batches, answers):
+        assert status == 200, answer
+        out = np.asarray(answer["outputs"]["save_infer_model/scale_0.tmp_1"], dtype=np.float32)
+        assert np.array_equal(out, expected(container, x))
+    assert tight.load.peak["running"] == TIGHT.workers
+
+
+def test_connections_and_predictions_beyond_their_bounds_get_503(container):
+    settings = http_service.Settings(max_connections=2, max_requests=1, idle_timeout=30.0,
+                                     transfer_timeout=30.0)
+    with http_service.start_service(container, settings=settings, providers=CPU) as running, \
+            connect(running.port) as holder:
+        holder.sendall(head(100))  # admitted, its body pending
+        eventually(lambda: running.load.now["requests"] == 1)
+        with connect(running.port) as second:
+            second.sendall(head(2))
+            response = until_closed(second)
+        assert status_of(response) == 503 and b"1 predictions are under way" in response
+        eventually(lambda: running.load.now["connections"] == 1)
+        with connect(running.port):  # idle
+            eventually(lambda: running.load.now["connections"] == 2)
+            with connect(running.port) as refused:
+                response = until_closed(refused)
+            assert status_of(response) == 503 and b"2 connections are open" in response
 
 # --- Triton Python backend -------------------------------------------------------------------
 def fake_pb_utils() -> types.ModuleType:
