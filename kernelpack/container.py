@@ -31,8 +31,9 @@ import numpy as np
 from kernelpack._backend import NUMPY_DTYPES, NumpyOps, Ops, get_ops
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import FORMS, Encoded
-from kernelpack.forms._base import ArraySpec, Stored, need, need_int, need_name, need_shape, need_step, shown
-from kernelpack.forms.basis import MAX_BANK
+from kernelpack.forms._base import (ArraySpec, Stored, key_shown, need, need_int, need_name, need_shape, need_step,
+                                    shown)
+from kernelpack.forms.basis import MAX_BANK, check_bank
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
 VERSION = (1, 2)
@@ -382,11 +383,6 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * 4
 
 
-def _key(key: Any) -> str:
-    """An unknown header key as part of a field name (hostile keys can be long, or bytes)."""
-    return key if isinstance(key, str) and len(key) <= 64 else shown(key)
-
-
 def codecs_of(minor: int) -> tuple[str, ...]:
     """The codecs a file of minor version ``minor`` may use: those added by then (in a file
     of a newer minor than this reader, every codec it knows)."""
@@ -418,7 +414,7 @@ def _parse_ref(value: Any, field: str, file_size: int, minor: int, codecs: tuple
         if not value.keys() <= known and minor <= VERSION[1]:
             unknown = sorted(set(value) - known, key=str)
             raise KernelpackError(f"is not a field of a stored array in a version {VERSION[0]}.{minor} file",
-                                  field=f"{field}.{_key(unknown[0])}")
+                                  field=f"{field}.{key_shown(unknown[0])}")
     dtype = value.get("dtype")
     if not (isinstance(dtype, str) and dtype in NUMPY_DTYPES):
         raise KernelpackError(f"unknown dtype {shown(dtype)}", field=f"{field}.dtype")
@@ -568,7 +564,7 @@ class Container:
         unknown = sorted(set(keys) - allowed, key=str)
         if unknown:
             raise KernelpackError(f"unknown field in a version {self.version[0]}.{self.version[1]} file",
-                                  field=f"{field}{_key(unknown[0])}")
+                                  field=f"{field}{key_shown(unknown[0])}")
 
     def _parse(self, header: Any) -> None:
         need(isinstance(header, dict), "header", "must be a map")
@@ -601,11 +597,13 @@ class Container:
             self._attachments[name] = ref
         self._tensors: dict[str, TensorInfo] = {}
         for name, entry in tensors.items():
+            need_name(name, "tensors")  # before the error can name the tensor: a bad name is not shown raw
             try:
-                need_name(name, "name")
                 self._tensors[name] = self._parse_tensor(name, entry)
             except KernelpackError as exc:
                 raise exc.located(tensor=name) from None
+        for name, spec in self._bank_specs.items():  # banks no tensor names too (those it names passed)
+            check_bank(spec, name)
         self._check_layout()
         self._bank_cache: dict[str, Stored] = {}
 
@@ -624,7 +622,7 @@ class Container:
         need(isinstance(fields, dict), "fields", "must be a map")
         need(isinstance(arrays, dict) and all(isinstance(k, str) for k in arrays), "arrays",
              "must be a map of stored arrays")
-        refs = {k: _parse_ref(v, f"arrays.{k}", self._size, self.version[1], self._codecs)
+        refs = {k: _parse_ref(v, f"arrays.{key_shown(k)}", self._size, self.version[1], self._codecs)
                 for k, v in arrays.items()}
         cls = FORMS.get(form)
         if cls is None:
@@ -632,28 +630,41 @@ class Container:
                 raise KernelpackError(f"unknown form {shown(form)}", field="form")
         else:
             self._known(fields, cls.FIELDS, "fields.")
+            if not cls.FIELDS <= fields.keys():  # every field a form defines is required
+                raise KernelpackError(f"is missing (a {form} tensor needs the fields {sorted(cls.FIELDS)})",
+                                      field=min(cls.FIELDS - fields.keys()))
             need(form == "dense" or dtype == "float32", "dtype", "compressed forms decode to float32")
             cls.check(shape, dtype, fields, {k: r.spec for k, r in refs.items()}, self._bank_specs)
         return TensorInfo(name, form, shape, dtype, dig, fields, refs)
 
     def _regions(self) -> list[tuple[int, int, str | None, str]]:
-        """(offset, length, tensor, field) of every payload, in file order."""
+        """(offset, length, tensor, field) of every payload, in file order: by (offset, length),
+        ties (zero-length payloads at one offset) in header order — banks, attachments, then
+        each tensor's arrays — which the stable sort keeps. The order of ties decides only which
+        payload an error names, never whether the layout is valid."""
         regions = [(r.offset, r.length, None, f"banks.{n}") for n, r in self._banks.items()]
         regions += [(r.offset, r.length, None, f"attachments.{n}") for n, r in self._attachments.items()]
         for t in self._tensors.values():
-            regions += [(r.offset, r.length, t.name, f"arrays.{k}") for k, r in t.arrays.items()]
+            regions += [(r.offset, r.length, t.name, f"arrays.{key_shown(k)}") for k, r in t.arrays.items()]
         return sorted(regions, key=lambda region: region[:2])
 
     def _check_layout(self) -> None:
-        """Payloads tile the data area in order: each at the first 64-aligned offset after the last."""
+        """Payloads tile the data area in order: each at the first 64-aligned offset after the last.
+
+        Only the payloads this reader knows take part, so bytes owned by a key it does not know
+        (a key of a newer minor version, ignored) break the tiling: such a file is refused
+        (field ``….offset`` of the next known payload, or ``size``), never read in part."""
         self._layout = self._regions()  # check_padding walks it again
+        unknown = (" (a file of a newer minor version may hold payloads under keys this reader does not "
+                   "know)") if self._newer else ""
         end = 0
         for offset, length, tensor, field in self._layout:
             if offset != _align(end):
                 raise KernelpackError(f"must be {_align(end)} (payloads are packed in order, "
-                                      "64-aligned, no overlap)", tensor=tensor, field=f"{field}.offset")
+                                      f"64-aligned, no overlap){unknown}", tensor=tensor, field=f"{field}.offset")
             end = offset + length
-        need(self._data_start + end == self._size, "size", f"file is {self._size} bytes; its header describes {self._data_start + end}")
+        need(self._data_start + end == self._size, "size",
+             f"file is {self._size} bytes; its header describes {self._data_start + end}{unknown}")
 
     def check_padding(self) -> None:
         """Every byte outside header and payloads is zero (so every bit of the file is checked)."""

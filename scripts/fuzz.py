@@ -1,8 +1,10 @@
 """Fuzz the kernelpack reader with damaged and hostile containers.
 
-Every input is made from valid containers (the seeds) by one mutation, or from nothing,
-and given to the reader: open, decode every tensor (numpy; torch for one input in
-``--torch-every``), read every attachment, verify the digests. The reader passes an input
+Every input is made from valid containers (the seeds: the committed vectors and small
+containers with an ONNX graph) by one mutation, or from nothing, and given to the reader
+(:func:`probe`): open, decode every tensor (numpy; torch for one input in
+``--torch-every``), read every attachment, verify the digests; ``load_numpy``; for a file
+with ``onnx.graph``, the graph checks and weights of ``ort_session``. The reader passes an input
 if that succeeds or raises ``KernelpackError``; anything else (another exception, a
 crash, a hang) is a finding. An input changed without re-signing (bit flips, truncation,
 splices, random bytes) must moreover never load unless it equals a seed: corruption is
@@ -13,7 +15,9 @@ Mutations (``MUTATIONS``): raw ones that break checksums (``flip``, ``bytes``, `
 payload and then fix the SHA-256s and layout, so that the reader's later checks are
 reached (``header`` hostile values anywhere in the header, ``preamble`` versions and
 lengths, ``payload`` new payload bytes: NaN, bad zstd frames, bombs, wrong sizes,
-``forged`` random headers from the format's vocabulary).
+``forged`` random headers from the format's vocabulary, ``graph`` a protobuf field of the
+attached ONNX graph changed, added, repeated or deleted). scripts/fuzz_atheris.py uses the
+same mutations under libFuzzer's coverage guidance.
 
 Each input is a pure function of (--seed, its index), so a finding is reproduced with
 ``--replay INDEX --out FILE``. Long runs use worker processes watched by a watchdog that
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import glob
 import hashlib
@@ -232,6 +237,35 @@ class Parts:
         head = msgpack.packb(self.header, use_bin_type=True)
         return header_block(head, self.minor, self.major) + self.data
 
+    def graft(self, other: "Parts", name: str) -> None:
+        """Add tensor ``name`` of ``other`` (a deep copy, with its payloads and, for a basis, its
+        bank) to this container, re-packing the data area."""
+        entry = copy.deepcopy(other.header["tensors"][name])
+        grafted = list(entry["arrays"].values())
+        bank = entry.get("fields", {}).get("bank")
+        if isinstance(bank, str) and bank in other.header.get("banks", {}):
+            self.header.setdefault("banks", {})[bank] = copy.deepcopy(other.header["banks"][bank])
+            grafted.append(self.header["banks"][bank])
+        self.header["tensors"][name] = entry
+        start = len(self.data) + (-len(self.data) % 64)
+        self.data += b"\0" * (start - len(self.data)) + other.data
+        for ref in grafted:
+            ref["offset"] += start
+        self.relayout()
+
+    def relayout(self, bodies: dict[int, bytes] | None = None) -> None:
+        """Pack every payload (or its replacement in ``bodies``, by ``id`` of its ref) in order,
+        fixing offsets, lengths and SHA-256s."""
+        bodies = bodies or {}
+        refs = self.refs()
+        kept = [bodies.get(id(r), self.data[r["offset"]:r["offset"] + r["length"]]) for r in refs]
+        data = b""
+        for r, b in zip(refs, kept):
+            data += b"\0" * (-len(data) % 64)
+            r.update(offset=len(data), length=len(b), sha256=hashlib.sha256(b).digest())
+            data += b
+        self.data = data
+
     def refs(self) -> list[dict]:
         """Every array-ref (banks, attachments, tensors' arrays), in data-area order."""
         groups = [self.header.get("banks", {}), self.header.get("attachments", {})]
@@ -240,14 +274,7 @@ class Parts:
 
     def replace(self, ref: dict, body: bytes) -> None:
         """Put ``body`` in place of one payload, fix its length and SHA-256 and re-pack the data area."""
-        refs = self.refs()
-        bodies = [body if r is ref else self.data[r["offset"]:r["offset"] + r["length"]] for r in refs]
-        data = b""
-        for r, b in zip(refs, bodies):
-            data += b"\0" * (-len(data) % 64)
-            r.update(offset=len(data), length=len(b), sha256=hashlib.sha256(b).digest())
-            data += b
-        self.data = data
+        self.relayout({id(ref): body})
 
 
 def nodes(tree: Any, path: tuple = ()) -> list[tuple]:
@@ -551,6 +578,18 @@ def graph(rng: random.Random, blob: bytes, seeds: list[bytes]) -> tuple[bytes, s
     return parts.blob(), f"{what} ({len(body)} bytes)"
 
 
+def graft(rng: random.Random, blob: bytes, seeds: list[bytes]) -> tuple[bytes, str] | None:
+    """A tensor of another container (with its payloads and bank) added, re-signed: files whose
+    tensors together reach what one tensor does not (the total memory and work, shared banks)."""
+    parts, other = Parts.of(blob), Parts.of(rng.choice(seeds))
+    names = list(other.header.get("tensors", {}))
+    if not names:
+        return None
+    name = rng.choice(names)
+    parts.graft(other, name)
+    return parts.blob(), f"tensor {name!r} grafted ({other.header['tensors'][name].get('form')})"
+
+
 def _short(value: Any) -> str:
     text = repr(value) if not isinstance(value, (list, dict)) or len(repr(value)) < 200 else type(value).__name__
     return text[:60]
@@ -563,9 +602,10 @@ MUTATIONS: dict[str, tuple[Mutation, bool]] = {
     "extend": (extend, False), "splice": (splice, False), "chunk": (chunk, False),
     "random": (random_bytes, False), "header": (header_value, True), "preamble": (preamble, True),
     "payload": (payload, True), "forged": (forged, True), "graph": (graph, True),
+    "graft": (graft, True),
 }
 WEIGHTS = {"flip": 3, "bytes": 1, "truncate": 1, "extend": 1, "splice": 1, "chunk": 1, "random": 1,
-           "header": 8, "preamble": 1, "payload": 4, "forged": 2, "graph": 3}
+           "header": 8, "preamble": 1, "payload": 4, "forged": 2, "graph": 3, "graft": 2}
 
 
 def make_input(seeds: list[bytes], seed: int, index: int) -> tuple[bytes, str, bool]:

@@ -96,7 +96,8 @@ class Harness:
         s = self.stats
         s["inputs"] += 1
         s["outcomes"][outcome] += 1
-        s["exception_types"][outcome.split(":")[0]] += 0 if outcome.startswith("ok") else 1
+        if not outcome.startswith("ok"):
+            s["exception_types"][outcome.split(":")[0]] += 1
         s["mutations"][mutation.split(":")[0]] += 1
         if seconds > s["slowest"]["seconds"]:
             s["slowest"] = {"seconds": round(seconds, 4), "outcome": outcome, "mutation": mutation,
@@ -151,21 +152,35 @@ class Harness:
         return made[0]
 
     def structured(self, rng: random.Random, data: bytes) -> tuple[bytes, str] | None:
-        """One of fuzz.py's mutations of ``data`` (None where it does not apply, e.g. ``data``
-        is no longer a container)."""
+        """One of fuzz.py's mutations of ``data``, or of a seed where it does not apply to
+        ``data`` (no longer a container, say); None where it applies to neither."""
         if self.args.target == "graph":
             body, what = self.fuzz.mutate_graph(rng, data)
             return body, f"graph: {what}"
         name = rng.choices(self.names, weights=self.weights)[0]
-        try:
-            made = self.fuzz.MUTATIONS[name][0](rng, data, self.seeds)
-        except Exception:  # noqa: BLE001 - a mutation that does not fit this input
-            return None
-        return None if made is None else (made[0], f"{name}: {made[1]}")
+        for base in (data, rng.choice(self.seeds)):
+            try:
+                made = self.fuzz.MUTATIONS[name][0](rng, base, self.seeds)
+            except Exception:  # noqa: BLE001 - a mutation that does not fit this input
+                continue
+            if made is not None:
+                return made[0], f"{name}: {made[1]}" + ("" if base is data else " (of a seed)")
+        return None
 
     def crossover(self, data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
-        out, what = self.fuzz.splice(random.Random(seed), data1, [data2])
-        self.made = (out[:max_size], f"crossover: {what}")
+        """Two corpus entries combined: for containers a tensor of one grafted into the other
+        (re-signed; a byte splice where either does not parse), for graphs the two messages
+        concatenated (protobuf merges them)."""
+        rng = random.Random(seed)
+        if self.args.target == "graph":
+            made: tuple[bytes, str] | None = (data1 + data2, "graphs merged")
+        else:
+            try:
+                made = self.fuzz.graft(rng, data1, [data2])
+            except Exception:  # noqa: BLE001 - not both containers
+                made = None
+            made = made or self.fuzz.splice(rng, data1, [data2])
+        self.made = (made[0][:max_size], f"crossover: {made[1]}")
         return self.made[0]
 
 

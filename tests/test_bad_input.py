@@ -23,8 +23,8 @@ import zstandard
 import kernelpack
 from conftest import RawFile, random_array
 from kernelpack._backend import NUMPY_DTYPES
-from kernelpack.forms import LinearTensor, SeriesTensor
-from kernelpack.forms._base import shown, to_stored
+from kernelpack.forms import FORMS, LinearTensor, SeriesTensor
+from kernelpack.forms._base import FORBIDDEN_IN_NAMES, shown, to_stored
 
 Case = Callable[[RawFile, Path], None]
 DELETE = object()
@@ -37,13 +37,14 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tensor per form and option, and an attachment. Shapes the cases rely on: dct
     boundary 54; series coefficients (4, 3, 3, 2); basis 12 slices, bank (4, 3, 3); linear
     p = 4 of 8 with an order (filter 0 is zero, never a primary); lowrank A1 (4, 2), A2 (2, 4);
-    zeros compress."""
+    zeros compress; flags is bool."""
     linear = random_array(5, (8, 3, 3, 3))
     linear[0] = 0.0
     tensors = {"bias": random_array(0, (3,)), "big": random_array(1, (100,)),
                "dct": random_array(2, (4, 3, 3, 3)), "series": random_array(3, (4, 3, 3, 3)),
                "basis": random_array(4, (4, 3, 3, 3)), "linear": linear,
-               "lowrank": random_array(6, (8, 3, 3, 3)), "zeros": np.zeros(4096, np.float32)}
+               "lowrank": random_array(6, (8, 3, 3, 3)), "zeros": np.zeros(4096, np.float32),
+               "flags": np.array([True, False, True])}
     forms = {"dct": kernelpack.DCT(keep=0.5),
              "series": kernelpack.Series(harmonics=(3, 2), points=("cgl", [-0.8, 0.1, 0.9])),
              "basis": kernelpack.Basis(bank=4, bank_name=BANK), "linear": kernelpack.Linear(alpha=0.5),
@@ -57,10 +58,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def check_error(caught: pytest.ExceptionInfo, path: Path, tensor: str | None, field: str) -> None:
+    """The error names file, tensor and field, and its message holds no character a name may
+    not (a hostile key or name is shown escaped, so it cannot forge a log line)."""
     error = caught.value
     assert (error.path, error.tensor, error.field) == (str(path), tensor, field), str(error)
     for part in (str(path), tensor, field):
         assert part is None or part in str(error)
+    assert FORBIDDEN_IN_NAMES.search(str(error)) is None, repr(str(error))
 
 
 # --- making one thing wrong --------------------------------------------------------------
@@ -89,10 +93,12 @@ def resize(tensor: str, array: str, shape: list[int], dtype: str | None = None) 
     return make
 
 
-def extra_array(tensor: str, name: str, like: str) -> Case:
+def extra_array(tensor: str, like: str, *names: str) -> Case:
+    """Arrays ``names`` added to a tensor, each a copy of its array ``like`` (in that order)."""
     def make(raw: RawFile, path: Path) -> None:
         arrays = raw.header["tensors"][tensor]["arrays"]
-        arrays[name] = dict(arrays[like])
+        for name in names:
+            arrays[name] = dict(arrays[like])
         raw.write(path)
     return make
 
@@ -154,6 +160,23 @@ def setter(index: int, value: Any) -> Callable[[np.ndarray], None]:
 
 def float16_bits(bits: int) -> Callable[[np.ndarray], None]:
     return setter(0, np.uint16(bits).view(np.float16))
+
+
+def raw_byte(index: int, value: int) -> Callable[[np.ndarray], None]:
+    """Set one byte of the payload (a bool array's bytes other than 0 and 1 included)."""
+    def change(data: np.ndarray) -> None:
+        data.view(np.uint8)[index] = value
+    return change
+
+
+def spare_bank(dtype: str, shape: list[int]) -> Case:
+    """A bank no tensor names, laid out like any payload (zero bytes of its dtype and shape)."""
+    def make(raw: RawFile, path: Path) -> None:
+        raw.header["banks"]["spare"] = {"dtype": dtype, "shape": shape, "codec": "none", "offset": 0,
+                                        "length": 0, "sha256": ZERO_SHA}
+        raw.replace_payload(("banks", "spare"), bytes(math.prod(shape) * NUMPY_DTYPES[dtype].itemsize))
+        raw.write(path)
+    return make
 
 
 def payload_byte(key: tuple[str, ...]) -> Case:
@@ -249,21 +272,22 @@ HEADER_CASES = {
     "banks-not-map": (edit("banks", value=[]), None, "banks"),
     "tensors-missing": (edit("tensors"), None, "tensors"),
     "tensors-not-map": (edit("tensors", value=[1]), None, "tensors"),
+    # a bad name: the field is the map whose key it is (the tensor is not named: it has no valid name)
     "tensor-name-empty": (lambda raw, path: edit("tensors", "", value=raw.header["tensors"].pop("bias"))(raw, path),
-                          "", "name"),
+                          None, "tensors"),
     "tensor-name-control-char": (lambda raw, path: edit("tensors", "a\nb", value=raw.header["tensors"].pop("bias"))(
-        raw, path), "a\nb", "name"),
+        raw, path), None, "tensors"),
     "bank-name-too-long": (lambda raw, path: edit("banks", "b" * 1025, value=raw.header["banks"].pop(BANK))(raw, path),
                            None, "banks"),
     # names are opaque keys, never paths: no '..' segment, no control or bidi character
-    "tensor-name-dotdot": (rename("tensors", "bias", "../bias"), "../bias", "name"),
-    "tensor-name-dotdot-inside": (rename("tensors", "bias", "a/../../b"), "a/../../b", "name"),
-    "tensor-name-dotdot-backslash": (rename("tensors", "bias", "a\\..\\b"), "a\\..\\b", "name"),
-    "tensor-name-nul": (rename("tensors", "bias", "a\0b"), "a\0b", "name"),
-    "tensor-name-delete": (rename("tensors", "bias", "a\x7f"), "a\x7f", "name"),
-    "tensor-name-c1-control": (rename("tensors", "bias", "a\x85b"), "a\x85b", "name"),
-    "tensor-name-line-separator": (rename("tensors", "bias", "a\u2028b"), "a\u2028b", "name"),
-    "tensor-name-bidi-override": (rename("tensors", "bias", "a\u202eb"), "a\u202eb", "name"),
+    "tensor-name-dotdot": (rename("tensors", "bias", "../bias"), None, "tensors"),
+    "tensor-name-dotdot-inside": (rename("tensors", "bias", "a/../../b"), None, "tensors"),
+    "tensor-name-dotdot-backslash": (rename("tensors", "bias", "a\\..\\b"), None, "tensors"),
+    "tensor-name-nul": (rename("tensors", "bias", "a\0b"), None, "tensors"),
+    "tensor-name-delete": (rename("tensors", "bias", "a\x7f"), None, "tensors"),
+    "tensor-name-c1-control": (rename("tensors", "bias", "a\x85b"), None, "tensors"),
+    "tensor-name-line-separator": (rename("tensors", "bias", "a\u2028b"), None, "tensors"),
+    "tensor-name-bidi-override": (rename("tensors", "bias", "a\u202eb"), None, "tensors"),
     "bank-name-dotdot": (rename("banks", BANK, ".."), None, "banks"),
     "attachment-name-dotdot": (rename("attachments", ATTACHMENT, "../graph"), None, "attachments"),
     "attachment-name-control": (rename("attachments", ATTACHMENT, "graph\n"), None, "attachments"),
@@ -276,6 +300,7 @@ HEADER_CASES = {
     "header-too-many-maps-and-arrays": (head_with(future=[[]] * (1 << 20)), None, "header"),
     "top-key-bytes": (edit(b"x", value=1), None, "b'x'"),
     "top-key-long": (edit("k" * 100, value=1), None, shown("k" * 100)),
+    "top-key-newline": (edit("a\nb", value=1), None, shown("a\nb")),  # escaped in the field
     # hostile scalars where numbers and names are expected
     "dtype-a-list": (t("bias", "dtype", value=[]), "bias", "dtype"),
     "ref-dtype-a-map": (ref_of("dct", "coefficients", "dtype", value={}), "dct", "arrays.coefficients.dtype"),
@@ -311,10 +336,12 @@ HEADER_CASES = {
     "fields-not-map": (t("dct", "fields", value=[1]), "dct", "fields"),
     "fields-unknown-dense": (t("bias", "fields", value={"x": 1}), "bias", "fields.x"),
     "fields-unknown-dct": (t("dct", "fields", "scale", value=2), "dct", "fields.scale"),
+    "fields-unknown-bidi": (t("dct", "fields", "a\u202eb", value=2), "dct", "fields." + shown("a\u202eb")),
     "arrays-not-map": (t("bias", "arrays", value=[]), "bias", "arrays"),
     "arrays-missing-data": (t("bias", "arrays", "data"), "bias", "arrays.data"),
     "arrays-missing-coefficients": (t("dct", "arrays", "coefficients"), "dct", "arrays.coefficients"),
-    "arrays-extra": (extra_array("dct", "extra", "coefficients"), "dct", "arrays.extra"),
+    "arrays-extra": (extra_array("dct", "coefficients", "extra"), "dct", "arrays.extra"),
+    "arrays-extra-newline": (extra_array("dct", "coefficients", "x\ny"), "dct", "arrays." + shown("x\ny")),
     # arrayref
     "ref-not-map": (t("dct", "arrays", "coefficients", value=5), "dct", "arrays.coefficients"),
     "ref-unknown-key": (ref_of("dct", "coefficients", "extra", value=1), "dct", "arrays.coefficients.extra"),
@@ -342,12 +369,15 @@ HEADER_CASES = {
     "bank-dtype": (edit("banks", BANK, "dtype", value="float8"), None, f"banks.{BANK}.dtype"),
     "bank-rank-1": (edit("banks", BANK, "shape", value=[36]), None, f"banks.{BANK}.shape"),
     "bank-length": (edit("banks", BANK, "length", value=71), None, f"banks.{BANK}.length"),
+    # every bank holds numbers, checked when the file is opened, whether a tensor names it or not
+    "unused-bank-float64": (spare_bank("float64", [1, 3, 3]), None, "banks.spare.dtype"),
+    "unused-bank-int8-without-step": (spare_bank("int8", [8, 3, 3]), None, "banks.spare.dtype"),
+    "unused-bank-rank-1": (spare_bank("float16", [9]), None, "banks.spare.shape"),
     # dct fields
     "dct-axes-descending": (t("dct", "fields", "axes", value=[1, 0]), "dct", "axes"),
     "dct-axes-out-of-range": (t("dct", "fields", "axes", value=[0, 4]), "dct", "axes"),
     "dct-axes-empty": (t("dct", "fields", "axes", value=[]), "dct", "axes"),
     "dct-axes-repeated": (t("dct", "fields", "axes", value=[1, 1]), "dct", "axes"),
-    "dct-axes-missing": (t("dct", "fields", "axes"), "dct", "axes"),
     "dct-boundary-negative": (t("dct", "fields", "boundary", value=-1), "dct", "boundary"),
     "dct-boundary-over-size": (t("dct", "fields", "boundary", value=109), "dct", "boundary"),
     "dct-boundary-bool": (t("dct", "fields", "boundary", value=True), "dct", "boundary"),
@@ -383,13 +413,19 @@ HEADER_CASES = {
                                "arrays.primaries.dtype"),
     "linear-A-shape": (resize("linear", "A", [4, 3]), "linear", "arrays.A.shape"),
     "linear-A-dtype": (ref_of("linear", "A", "dtype", value="int16"), "linear", "arrays.A.dtype"),
-    "linear-A-and-A1": (extra_array("linear", "A1", "A"), "linear", "arrays.A1"),
+    # A beside A1 or A2: the first of A1, A2 present is named (whatever the header's order)
+    "linear-A-and-A1": (extra_array("linear", "A", "A1"), "linear", "arrays.A1"),
+    "linear-A-and-A2": (extra_array("linear", "A", "A2"), "linear", "arrays.A2"),
+    "linear-A-A2-and-A1": (extra_array("linear", "A", "A2", "A1"), "linear", "arrays.A1"),
     "linear-no-coefficients": (t("linear", "arrays", "A"), "linear", "arrays.A1"),
     "linear-A1-shape": (resize("lowrank", "A1", [3, 2]), "lowrank", "arrays.A1.shape"),
     "linear-A2-shape": (resize("lowrank", "A2", [2, 5]), "lowrank", "arrays.A2.shape"),
     "linear-A2-missing": (t("lowrank", "arrays", "A2"), "lowrank", "arrays.A2"),
     "linear-order-dtype": (resize("linear", "order", [8], dtype="float32"), "linear", "arrays.order.dtype"),
     "linear-order-shape": (resize("linear", "order", [7], dtype="int32"), "linear", "arrays.order.shape"),
+    # every field a form defines is required: a missing one is named by its key, as a bad value is
+    **{f"{form}-{key}-missing": (t(form, "fields", key), form, key)
+       for form in ("dct", "series", "basis") for key in sorted(FORMS[form].FIELDS)},
 }
 
 ZEROS = ("tensors", "zeros", "data")
@@ -419,6 +455,7 @@ PAYLOAD_CASES = {
     "order-repeated": (values(("tensors", "linear", "order"), setter(1, 0)), "linear", "arrays.order"),
     "order-negative": (values(("tensors", "linear", "order"), setter(0, -1)), "linear", "arrays.order"),
     "order-too-large": (values(("tensors", "linear", "order"), setter(0, 8)), "linear", "arrays.order"),
+    "bool-byte-2": (values(("tensors", "flags", "data"), raw_byte(1, 2)), "flags", "arrays.data"),
 }
 
 

@@ -174,3 +174,54 @@ def test_an_attachment_must_be_bytes(tmp_path: Path) -> None:
     with pytest.raises(kernelpack.KernelpackError) as caught:
         kernelpack.open(path)
     assert caught.value.field == "attachments.g"
+
+
+def test_zero_length_payloads_may_share_an_offset(tmp_path: Path) -> None:
+    """They take no bytes: each sits at the aligned end of the payloads before it, so several
+    share an offset, with each other and with the payload that starts there; one after the
+    last payload moves the end of the file to the next multiple of 64."""
+    path = tmp_path / "empty.kpk"
+    tensors = {"a": np.zeros(0, np.float32), "b": np.zeros((2, 0), np.int8), "w": np.ones(3, np.float32),
+               "c": np.zeros(0, np.float16)}
+    kernelpack.save(tensors, path, attachments={"none": b""})
+    raw = RawFile.read(path)
+    assert {key[1]: (ref["offset"], ref["length"]) for key, ref in raw.refs()} == {
+        "none": (0, 0), "a": (0, 0), "b": (0, 0), "w": (0, 12), "c": (64, 0)}
+    assert len(path.read_bytes()) % 64 == 0
+    with kernelpack.open(path) as c:
+        assert all(c.verify().values()) and c.read_attachment("none") == b""
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_payloads_tied_in_the_layout_are_taken_in_header_order(tmp_path: Path, order: tuple[str, str]) -> None:
+    """Two zero-length payloads at one (wrong) offset: the error names the first the header lists."""
+    path = tmp_path / "empty.kpk"
+    kernelpack.save({"w": np.ones(3, np.float32), "a": np.zeros(0, np.float32), "b": np.zeros(0, np.float32)}, path)
+    raw = RawFile.read(path)
+    entries = raw.header["tensors"]
+    raw.header["tensors"] = {"w": entries["w"], **{name: entries[name] for name in order}}
+    for name in order:
+        entries[name]["arrays"]["data"]["offset"] = 128
+    raw.write(path)
+    with pytest.raises(kernelpack.KernelpackError, match="must be 64") as caught:
+        kernelpack.open(path)
+    assert (caught.value.tensor, caught.value.field) == (order[0], "arrays.data.offset")
+
+
+def test_a_bank_no_tensor_names_is_allowed_and_load_checks_its_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "spare.kpk"
+    kernelpack.save({"w": random_array(0, (4, 3, 3))}, path)
+    raw = RawFile.read(path)
+    raw.header["banks"]["spare"] = {"dtype": "float32", "shape": [2, 3], "codec": "none", "offset": 0,
+                                    "length": 0, "sha256": b"\0" * 32}
+    raw.replace_payload(("banks", "spare"), np.ones(6, np.float32).tobytes())
+    raw.write(path)
+    assert kernelpack.load_numpy(path)["w"].shape == (4, 3, 3)
+    at = raw.ref("banks", "spare")["offset"]
+    raw.data = raw.data[:at] + b"\x01" + raw.data[at + 1:]  # the header (and its checksums) unchanged
+    raw.write(path)
+    with kernelpack.open(path) as c:
+        assert c.keys() == ["w"]
+    with pytest.raises(kernelpack.KernelpackError, match="checksum") as caught:
+        kernelpack.load_numpy(path)
+    assert (caught.value.tensor, caught.value.field) == (None, "banks.spare")

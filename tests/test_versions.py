@@ -138,3 +138,43 @@ def test_the_writer_writes_the_lowest_version_that_holds_the_file(tmp_path: Path
                           ("shuffled.kpk", (1, 2))):
         with Container(tmp_path / name) as c:
             assert c.version == version
+
+
+def with_unknown_payload(path: Path, body: bytes, first: bool) -> None:
+    """The file as a newer minor version might write it: a top-level key this reader does not
+    know owning one payload, laid out before (``first``) or after every payload it knows."""
+    raw = RawFile.read(path)
+    raw.minor = 0xFFFF
+    ref = {"dtype": "uint8", "shape": [len(body)], "codec": "none", "length": len(body),
+           "sha256": hashlib.sha256(body).digest(), "offset": 0}
+    if body and first:
+        gap = -(-len(body) // 64) * 64
+        for _, known in raw.refs():
+            known["offset"] += gap
+        raw.data = body + bytes(gap - len(body)) + raw.data
+    elif body:
+        ref["offset"] = -(-len(raw.data) // 64) * 64
+        raw.data += bytes(ref["offset"] - len(raw.data)) + body
+    raw.header["sidecar"] = {"blob": ref}
+    raw.write(path)
+
+
+@pytest.mark.parametrize("first, tensor, field", [(True, "bias", "arrays.data.offset"), (False, None, "size")],
+                         ids=["before", "after"])
+def test_payloads_under_a_key_this_reader_does_not_know_make_it_refuse_the_file(
+        mixed: Path, first: bool, tensor: str | None, field: str) -> None:
+    """Unknown keys of a newer minor version are ignored, their payload bytes are not: the
+    payloads this reader knows no longer tile the data area, so it refuses the file rather
+    than read part of it."""
+    with_unknown_payload(mixed, b"future bytes", first)
+    for read in (kernelpack.open, kernelpack.load_numpy):
+        with pytest.raises(kernelpack.KernelpackError, match="newer minor version") as caught:
+            read(mixed)
+        assert (caught.value.tensor, caught.value.field) == (tensor, field)
+
+
+def test_a_zero_length_payload_under_a_key_this_reader_does_not_know_changes_nothing(mixed: Path) -> None:
+    before = kernelpack.load_numpy(mixed)
+    with_unknown_payload(mixed, b"", first=True)
+    after = kernelpack.load_numpy(mixed)
+    assert all(np.array_equal(before[name], after[name]) for name in before) and list(after) == list(before)

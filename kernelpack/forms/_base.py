@@ -214,6 +214,16 @@ def shown(value: Any, limit: int = 64) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def key_shown(key: Any) -> str:
+    """A header key as part of an error's ``field`` (``fields.K``, ``arrays.K``): as it is when it
+    is a string of at most 64 characters with no code point a name may not hold, else escaped
+    by :func:`shown`, so that a hostile key never carries a newline or a bidirectional control
+    into a log line."""
+    if isinstance(key, str) and len(key) <= 64 and FORBIDDEN_IN_NAMES.search(key) is None:
+        return key
+    return shown(key)
+
+
 def need_name(value: Any, field: str) -> str:
     """Tensor, bank and attachment names: opaque keys, never paths (spec/FORMAT.md, "Names").
 
@@ -299,7 +309,8 @@ def need_dtype(spec: ArraySpec, field: str, dtypes: tuple[str, ...], numbers: bo
 def need_only(arrays: Mapping[str, Any], allowed: set[str]) -> None:
     """No stored arrays other than ``allowed``."""
     if not allowed.issuperset(arrays):
-        raise KernelpackError("is not a field of this form", field=f"arrays.{sorted(set(arrays) - allowed)[0]}")
+        raise KernelpackError("is not a field of this form",
+                              field=f"arrays.{key_shown(sorted(set(arrays) - allowed)[0])}")
 
 
 def need_finite(stored: Stored, field: str) -> None:

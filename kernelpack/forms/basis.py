@@ -37,6 +37,13 @@ INDEX_DTYPES = ("uint8", "uint16")
 MAX_BANK = 1 << 16
 
 
+def check_bank(spec: ArraySpec, name: str) -> None:
+    """A bank holds numbers: float16, bfloat16, float32, or int8/int16 codes with a ``step``.
+    A reader checks every bank when it opens a file, whether a tensor names it or not
+    (spec/FORMAT.md, section 5, step 4), and each ``basis`` tensor checks its own."""
+    need_dtype(spec, f"banks.{name}", FLOAT_DTYPES, numbers=True)
+
+
 @dataclass
 class BasisTensor(Encoded):
     shape: tuple[int, ...]
@@ -64,7 +71,7 @@ class BasisTensor(Encoded):
         name = fields.get("bank")
         need(isinstance(name, str) and name in banks, "bank", f"names no bank of this file: {name!r}")
         bank = banks[name]
-        need_dtype(bank, f"banks.{name}", FLOAT_DTYPES, numbers=True)
+        check_bank(bank, name)
         filt = bank.shape[1:]
         need(len(shape) >= len(filt) and tuple(shape[len(shape) - len(filt):]) == filt, "shape",
              f"must end with the bank's filter shape {list(filt)}")

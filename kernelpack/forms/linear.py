@@ -64,7 +64,9 @@ class LinearTensor(Encoded):
              f"1 <= p <= {min(shape[0], MAX_REDUCTION)}, got {list(primaries.shape)}")
         s = shape[0] - p
         if "A" in arrays:
-            need("A1" not in arrays and "A2" not in arrays, "arrays.A1", "A and A1/A2 are exclusive")
+            for low_rank in ("A1", "A2"):  # the first of them beside A is named
+                need(low_rank not in arrays, f"arrays.{low_rank}", "is not allowed beside arrays.A "
+                     "(A, or A1 and A2)")
             need_array(arrays, "A", FLOAT_DTYPES, (p, s), numbers=True)
         else:
             a1 = need_array(arrays, "A1", FLOAT_DTYPES, numbers=True)
