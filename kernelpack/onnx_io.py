@@ -43,7 +43,7 @@ import numpy as np
 from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need_name
-from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, graph_and_weights
+from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, check_graph, graph_and_weights
 from kernelpack.pack import FormPlan, as_numpy, match, save, state_of
 
 #: Fewer elements than this: a constant of the graph (a scale, a bound), not a weight.
@@ -61,20 +61,24 @@ def _onnx() -> Any:
     return need_module("onnx", "ONNX models", "onnx")
 
 
+def source_name(src: Any) -> str | None:
+    """The file name of a model given by path, for error messages (None for bytes or a ModelProto)."""
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+
+
 def read_model(src: Any) -> Any:
     """An ``onnx.ModelProto`` from a path (external data files beside it are read), bytes, or itself."""
     onnx = _onnx()
+    path = source_name(src)
     if isinstance(src, onnx.ModelProto):
-        return src
-    if isinstance(src, (bytes, bytearray)):
-        return onnx.load_from_string(bytes(src))
-    path = os.fspath(src)
-    if not os.path.isfile(path):
+        model = src
+    elif path is not None and not os.path.isfile(path):
         raise KernelpackError("no such file", path=path)
-    try:
-        model = onnx.load(path)
-    except Exception as exc:  # protobuf and onnx raise many types; report them as one
-        raise KernelpackError(f"cannot read as ONNX: {exc}", path=path) from None
+    else:
+        try:
+            model = onnx.load(path) if path is not None else onnx.load_from_string(bytes(src))
+        except Exception as exc:  # protobuf and onnx raise many types; report them as one
+            raise KernelpackError(f"cannot read as ONNX: {exc}", path=path) from None
     if not model.HasField("graph") or not model.graph.node:
         raise KernelpackError("holds no ONNX graph", path=path)
     return model
@@ -131,6 +135,15 @@ def _make_reference(tensor: Any) -> None:
     tensor.CopyFrom(ref)
 
 
+def tensor_array(tensor: Any) -> np.ndarray:
+    """A TensorProto's data as numpy; data that does not fit its dims is a KernelpackError."""
+    try:
+        return _onnx().numpy_helper.to_array(tensor)
+    except Exception as exc:  # numpy_helper raises ValueError, TypeError, ...: report them as one
+        raise KernelpackError(f"the initializer's data does not fit its dims {list(tensor.dims)} "
+                              f"(element type {tensor.data_type}): {exc}", tensor=tensor.name, field="dims") from None
+
+
 def take_out(model: Any, keep: Keep = is_weight, constants: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
     """A copy of ``model`` whose weights (initializers ``keep`` accepts; with ``constants``, also
     weight Constant nodes) are references, and those weights as numpy arrays, in graph order."""
@@ -143,7 +156,7 @@ def take_out(model: Any, keep: Keep = is_weight, constants: bool = True) -> tupl
     weights = {}
     for tensor in out.graph.initializer:
         if tensor.name not in outputs and keep(tensor):
-            weights[tensor.name] = onnx.numpy_helper.to_array(tensor)
+            weights[tensor.name] = tensor_array(tensor)
             _make_reference(tensor)
     return out, weights
 
@@ -203,10 +216,25 @@ def pack_onnx(src: Any, path: str | os.PathLike, forms: FormPlan = None, *,
     stored dense, exactly. Returns the encoded tensors (what was written).
     """
     model = read_model(src)
-    graph, weights = take_out(model)
+    try:
+        graph, weights = take_out(model)
+    except KernelpackError as exc:
+        raise exc.located(path=source_name(src)) from None
+    attached = graph.SerializeToString()
+    checked(attached, weights, source_name(src))
     configs = weight_configs(weights, weight_roles(graph.graph), forms, max_error, max_bytes, candidates)
-    return save(weights, path, forms=configs, metadata=metadata, level=level,
-                attachments={GRAPH: graph.SerializeToString()})
+    return save(weights, path, forms=configs, metadata=metadata, level=level, attachments={GRAPH: attached})
+
+
+def checked(graph: bytes, weights: Mapping[str, np.ndarray], source: str | None) -> None:
+    """Refuse to write a graph that readers would refuse (:func:`kernelpack.ort.check_graph`): a
+    source tensor with external data the packer did not read (a model given as bytes, or data
+    outside the graph's own tensors), or a reference to a tensor the packer did not take out."""
+    for ref in check_graph(graph, source):  # fields name the place in the attachment to be written
+        if ref.name not in weights:
+            raise KernelpackError(f"refers to external data {LOCATION!r}, which is not a file this packer "
+                                  "reads", path=source, tensor=ref.name,
+                                  field=f"attachments.{GRAPH}.{ref.where}.external_data")
 
 
 # --- PyTorch in ---------------------------------------------------------------------------
@@ -237,7 +265,7 @@ def torch_graph(model: Any, args: Any, **export: Any) -> bytes:
     def in_state(tensor: Any) -> bool:
         if tensor.name not in state or tensor.data_type not in ONNX_FLOAT_TYPES:
             return False
-        value = onnx.numpy_helper.to_array(tensor)
+        value = tensor_array(tensor)
         return value.dtype == state[tensor.name].dtype and np.array_equal(value, state[tensor.name])
 
     graph, _ = take_out(onnx.load_from_string(buffer.getvalue()), in_state, constants=False)
@@ -250,7 +278,11 @@ def dense_model(path: str | os.PathLike) -> Any:
     tensor (numpy, the initializer's type). Weights that were Constant nodes stay initializers."""
     onnx = _onnx()
     graph, weights = graph_and_weights(path)
-    model = onnx.load_from_string(graph)
+    try:
+        model = onnx.load_from_string(graph)
+    except Exception as exc:  # protobuf's DecodeError on what the wire check does not read
+        raise KernelpackError(f"not a valid ONNX ModelProto: {exc}", path=os.fspath(path),
+                              field=f"attachments.{GRAPH}") from None
     for tensor in model.graph.initializer:
         if tensor.name in weights and tensor.data_location == EXTERNAL:
             filled = onnx.numpy_helper.from_array(weights[tensor.name], tensor.name)

@@ -16,9 +16,15 @@ before optimisation, so no dense file is ever written and the decoded arrays can
 once the session exists. (``add_initializer`` would share the buffer instead, but it
 needs a data-bearing initializer in the graph and ORT refuses an external one there.)
 
+Before any of that, :func:`check_graph` walks every tensor of the ModelProto (initializers,
+sparse initializers, node attributes, subgraphs, functions, training_info): each is inline
+or, as an initializer of the main graph, a reference; anything that would make ONNX
+Runtime read a file (it resolves a relative ``location`` against the working directory) is
+refused. :func:`graph_and_weights` is the one door: ``ort_session``, ``kernelpack unpack F
+out.onnx`` and the benchmarks get a container's graph only through it.
+
 This module imports neither torch nor the ``onnx`` package: an ORT-only service needs
-numpy, kernelpack and onnxruntime. The few graph facts it needs (which initializers
-are references, their types and dims) are read from the protobuf wire format directly.
+numpy, kernelpack and onnxruntime. The graph is read from the protobuf wire format directly.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import ctypes
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -50,14 +56,52 @@ log = logging.getLogger("kernelpack.ort")
 Provider = str | tuple[str, dict[str, Any]]
 
 
-# --- the graph's weight references, from the protobuf wire format ---------------------------
+# --- the graph's tensors, checked from the protobuf wire format (spec section 10) ---------------
 @dataclass(frozen=True)
 class WeightRef:
-    """An initializer of ``onnx.graph`` that the container's tensor ``name`` feeds."""
+    """An initializer of ``onnx.graph`` that the container's tensor ``name`` feeds; ``where`` is
+    its place in the ModelProto (e.g. ``graph.initializer[3]``), for error messages."""
 
     name: str
     elem_type: int
     shape: tuple[int, ...]
+    where: str = field(default="", compare=False)
+
+
+#: Deepest nesting of protobuf messages checked: protobuf's own default recursion limit, so every
+#: graph ONNX Runtime can parse is checked, and a nesting bomb is refused without deep recursion.
+MAX_DEPTH = 100
+#: Bits per element of the ONNX element types (TensorProto.DataType), for the inline bound.
+ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64,
+                14: 64, 15: 128, 16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4, 24: 8, 25: 2,
+                26: 2, 27: 6, 28: 6}
+#: Bytes per element of a string tensor and of an element type not in ELEMENT_BITS (the size of a
+#: C++ std::string, what ONNX Runtime allocates per string element).
+OTHER_ELEMENT_BYTES = 32
+#: An ORT-format model (flatbuffers) carries this at bytes 4..8; ONNX Runtime then does not parse
+#: the bytes as a ModelProto, so nothing checked here would hold.
+ORT_FORMAT_MARK = b"ORTM"
+#: TensorProto fields that hold data (a reference holds none).
+DATA_FIELDS = {3: "segment", 4: "float_data", 5: "int32_data", 6: "string_data", 7: "int64_data",
+               9: "raw_data", 10: "double_data", 11: "uint64_data"}
+#: The ONNX messages that hold tensors, directly or further down: field number -> (field name,
+#: message type, repeated). Every TensorProto position of ModelProto (onnx.proto) is below these.
+HOLDERS: dict[str, dict[int, tuple[str, str, bool]]] = {
+    "ModelProto": {7: ("graph", "GraphProto", False), 20: ("training_info", "TrainingInfoProto", True),
+                   25: ("functions", "FunctionProto", True)},
+    "GraphProto": {1: ("node", "NodeProto", True), 5: ("initializer", "TensorProto", True),
+                   15: ("sparse_initializer", "SparseTensorProto", True)},
+    "NodeProto": {5: ("attribute", "AttributeProto", True)},
+    "AttributeProto": {5: ("t", "TensorProto", False), 6: ("g", "GraphProto", False),
+                       10: ("tensors", "TensorProto", True), 11: ("graphs", "GraphProto", True),
+                       22: ("sparse_tensor", "SparseTensorProto", False),
+                       23: ("sparse_tensors", "SparseTensorProto", True)},
+    "TrainingInfoProto": {1: ("initialization", "GraphProto", False), 2: ("algorithm", "GraphProto", False)},
+    "FunctionProto": {7: ("node", "NodeProto", True), 11: ("attribute_proto", "AttributeProto", True)},
+    "SparseTensorProto": {1: ("values", "TensorProto", False), 2: ("indices", "TensorProto", False)},
+}
+#: NodeProto.op_type of nodes that name a file ONNX Runtime would read (a precompiled EP engine).
+FILE_OPS = frozenset({"EPContext"})
 
 
 class _WireError(ValueError):
@@ -73,15 +117,21 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         pos, shift = pos + 1, shift + 7
         if byte < 0x80:
+            if value >= 1 << 64:
+                raise _WireError("varint beyond 64 bits")
             return value, pos
 
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value) of one protobuf message; value is an int or bytes view."""
+    """(field number, wire type, value) of one protobuf message; value is an int or bytes view.
+    Stricter than protobuf: groups (wire types 3, 4) are refused, as are field numbers protobuf
+    refuses."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
+        if not 1 <= number < 1 << 29:
+            raise _WireError(f"field number {number}")
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire in (1, 5):
@@ -93,13 +143,15 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
         else:
             raise _WireError(f"unsupported wire type {wire}")
         if pos > len(buf):
-            raise _WireError("truncated field")
+            raise _WireError("a field runs past the end of its message")
         yield number, wire, value
 
 
 def _dims(wire: int, value: Any) -> list[int]:
     """TensorProto.dims, packed or not; a negative dim (two's complement) is refused."""
-    dims = [value] if wire == 0 else list(_packed(value))
+    dims = [value] if wire == 0 else list(_packed(value)) if wire == 2 else None
+    if dims is None:
+        raise _WireError(f"dims has wire type {wire}")
     if any(d >= 1 << 63 for d in dims):
         raise _WireError("negative dimension")
     return dims
@@ -112,77 +164,237 @@ def _packed(buf: memoryview) -> Iterator[int]:
         yield value
 
 
-def _reference(tensor: memoryview) -> WeightRef | None:
-    """A TensorProto as a WeightRef if it is a kernelpack reference, else None."""
-    dims: list[int] = []
-    name, elem_type, location, entries = "", 0, 0, {}
-    for number, wire, value in _fields(tensor):
+def _text(wire: int, value: Any) -> str:
+    if wire != 2:
+        raise _WireError(f"a string field has wire type {wire}")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _WireError("a string field is not UTF-8") from None
+
+
+@dataclass
+class _Tensor:
+    """What a TensorProto says about where its data is (every occurrence of a field, as protobuf
+    merges them: repeated fields concatenate, the last scalar wins)."""
+
+    name: str = ""
+    data_type: int = 0
+    dims: list[int] = field(default_factory=list)
+    locations: list[int] = field(default_factory=list)
+    external: list[tuple[str, str]] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+
+
+def _tensor_facts(buf: memoryview) -> _Tensor:
+    tensor = _Tensor()
+    for number, wire, value in _fields(buf):
         if number == 1:
-            dims += _dims(wire, value)
+            tensor.dims += _dims(wire, value)
         elif number == 2 and wire == 0:
-            elem_type = value
-        elif number == 8 and wire == 2:
-            name = bytes(value).decode("utf-8")
-        elif number == 13 and wire == 2:
-            entry = {n: bytes(v).decode("utf-8") for n, w, v in _fields(value) if w == 2}
-            entries[entry.get(1, "")] = entry.get(2, "")
+            tensor.data_type = value
+        elif number == 8:
+            tensor.name = _text(wire, value)
+        elif number == 13:
+            if wire != 2:
+                raise _WireError(f"external_data has wire type {wire}")
+            entry = {n: _text(w, v) for n, w, v in _fields(value) if n in (1, 2)}
+            tensor.external.append((entry.get(1, ""), entry.get(2, "")))
         elif number == 14 and wire == 0:
-            location = value
-    if location != EXTERNAL or entries != {"location": LOCATION}:
-        return None
-    return WeightRef(name, elem_type, tuple(dims))
+            tensor.locations.append(value)
+        elif number in DATA_FIELDS:
+            tensor.data.append(DATA_FIELDS[number])
+    return tensor
 
 
-def graph_weights(graph: bytes) -> list[WeightRef]:
-    """The initializers of a serialized ModelProto that the container feeds, in graph order."""
-    refs = []
-    for number, wire, model_field in _fields(memoryview(graph)):
-        if number != 7 or wire != 2:  # ModelProto.graph
-            continue
-        for g_number, g_wire, tensor in _fields(model_field):
-            if g_number == 5 and g_wire == 2:  # GraphProto.initializer
-                ref = _reference(tensor)
-                if ref is not None:
-                    refs.append(ref)
-    return refs
+def _elements(dims: Sequence[int], cap: int) -> int:
+    """The product of ``dims``, or ``cap + 1`` once it exceeds ``cap`` (no huge products)."""
+    if 0 in dims:
+        return 0
+    count = 1
+    for d in dims:
+        count *= d
+        if count > cap:
+            return cap + 1
+    return count
+
+
+class _GraphCheck:
+    """One walk over a serialized ModelProto: every TensorProto in it, wherever it sits, is
+    inline or (only as an initializer of the main graph) a reference; see :func:`check_graph`."""
+
+    def __init__(self, path: str | None, at: str, max_bytes: int) -> None:
+        self.path, self.at, self.max_bytes = path, at, max_bytes
+        self.inline_bytes = 0
+        self.refs: list[WeightRef] = []
+        self.main_names: list[str] = []
+
+    def bad(self, message: str, where: str, tensor: str | None = None) -> KernelpackError:
+        return KernelpackError(message, path=self.path, tensor=tensor or None,
+                               field=".".join(p for p in (self.at, where) if p))
+
+    def message(self, buf: memoryview, kind: str, where: str, depth: int, main: bool = False) -> None:
+        """Check one message of type ``kind`` (not a tensor) at ``where`` and what it holds."""
+        if depth > MAX_DEPTH:
+            raise self.bad(f"messages nest deeper than {MAX_DEPTH} levels", where)
+        holders = HOLDERS[kind]
+        seen: dict[int, int] = {}
+        try:
+            for number, wire, value in _fields(buf):
+                if kind == "NodeProto" and number == 4 and _text(wire, value) in FILE_OPS:
+                    raise self.bad(f"an {_text(wire, value)} node names a file that ONNX Runtime would read",
+                                   f"{where}.op_type")
+                if number not in holders:
+                    continue
+                name, child, repeated = holders[number]
+                index = seen[number] = seen.get(number, -1) + 1
+                at = f"{where}.{name}" if where else name
+                at = f"{at}[{index}]" if repeated else at
+                if wire != 2:
+                    raise self.bad(f"has wire type {wire}; a message is length-delimited (2)", at)
+                if child == "TensorProto":
+                    self.tensor(value, at, may_refer=main and number == 5)
+                elif child == "SparseTensorProto":
+                    self.sparse(value, at, depth + 1, main)
+                else:
+                    self.message(value, child, at, depth + 1, main=kind == "ModelProto" and number == 7)
+        except _WireError as exc:
+            raise self.bad(f"not a valid ONNX ModelProto: {exc}", where) from None
+
+    def tensor(self, buf: memoryview, where: str, may_refer: bool = False) -> _Tensor:
+        try:
+            tensor = _tensor_facts(buf)
+        except _WireError as exc:
+            raise self.bad(f"not a valid ONNX TensorProto: {exc}", where) from None
+        if may_refer:
+            self.main_names.append(tensor.name)
+        if tensor.external or EXTERNAL in tensor.locations:
+            if not may_refer:
+                raise self.bad("has external data; only an initializer of the main graph may have any, "
+                               f"and only as a reference to the container (location = {LOCATION!r})",
+                               f"{where}.{'external_data' if tensor.external else 'data_location'}",
+                               tensor.name)
+            self.refs.append(self.reference(tensor, where))
+        else:
+            if any(location != 0 for location in tensor.locations):
+                raise self.bad(f"data_location {max(tensor.locations)} is neither DEFAULT (0) nor EXTERNAL (1)",
+                               f"{where}.data_location", tensor.name)
+            self.count(tensor.data_type, tensor.dims, where, tensor.name)
+        return tensor
+
+    def reference(self, tensor: _Tensor, where: str) -> WeightRef:
+        """A tensor with external data as a reference, or a KernelpackError saying what is wrong."""
+        def refuse(message: str, field_name: str) -> KernelpackError:
+            return self.bad(message, f"{where}.{field_name}", tensor.name)
+
+        if tensor.external != [("location", LOCATION)]:
+            shown = ", ".join(f"{k[:64]!r} = {v[:128]!r}" for k, v in tensor.external) or "none"
+            raise refuse(f"external data ({shown}): ONNX Runtime would read a file; a reference's only "
+                         f"external_data entry is 'location' = {LOCATION!r}", "external_data")
+        if any(location != EXTERNAL for location in tensor.locations) or not tensor.locations:
+            raise refuse("a reference has data_location EXTERNAL (1) and no other", "data_location")
+        if tensor.data:
+            raise refuse("a reference holds no data", tensor.data[0])
+        if tensor.data_type not in ONNX_FLOAT_TYPES:
+            raise refuse(f"a reference has element type FLOAT (1), FLOAT16 (10) or DOUBLE (11), not "
+                         f"{tensor.data_type}", "data_type")
+        return WeightRef(tensor.name, tensor.data_type, tuple(tensor.dims), where)
+
+    def sparse(self, buf: memoryview, where: str, depth: int, main: bool) -> None:
+        """A SparseTensorProto: values and indices inline; its dense size counts (ORT densifies
+        sparse initializers and Constant sparse values when it loads the graph)."""
+        dims: list[int] = []
+        values = _Tensor()
+        try:
+            for number, wire, value in _fields(buf):
+                if number == 3:
+                    dims += _dims(wire, value)
+                elif number in (1, 2):
+                    name = HOLDERS["SparseTensorProto"][number][0]
+                    if wire != 2:
+                        raise self.bad(f"has wire type {wire}; a message is length-delimited (2)",
+                                       f"{where}.{name}")
+                    facts = self.tensor(value, f"{where}.{name}")
+                    if number == 1:
+                        values = facts
+        except _WireError as exc:
+            raise self.bad(f"not a valid ONNX SparseTensorProto: {exc}", where) from None
+        if main:
+            self.main_names.append(values.name)
+        self.count(values.data_type, dims, f"{where}.dims", values.name)
+
+    def count(self, data_type: int, dims: Sequence[int], where: str, name: str) -> None:
+        """Add an inline tensor's declared size (dims x element size) to the graph's total."""
+        bits = ELEMENT_BITS.get(data_type, 8 * OTHER_ELEMENT_BYTES)
+        self.inline_bytes += -(-_elements(dims, self.max_bytes) * bits // 8)
+        if self.inline_bytes > self.max_bytes:
+            raise self.bad(f"the graph's inline tensors declare more than max_decoded_bytes={self.max_bytes} "
+                           "bytes (dims x element size; see kernelpack.Limits)", where, name)
+
+    def unique_references(self) -> None:
+        """No initializer shares a reference's name: each reference is fed exactly once."""
+        repeated = {name for name in self.main_names if self.main_names.count(name) > 1}
+        for ref in self.refs:
+            if ref.name in repeated:
+                raise self.bad("another initializer of the main graph has this name", f"{ref.where}.name", ref.name)
+
+
+def check_graph(graph: bytes, path: str | None = None, at: str = f"attachments.{GRAPH}",
+                max_bytes: int = Limits().max_decoded_bytes) -> list[WeightRef]:
+    """The references of a serialized ModelProto, in graph order, once every tensor in it is known
+    safe to give ONNX Runtime (spec/FORMAT.md, section 10): inline, or a reference to the
+    container. Anything that would make a runtime read a file (any other external data, an
+    ``EPContext`` node), inline tensors declaring more than ``max_bytes`` in all, and a
+    malformed message raise KernelpackError naming ``path`` and the field (``at`` + its place
+    in the ModelProto). Whether the container holds what the references name is checked by
+    :func:`graph_and_weights`.
+    """
+    if graph[4:8] == ORT_FORMAT_MARK:
+        raise KernelpackError("is an ORT-format model; the graph must be an ONNX ModelProto", path=path,
+                              field=at or None)
+    check = _GraphCheck(path, at, max_bytes)
+    check.message(memoryview(graph), "ModelProto", "", 0)
+    check.unique_references()
+    return check.refs
 
 
 # --- decoding the weights ------------------------------------------------------------------------
-def weight_array(container: Container, ref: WeightRef) -> np.ndarray:
-    """The container's tensor for one reference, decoded by numpy, in the initializer's type."""
-    def bad(message: str, field: str) -> KernelpackError:
-        return KernelpackError(message, path=container.path, tensor=ref.name, field=field)
+def check_reference(container: Container, ref: WeightRef) -> None:
+    """The container's tensor that a reference names exists, with the reference's dims, a float."""
+    def bad(message: str, field_name: str) -> KernelpackError:
+        return KernelpackError(message, path=container.path, tensor=ref.name, field=field_name)
 
     if ref.name not in container:
         raise bad("the ONNX graph reads this tensor; the container has no tensor of that name",
-                  f"attachments.{GRAPH}")
-    if ref.elem_type not in ONNX_FLOAT_TYPES:
-        raise bad(f"the ONNX graph declares element type {ref.elem_type}; a weight must be float, "
-                  "float16 or double", f"attachments.{GRAPH}")
+                  f"attachments.{GRAPH}.{ref.where}.name")
     info = container.info(ref.name)
     if info.shape != ref.shape:
         raise bad(f"decodes to shape {list(info.shape)}; the ONNX graph expects {list(ref.shape)}", "shape")
     if info.dtype not in ("float16", "bfloat16", "float32", "float64"):
         raise bad(f"is {info.dtype}; the ONNX graph expects a float tensor", "dtype")
+
+
+def weight_array(container: Container, ref: WeightRef) -> np.ndarray:
+    """The container's tensor for one checked reference, decoded by numpy, in the initializer's type."""
     return np.ascontiguousarray(container.get_numpy(ref.name), dtype=ONNX_FLOAT_TYPES[ref.elem_type])
 
 
 def graph_and_weights(path: str | os.PathLike, limits: Limits | None = None,
                       threads: int | None = None) -> tuple[bytes, dict[str, np.ndarray]]:
-    """The attached graph and every weight it reads, decoded (numpy, checked against the SHA-256s)
-    on ``threads`` threads as by ``kernelpack.load_numpy``, with the same errors as one by one."""
-    from kernelpack.runtime import _elements, map_in_order  # runtime imports this module
+    """The attached graph, checked (:func:`check_graph`, :func:`check_reference`), and every weight
+    it reads, decoded (numpy, checked against the SHA-256s) on ``threads`` threads as by
+    ``kernelpack.load_numpy``. The one way kernelpack hands a container's graph on: whatever
+    reaches ONNX Runtime or an ``.onnx`` file went through here."""
+    from kernelpack.runtime import _elements as decode_sizes, map_in_order  # runtime imports this module
 
     with Container(path, limits, preload=True) as c:
         graph = c.read_attachment(GRAPH)
-        try:
-            refs = graph_weights(graph)
-        except (_WireError, UnicodeDecodeError) as exc:
-            raise KernelpackError(f"not a valid ONNX ModelProto: {exc}", path=c.path,
-                                  field=f"attachments.{GRAPH}") from None
-        by_name = {ref.name: ref for ref in refs}  # graph order; a repeated name: its last ref
+        refs = check_graph(graph, c.path, max_bytes=c.limits.max_decoded_bytes)
+        for ref in refs:
+            check_reference(c, ref)
+        by_name = {ref.name: ref for ref in refs}
         return graph, map_in_order(lambda name: weight_array(c, by_name[name]), list(by_name), threads,
-                                   _elements(c))
+                                   decode_sizes(c))
 
 
 # --- providers ----------------------------------------------------------------------------

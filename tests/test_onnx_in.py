@@ -241,7 +241,8 @@ def test_a_graph_that_does_not_fit_its_tensors_is_refused_naming_tensor_and_fiel
     kernelpack.save(missing, tmp_path / "missing.kpk", attachments={GRAPH: graph})
     with pytest.raises(KernelpackError) as info:
         ort_session(tmp_path / "missing.kpk", CPU)
-    assert (info.value.tensor, info.value.field) == ("proj", f"attachments.{GRAPH}")
+    index = [t.name for t in stripped.graph.initializer].index("proj")
+    assert (info.value.tensor, info.value.field) == ("proj", f"attachments.{GRAPH}.graph.initializer[{index}].name")
     assert str(tmp_path / "missing.kpk") in str(info.value)
     reshaped = {**weights, "proj": weights["proj"].T.copy()}
     kernelpack.save(reshaped, tmp_path / "shape.kpk", attachments={GRAPH: graph})
@@ -254,4 +255,54 @@ def test_a_graph_that_does_not_fit_its_tensors_is_refused_naming_tensor_and_fiel
     kernelpack.save(weights, tmp_path / "junk.kpk", attachments={GRAPH: b"\x3a\xff\xff"})
     with pytest.raises(KernelpackError) as info:
         ort_session(tmp_path / "junk.kpk", CPU)
+    assert info.value.field == f"attachments.{GRAPH}"
+
+
+def test_an_initializer_whose_data_does_not_fit_its_dims_is_refused_naming_it(tmp_path, capsys):
+    model = synthetic()
+    model.graph.initializer[0].dims[0] = 17  # conv.w: 16x3x3x3 of data, dims say 17
+    src = tmp_path / "bad_dims.onnx"
+    onnx.save(model, src)
+    with pytest.raises(KernelpackError) as info:
+        pack_onnx(src, tmp_path / "o.kpk")
+    assert (info.value.path, info.value.tensor, info.value.field) == (str(src), "conv.w", "dims")
+    assert main(["pack", str(src), str(tmp_path / "o.kpk")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kernelpack: error: ") and "conv.w" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "o.kpk")
+
+
+def test_bad_model_bytes_and_unread_external_data_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(KernelpackError, match="cannot read as ONNX"):
+        pack_onnx(b"\x08\x07 this is not a protobuf", tmp_path / "o.kpk")
+    model = synthetic()
+    shape = next(n for n in model.graph.node if n.output[0] == "shape")  # an int64 Constant: stays in the graph
+    shape.attribute[0].t.data_location = TensorProto.EXTERNAL
+    shape.attribute[0].t.external_data.add(key="location", value="shape.bin")
+    with pytest.raises(KernelpackError) as info:  # bytes: the packer reads no file beside them
+        pack_onnx(model.SerializeToString(), tmp_path / "o.kpk")
+    index = [n.output[0] for n in take_out(synthetic())[0].graph.node].index("shape")
+    assert info.value.tensor == "shape"  # where it would sit in the attachment:
+    assert info.value.field == f"attachments.{GRAPH}.graph.node[{index}].attribute[0].t.external_data"
+    model = synthetic()
+    fc_b = model.graph.initializer[6]  # 10 elements: not a weight; made a reference it would keep
+    fc_b.ClearField("raw_data")
+    fc_b.data_location = TensorProto.EXTERNAL
+    fc_b.external_data.add(key="location", value=LOCATION)
+    with pytest.raises(KernelpackError, match="refers to external data 'kernelpack'") as info:
+        pack_onnx(model.SerializeToString(), tmp_path / "o.kpk")
+    assert info.value.tensor == "fc.b"
+    assert not os.path.exists(tmp_path / "o.kpk")
+
+
+def test_an_attachment_onnx_cannot_parse_is_refused_by_unpack(tmp_path):
+    """A graph whose tensors pass the check but whose other fields protobuf refuses (here a
+    truncated packed ``ints`` attribute): KernelpackError, no file written."""
+    stripped, weights = take_out(synthetic())
+    bad_ints = b"\x42\x02\x08\xff"  # AttributeProto.ints, packed: one varint cut off
+    node = b"\x2a" + bytes([len(bad_ints)]) + bad_ints  # NodeProto.attribute
+    graph = stripped.SerializeToString() + b"\x3a" + bytes([len(node) + 2]) + b"\x0a" + bytes([len(node)]) + node
+    kernelpack.save(weights, tmp_path / "m.kpk", attachments={GRAPH: graph})
+    with pytest.raises(KernelpackError, match="not a valid ONNX ModelProto") as info:
+        dense_model(tmp_path / "m.kpk")
     assert info.value.field == f"attachments.{GRAPH}"

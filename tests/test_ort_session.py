@@ -16,8 +16,8 @@ from ocr_inputs import CLS, DET, cls_batch, det_page, ppocr_model
 
 import kernelpack
 from kernelpack.forms import DCT, Basis, Dense, Linear, Series
-from kernelpack.ort import (DEFAULT_PROVIDERS, GRAPH, WeightRef, cuda_device_count, graph_weights,
-                            ort_session, usable_providers)
+from kernelpack.ort import (DEFAULT_PROVIDERS, GRAPH, WeightRef, check_graph, cuda_device_count, ort_session,
+                            usable_providers)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -104,7 +104,7 @@ def test_pytorch_model_runs_in_ort_without_its_class(digits_cnn, tmp_path):
     model, x, _ = digits_cnn
     pack_torch(model, tmp_path / "cnn.kpk")
     with kernelpack.open(tmp_path / "cnn.kpk") as c:
-        refs = {r.name for r in graph_weights(c.read_attachment(GRAPH))}
+        refs = {r.name for r in check_graph(c.read_attachment(GRAPH))}
     assert refs == {n for n, p in model.named_parameters()}  # every parameter read from the container
     out = ort_session(tmp_path / "cnn.kpk", CPU).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
@@ -189,37 +189,14 @@ def test_without_a_gpu_the_default_session_runs_on_cpu_quietly_and_imports_no_to
                               session.run(None, {session.get_inputs()[0].name: x})[0])
 
 
-# --- the graph's references, read without the onnx package --------------------------------
+# --- the graph's references, read without the onnx package (more in test_graph_safety) --------
 def test_weight_references_are_read_from_the_wire_format_as_onnx_reads_them(cls_containers):
     with kernelpack.open(cls_containers["exact"]) as c:
         graph = c.read_attachment(GRAPH)
     model = onnx.load_from_string(graph)
     expected = [WeightRef(t.name, t.data_type, tuple(t.dims)) for t in model.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert graph_weights(graph) == expected and len(expected) == 183
-    for packed in (True, False):  # onnx writes dims unpacked; a proto3-style writer packs them
-        assert graph_weights(model_bytes(tensor(b"kernelpack", packed))) == [WeightRef("w", 1, (2, 3, 4))]
-        assert graph_weights(model_bytes(tensor(b"w.bin", packed))) == []  # a real file: not ours
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (payloads under 128 bytes)."""
-    return bytes([number << 3 | 2, len(payload)]) + payload
-
-
-def varint(number: int, value: int) -> bytes:
-    return bytes([number << 3, value])
-
-
-def tensor(location: bytes, packed: bool) -> bytes:
-    """TensorProto w: dims [2, 3, 4], FLOAT, external data at ``location``."""
-    dims = field(1, bytes([2, 3, 4])) if packed else b"".join(varint(1, d) for d in (2, 3, 4))
-    return (dims + varint(2, 1) + field(8, b"w") + field(13, field(1, b"location") + field(2, location))
-            + varint(14, 1))
-
-
-def model_bytes(initializer: bytes) -> bytes:
-    return field(7, field(5, initializer))  # ModelProto.graph.initializer
+    assert check_graph(graph) == expected and len(expected) == 183
 
 
 # --- CUDA: on-device decode, CUDA provider (skipped without a GPU) -----------------------------
