@@ -28,10 +28,39 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+#: Bits of +infinity of the 2-byte float dtypes: a NaN is above it, ignoring the sign bit.
+INFINITY_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def has_nan(stored: np.ndarray, dtype: str) -> bool:
+    """Whether stored float16/bfloat16 numbers hold a NaN, in two integer max reductions and
+    no temporary: positive NaNs are the int16 patterns above +inf, negative ones the uint16
+    patterns above -inf. Cheap enough to run before every widening (spec/FORMAT.md section 3)."""
+    inf = INFINITY_BITS[dtype]
+    return stored.size > 0 and (int(stored.view(np.int16).max()) > inf
+                                or int(stored.view(np.uint16).max()) > inf | 0x8000)
+
+
+def float16_to_float32(stored: np.ndarray) -> np.ndarray:
+    """Widen float16 to float32 exactly for every bit pattern (spec/FORMAT.md section 3):
+    numbers by value, a NaN to ``sign | 0x7F800000 | payload << 13``, so that a signalling
+    NaN stays signalling. numpy's cast already does this on the builds we know, hardware
+    conversions (x86 F16C, CUDA, torch's cast) set the quiet bit; the NaN lanes are written
+    from the bits here, so the result does not depend on which one ran."""
+    out = stored.astype(np.float32)
+    if has_nan(stored, "float16"):
+        bits = stored.view(np.uint16)
+        nan = (bits & 0x7FFF) > INFINITY_BITS["float16"]
+        h = bits[nan].astype(np.uint32)
+        out.view(np.uint32)[nan] = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
+    return out
+
+
 class Ops(Protocol):
     """What a decode may do to arrays. ``Array`` is numpy.ndarray or torch.Tensor."""
 
     def from_stored(self, stored: np.ndarray, dtype: str) -> Any: ...
+    def widen(self, stored: np.ndarray, dtype: str) -> Any: ...
     def float64(self, stored: np.ndarray, dtype: str) -> Any: ...
     def absmax(self, x: Any) -> float: ...
     def scaled_rint(self, x: Any, factor: float) -> Any: ...
@@ -55,6 +84,10 @@ class NumpyOps:
 
     def from_stored(self, stored: np.ndarray, dtype: str) -> np.ndarray:
         return bfloat16_bits_to_float32(stored) if dtype == "bfloat16" else stored
+
+    def widen(self, stored: np.ndarray, dtype: str) -> np.ndarray:
+        """Stored float16/bfloat16 as float32, exact for every bit pattern NaN included."""
+        return bfloat16_bits_to_float32(stored) if dtype == "bfloat16" else float16_to_float32(stored)
 
     def float64(self, stored: np.ndarray, dtype: str) -> np.ndarray:
         return self.from_stored(stored, dtype).astype(np.float64)
@@ -129,6 +162,14 @@ class TorchOps:
         if dtype == "bfloat16":
             t = t.view(self.torch.bfloat16)
         return t.to(self.device)
+
+    def widen(self, stored: np.ndarray, dtype: str) -> Any:
+        """Stored float16/bfloat16 as float32 with numpy's bits: torch's cast on the device (one
+        vectorised pass, exact for numbers) unless a NaN is present, whose bits torch's cast
+        may change (it quiets signalling NaNs); then the exact widening of :class:`NumpyOps`."""
+        if has_nan(stored, dtype):
+            return self.torch.from_numpy(NumpyOps().widen(stored, dtype)).to(self.device)
+        return self.from_stored(stored, dtype).to(self.torch.float32).contiguous()
 
     def float64(self, stored: np.ndarray, dtype: str) -> Any:
         if self.device.type == "cpu":  # widened by numpy: one pass, no copy of the read-only payload

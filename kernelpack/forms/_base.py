@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from kernelpack._backend import NUMPY_DTYPES, Ops, bfloat16_bits_to_float32
+from kernelpack._backend import INFINITY_BITS, NUMPY_DTYPES, Ops, bfloat16_bits_to_float32, has_nan
 from kernelpack.errors import KernelpackError
 
 #: Dtypes in which a compressed form may store its numbers (float16 by default).
@@ -26,6 +26,10 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 #: most negative code: -128 and -32768 are valid codes, an encoder writes |q| below it.
 CODE_DTYPES = {"int8": 1 << 7, "int16": 1 << 15}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: The largest finite number of each storage dtype (bfloat16: bits 0x7F7F).
+FINITE_MAX = {"float16": float(np.finfo(np.float16).max),
+              "bfloat16": float(bfloat16_bits_to_float32(np.array([0x7F7F], np.uint16))[0]),
+              "float32": FLOAT32_MAX}
 #: Hard limits (spec/FORMAT.md, "Limits").
 MAX_RANK = 8
 MAX_DIM = 1 << 31
@@ -170,17 +174,69 @@ class Quantisable:
 
 
 def to_stored(values: Any, dtype: str) -> Stored:
-    """Round ``values`` to a stored dtype; bfloat16 rounds half to even from float32."""
+    """Round ``values`` to a stored dtype (spec/FORMAT.md section 3, "Narrowing"): to nearest
+    even, bfloat16 from float32; a NaN narrows to a quiet NaN keeping its sign and top payload
+    bits. A finite number that would round to infinity is refused (field ``dtype``): that is
+    data lost, and the caller asked for this dtype's size, so nothing else is stored instead."""
     if dtype == "bfloat16":
-        bits = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: refused below
+            bits = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
         quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x40)  # NaN stays NaN (rounding could carry)
         nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-        return Stored(np.where(nan, quiet_nan, rounded).astype(np.uint16), dtype)
-    if dtype not in NUMPY_DTYPES:
+        stored = Stored(np.where(nan, quiet_nan, rounded).astype(np.uint16), dtype)
+    elif dtype in NUMPY_DTYPES:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
+            stored = Stored(np.asarray(values, dtype=NUMPY_DTYPES[dtype], order="C"), dtype)
+        if dtype == "float16":
+            _quiet_float16_nans(values, stored.data)
+    else:
         raise KernelpackError(f"unknown dtype {dtype!r}", field="dtype")
-    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN is refused by need_finite
-        return Stored(np.asarray(values, dtype=NUMPY_DTYPES[dtype], order="C"), dtype)
+    if dtype in FLOAT_DTYPES and _maybe_infinite(stored):
+        need_no_overflow(values, stored)
+    return stored
+
+
+def _quiet_float16_nans(values: Any, out: np.ndarray) -> None:
+    """Write the NaN lanes of a float16 narrowing as the spec says, ``sign | 0x7E00 | top 9
+    payload bits``, whatever the cast did (numpy keeps a signalling NaN signalling, hardware
+    conversions quiet it): only when the float16 result holds a NaN."""
+    if not has_nan(out, "float16"):
+        return
+    with np.errstate(over="ignore"):
+        source = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)
+    nan = (source & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    bits = source[nan]
+    out.view(np.uint16)[nan] = (((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7E00)
+                                | ((bits >> np.uint32(13)) & np.uint32(0x1FF))).astype(np.uint16)
+
+
+def _maybe_infinite(stored: Stored) -> bool:
+    """Whether stored float numbers may hold an infinity (or NaN): two integer max reductions
+    for the 2-byte dtypes (an infinity's bits are the largest but for NaNs), a min and a max
+    (NaN-propagating) for float32, so that the common all-finite case costs one read."""
+    if not stored.data.size:
+        return False
+    if stored.dtype in INFINITY_BITS:
+        inf = INFINITY_BITS[stored.dtype]
+        return (int(stored.data.view(np.int16).max()) >= inf
+                or int(stored.data.view(np.uint16).max()) >= inf | 0x8000)
+    return not (math.isfinite(float(np.max(stored.data))) and math.isfinite(float(np.min(stored.data))))
+
+
+def need_no_overflow(values: Any, stored: Stored) -> None:
+    """Refuse a finite number that narrowing to ``stored.dtype`` turned into an infinity (an
+    infinity or NaN in ``values`` is stored as it is: nothing is lost)."""
+    source = np.asarray(values)
+    finite = np.isfinite(source)
+    overflowed = np.isinf(stored.values()) & finite
+    if not np.any(overflowed):
+        return
+    largest = float(np.max(np.abs(source[finite])))
+    advice = "scale the tensor" if stored.dtype == "float32" else "use dtype=float32 or scale the tensor"
+    raise KernelpackError(f"the largest magnitude to store as {stored.dtype}, {largest:.9g}, is beyond its "
+                          f"largest finite number {FINITE_MAX[stored.dtype]:.9g} and would become infinity; "
+                          f"{advice}", field="dtype")
 
 
 def float_dtype(dtype: str) -> str:
