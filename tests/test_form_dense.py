@@ -12,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kernelpack
+from kernelpack.forms import DenseTensor
+from kernelpack.forms._base import FINITE_MAX, Stored
 from conftest import assert_same_bits, raw_bits, save_load, seeds, small_shape
 
 NUMPY_DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "int64", "bool"]
@@ -67,17 +69,22 @@ def test_torch_backend_decodes_the_same_bits(tmp_path: os.PathLike, dtype: str) 
     assert_same_bits(decoded, array)
 
 
+def within(array: np.ndarray, dtype: str) -> np.ndarray:
+    """``array`` with each finite value beyond ``dtype``'s largest finite number replaced by that
+    number (sign kept): what a narrowing may store without refusing. NaN and inf stay."""
+    limit = np.float32(FINITE_MAX[dtype])
+    return np.where(np.isfinite(array) & (np.abs(array) > limit), np.copysign(limit, array), array)
+
+
 def test_float32_stored_as_float16_decodes_to_the_rounded_value() -> None:
-    array = tricky_float32(2)
-    with np.errstate(over="ignore"):  # values beyond 65504 become infinities, as they should
-        decoded = save_load({"t": array}, forms={"t": kernelpack.Dense(dtype="float16")})["t"]
-        expected = array.astype(np.float16).astype(np.float32)
+    array = within(tricky_float32(2), "float16")
+    decoded = save_load({"t": array}, forms={"t": kernelpack.Dense(dtype="float16")})["t"]
     assert decoded.dtype == np.float32
-    same_up_to_nan_payload(decoded, expected)
+    same_up_to_nan_payload(decoded, array.astype(np.float16).astype(np.float32))
 
 
 def test_float32_stored_as_bfloat16_rounds_half_to_even_like_torch() -> None:
-    array = tricky_float32(3)
+    array = within(tricky_float32(3), "bfloat16")
     decoded = save_load({"t": array}, forms={"t": kernelpack.Dense(dtype="bfloat16")})["t"]
     assert decoded.dtype == np.float32
     same_up_to_nan_payload(decoded, torch.from_numpy(array).to(torch.bfloat16).float().numpy())
@@ -90,3 +97,58 @@ def test_narrow_data_stored_as_it_is_keeps_its_dtype(tmp_path: os.PathLike) -> N
     with kernelpack.open(path) as c:
         assert c.info("t").dtype == "float16"
         assert_same_bits(c.get_numpy("t"), array)
+
+
+# --- nothing lost on write (spec/FORMAT.md 3, "Widening to float32" and "Narrowing") ----------
+# (the narrowing rules every form shares are in test_narrowing.py)
+@pytest.mark.parametrize("dtype, largest", [("float16", 65520.0), ("float16", -1e5), ("bfloat16", 3.4e38)])
+def test_a_finite_value_beyond_the_dtype_is_refused_beside_inf_and_nan(tmp_path: os.PathLike, dtype: str,
+                                                                       largest: float) -> None:
+    """Not stored as infinity: the error names the tensor, the field, the largest magnitude
+    and the dtype's largest finite number, and no file is written."""
+    array = np.array([1.0, largest / 2, largest, np.inf, np.nan], dtype=np.float32)
+    path = tmp_path / "big.kpk"
+    with pytest.raises(kernelpack.KernelpackError) as error:
+        kernelpack.save({"fc.bias": array}, path, forms=kernelpack.Dense(dtype=dtype))
+    message = str(error.value)
+    assert (error.value.tensor, error.value.field) == ("fc.bias", "dtype")
+    assert f"{abs(float(np.float32(largest))):.9g}" in message and f"{FINITE_MAX[dtype]:.9g}" in message
+    assert "dtype=float32" in message
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_infinities_nans_and_the_largest_finite_value_are_stored(dtype: str) -> None:
+    """Only a finite value turned infinite is loss: input infinities and NaNs are stored, and a
+    value that rounds down to the largest finite number is kept."""
+    limit = FINITE_MAX[dtype]
+    rounds_down = 65519.0 if dtype == "float16" else limit * 1.001
+    array = np.array([np.inf, -np.inf, np.nan, limit, -limit, rounds_down], dtype=np.float32)
+    decoded = save_load({"t": array}, forms={"t": kernelpack.Dense(dtype=dtype)})["t"]
+    np.testing.assert_array_equal(decoded[:5], np.array([np.inf, -np.inf, np.nan, limit, -limit], np.float32))
+    assert decoded[5] == limit
+
+
+def nan_heavy_bits(seed: int, size: int) -> np.ndarray:
+    """float16 bit patterns, a third of them NaNs of every sign, payload and kind."""
+    rng = np.random.default_rng(seed)
+    bits = random_bits(seed, (size,), "float16").view(np.uint16).copy()
+    spots = rng.random(size) < 1 / 3
+    count = int(spots.sum())
+    bits[spots] = (rng.integers(0, 2, count) << 15) | 0x7C00 | rng.integers(1, 0x400, count)
+    return bits
+
+
+@pytest.mark.parametrize("size", [5, 15, 4097, 20000])
+def test_save_then_verify_with_torch_passes_for_nan_payloads(tmp_path: os.PathLike, size: int) -> None:
+    """A file kernelpack.save wrote verifies with torch as with numpy: float16 data (signalling
+    NaNs included) decoded as it is and widened to float32, and float32 NaNs stored narrower."""
+    f16 = nan_heavy_bits(size, size).view(np.float16)
+    tensors = {"as_is": f16, "widened": DenseTensor(Stored(f16, "float16"), "float32"),
+               "narrowed": f16.astype(np.float32), "narrowed_bf16": f16.astype(np.float32)}
+    path = tmp_path / "nan.kpk"
+    kernelpack.save(tensors, path, forms={"narrowed": kernelpack.Dense(dtype="float16"),
+                                          "narrowed_bf16": kernelpack.Dense(dtype="bfloat16")})
+    with kernelpack.open(path) as c:
+        assert c.verify("numpy") == c.verify("torch") == {name: True for name in tensors}
+        assert_same_bits(c.get_tensor("widened").numpy(), c.get_numpy("widened"))

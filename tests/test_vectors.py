@@ -100,3 +100,43 @@ def test_every_vector_is_in_the_manifest() -> None:
     """No stray .kpk file escapes the tests, and no manifest entry lacks its file."""
     on_disk = sorted(f for f in os.listdir(VECTORS) if f.endswith(".kpk"))
     assert on_disk == FILES
+
+
+def spec_widened_nan_bits(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """FORMAT.md 3, "Widening to float32", for NaNs: float16 ``s << 16 | 0x7F800000 | p << 13``,
+    bfloat16 ``bits << 16`` (sign, payload and the signalling state kept)."""
+    h = stored.view(np.uint16).astype(np.uint32)
+    if dtype == "bfloat16":
+        return h << 16
+    return ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
+
+
+def check_nan_widening(backend: str, device: str = "cpu") -> None:
+    """Every NaN of the widened tensors of nan.kpk decodes to exactly the spec's bits."""
+    with Container(path_of("nan.kpk")) as c:
+        widened = [n for n in c.keys() if n.endswith("_as_float32")]
+        assert len(widened) == 4  # float16 and bfloat16, short and long
+        for name in widened:
+            data = c.encoded(name).arrays()["data"]
+            bits = data.data.view(np.uint16)
+            nan = (bits & 0x7FFF) > (0x7C00 if data.dtype == "float16" else 0x7F80)
+            assert nan.any() and (~bits[nan] & (0x0200 if data.dtype == "float16" else 0x0040)).any(), name
+            value = c.get_numpy(name) if backend == "numpy" else c.get_tensor(name, device).cpu().numpy()
+            expected = spec_widened_nan_bits(bits[nan], data.dtype)
+            np.testing.assert_array_equal(value.view(np.uint32)[nan], expected, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_nan_payloads_widen_exactly(backend: str) -> None:
+    """A signalling NaN stays signalling and every payload bit is kept, short arrays and long."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    check_nan_widening(backend)
+
+
+@pytest.mark.cuda
+def test_nan_payloads_widen_exactly_on_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    check_nan_widening("torch", "cuda")

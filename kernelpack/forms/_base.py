@@ -214,7 +214,8 @@ def _quiet_float16_nans(values: Any, out: np.ndarray) -> None:
 def _maybe_infinite(stored: Stored) -> bool:
     """Whether stored float numbers may hold an infinity (or NaN): two integer max reductions
     for the 2-byte dtypes (an infinity's bits are the largest but for NaNs), a min and a max
-    (NaN-propagating) for float32, so that the common all-finite case costs one read."""
+    (NaN-propagating) for float32, so that the common all-finite case costs two reads of the
+    stored bytes and no temporary array."""
     if not stored.data.size:
         return False
     if stored.dtype in INFINITY_BITS:

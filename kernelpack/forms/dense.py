@@ -2,7 +2,8 @@
 
 Fields: one array ``data`` of the tensor's shape. The decoded dtype is the stored
 dtype, or float32 when float16/bfloat16 data stands for a float32 tensor (an
-exact widening) or when quantised int8/int16 codes do (format 1.2: ``float32(q) *
+exact widening of every bit pattern, NaN payloads included: spec/FORMAT.md section 3)
+or when quantised int8/int16 codes do (format 1.2: ``float32(q) *
 float32(step)``, the float32 tensor itself). Decoding is otherwise a copy, so any dtype
 round-trips bit for bit.
 """
@@ -61,14 +62,18 @@ class DenseTensor(Encoded):
         return cls(data, dtype)
 
     def decode(self, ops: Ops) -> Any:
-        value = ops.from_stored(*self.data.numbers())
-        return ops.to_float32(value) if self.out_dtype != self.data.dtype else value
+        stored, dtype = self.data.numbers()
+        return ops.from_stored(stored, dtype) if self.out_dtype == dtype else ops.widen(stored, dtype)
 
 
 @dataclass(frozen=True)
 class Dense(Quantisable):
     """Store as it is; ``dtype`` ('float16', 'bfloat16') stores a float32 tensor narrower, and
-    ``step``/``rel_step`` (instead of ``dtype``) quantise one (:class:`Quantisable`)."""
+    ``step``/``rel_step`` (instead of ``dtype``) quantise one (:class:`Quantisable`).
+
+    Narrowing refuses a finite value beyond the dtype's range rather than store it as
+    infinity (``to_stored``): the caller chose the dtype for its size, so storing the tensor
+    wider instead would silently break that plan. Infinities and NaNs are stored."""
 
     dtype: str | None = None
 

@@ -243,6 +243,56 @@ def shuffle_file() -> dict[str, Entry]:
     }
 
 
+#: NaNs of the 2-byte float dtypes, both signs, signalling (quiet bit clear) and quiet, several
+#: payloads, then +-inf and 1.0: 15 patterns, a "short" array (fewer than 16 elements).
+NAN_PATTERNS = {
+    "float16": [0x7C01, 0xFC01, 0x7D55, 0xFCAA, 0x7DFF, 0xFDFF, 0x7E00, 0xFE00, 0x7E01, 0xFF55,
+                0x7FFF, 0xFFFF, 0x7C00, 0xFC00, 0x3C00],
+    "bfloat16": [0x7F81, 0xFF81, 0x7F95, 0xFFAA, 0x7FBF, 0xFFBF, 0x7FC0, 0xFFC0, 0x7FC1, 0xFFD5,
+                 0x7FFF, 0xFFFF, 0x7F80, 0xFF80, 0x3F80],
+}
+#: float32 NaNs and limits an encoder narrows (FORMAT.md 3, "Narrowing"): payloads only in the
+#: low bits (0x7F800001 would carry into the exponent, or lose every payload bit), both signs.
+NARROWED_NANS = [0x7F800001, 0xFF800001, 0x7F802000, 0xFFA00000, 0x7FC00000, 0xFFC00001, 0x7FFFFFFF,
+                 0xFFFFFFFF, 0x7F800000, 0xFF800000, 0x3F800000, 0x477FE000, 0x80000000]
+#: A "long" array: beyond 4096 elements, the sizes at which backends switch to vectorised loops.
+LONG = 4103
+
+
+def nan_bits(dtype: str, size: int, seed: int) -> Stored:
+    """Stored float16/bfloat16 bits with every NaN pattern: the patterns themselves when short;
+    when long, small numbers (compressible) with each pattern at 16 random places and the
+    patterns again at the end (the loop remainder)."""
+    patterns = np.array(NAN_PATTERNS[dtype], dtype=np.uint16)
+    if size <= len(patterns):
+        bits = patterns[:size]
+    else:
+        rng = np.random.default_rng(seed)
+        numbers = (rng.integers(-64, 64, size) / 16).astype(np.float32)
+        bits = to_stored(numbers, dtype).data.view(np.uint16).copy()
+        spots = rng.choice(size - len(patterns), 16 * len(patterns), replace=False)
+        bits[spots] = np.resize(patterns, len(spots))
+        bits[-len(patterns):] = patterns
+    return Stored(bits.view(NUMPY_DTYPES[dtype]), dtype)
+
+
+def nan_file() -> dict[str, Entry]:
+    """NaN payloads (FORMAT.md 3, "Widening to float32"): float16 and bfloat16 data with quiet and
+    signalling NaNs of both signs and several payloads, short (15 elements) and long (4103),
+    widened exactly to float32 (a signalling NaN stays signalling; torch's cast alone would
+    quiet it) and copied as they are; float32 NaNs narrowed by the encoder to quiet NaNs that
+    keep sign and top payload bits. Compressed forms refuse NaN (FORMAT.md 3): dense only."""
+    tensors: dict[str, Entry] = {}
+    for seed, dtype in enumerate(NAN_PATTERNS):
+        for length, size in (("short", len(NAN_PATTERNS[dtype])), ("long", LONG)):
+            tensors[f"{dtype}_{length}_as_float32"] = DenseTensor(nan_bits(dtype, size, 1100 + seed),
+                                                                  "float32")
+        tensors[f"{dtype}_short"] = DenseTensor(nan_bits(dtype, len(NAN_PATTERNS[dtype]), 0), dtype)
+        tensors[f"float32_as_{dtype}"] = (np.array(NARROWED_NANS, dtype=np.uint32).view(np.float32),
+                                          Dense(dtype))
+    return tensors
+
+
 def mixed_file() -> dict[str, Entry]:
     """A small model: every form side by side, names in non-sorted order, as save() writes them."""
     return {
@@ -280,6 +330,7 @@ FILES = (
     VectorFile("empty.kpk", "No tensors: metadata only.", dict, (("empty", "true"),)),
     VectorFile("quant.kpk", quant_file.__doc__ or "", quant_file, minor=2),
     VectorFile("shuffle.kpk", shuffle_file.__doc__ or "", shuffle_file, minor=2),
+    VectorFile("nan.kpk", nan_file.__doc__ or "", nan_file),
 )
 
 
@@ -373,6 +424,46 @@ def check_uint16_indices(folder: str) -> None:
         raise AssertionError("basis_uint16.kpk: no bank index above 255")
 
 
+def widened_nan_bits(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 bits of stored float16/bfloat16 NaNs by FORMAT.md 3 (integers only, no cast)."""
+    h = stored.view(np.uint16).astype(np.uint32)
+    if dtype == "bfloat16":
+        return h << 16
+    return ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
+
+
+def narrowed_nan_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored bits an encoder writes for float32 NaNs by FORMAT.md 3, "Narrowing"."""
+    if dtype == "bfloat16":
+        return (bits >> 16) | 0x0040
+    return ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x1FF)
+
+
+def check_nans(folder: str) -> None:
+    """nan.kpk holds what it promises: quiet and signalling NaNs of both signs in short and long
+    arrays of each dtype, widened by the spec's rule, and float32 NaNs narrowed by its rule."""
+    with Container(os.path.join(folder, "nan.kpk")) as c:
+        for dtype, quiet in (("float16", 0x0200), ("bfloat16", 0x0040)):
+            inf = {"float16": 0x7C00, "bfloat16": 0x7F80}[dtype]
+            for length in ("short", "long"):
+                name = f"{dtype}_{length}_as_float32"
+                stored = c.encoded(name).arrays()["data"].data.view(np.uint16)
+                nan = (stored & 0x7FFF) > inf
+                kinds = {(bool(h & 0x8000), bool(h & quiet)) for h in stored[nan].tolist()}
+                long = stored.size > 4096
+                if kinds != {(s, q) for s in (False, True) for q in (False, True)} \
+                        or long != (length == "long") or (stored.size < 16) == long:
+                    raise AssertionError(f"nan.kpk: {name} lacks a kind of NaN or has the wrong length")
+                decoded = c.get_numpy(name).view(np.uint32)
+                if not np.array_equal(decoded[nan], widened_nan_bits(stored[nan], dtype)):
+                    raise AssertionError(f"nan.kpk: {name}: NaNs not widened as FORMAT.md 3 says")
+            source = np.array(NARROWED_NANS, dtype=np.uint32)
+            nan = (source & 0x7FFFFFFF) > 0x7F800000
+            written = c.encoded(f"float32_as_{dtype}").arrays()["data"].data.view(np.uint16)
+            if not np.array_equal(written[nan], narrowed_nan_bits(source[nan], dtype)):
+                raise AssertionError(f"nan.kpk: float32_as_{dtype}: NaNs not narrowed as FORMAT.md 3 says")
+
+
 def generate(folder: str) -> dict[str, Any]:
     """Write every vector file and manifest.json into ``folder``; return the manifest."""
     os.makedirs(folder, exist_ok=True)
@@ -390,6 +481,7 @@ def generate(folder: str) -> dict[str, Any]:
     check_coverage(manifest)
     check_uint16_indices(folder)
     check_signed_zeros(folder)
+    check_nans(folder)
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")
