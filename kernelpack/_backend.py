@@ -14,6 +14,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from kernelpack.errors import KernelpackError, need_module
+
 #: numpy dtypes of stored arrays by spec name. bfloat16 travels as its raw bits.
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4"),
@@ -149,12 +151,8 @@ class TorchOps:
     name = "torch"
 
     def __init__(self, device: Any = "cpu") -> None:
-        import torch
-
-        self.torch = torch
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+        self.torch = need_module("torch", "the torch backend")
+        self.device = torch_device(self.torch, device)
 
     def from_stored(self, stored: np.ndarray, dtype: str) -> Any:
         stored = np.asarray(stored, order="C")
@@ -226,12 +224,35 @@ class TorchOps:
         return x.numpy()
 
 
+def torch_device(torch: Any, device: Any) -> Any:
+    """``device`` as a ``torch.device`` this machine decodes on: the CPU or a CUDA device torch
+    sees. Other device types are refused: a decode needs float64 arithmetic, which some lack
+    (mps), and real data (meta)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise KernelpackError(f"unknown device {device!r:.80}: use 'cpu', 'cuda' or 'cuda:N'",
+                              field="device") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KernelpackError(f"{str(dev)!r}: torch sees no CUDA device on this machine", field="device")
+        if dev.index is not None and dev.index >= count:
+            raise KernelpackError(f"{str(dev)!r}: torch sees {count} CUDA device(s), cuda:0 to "
+                                  f"cuda:{count - 1}", field="device")
+    elif dev.type != "cpu":
+        raise KernelpackError(f"{str(dev)!r}: kernelpack decodes on 'cpu' or 'cuda' devices only",
+                              field="device")
+    return dev
+
+
 def get_ops(backend: str = "numpy", device: Any = "cpu") -> Ops:
     """The ops for a backend name: 'numpy', or 'torch' on ``device``."""
     if backend == "numpy":
         if str(device) != "cpu":
-            raise ValueError("the numpy backend runs on the CPU only")
+            raise KernelpackError(f"the numpy backend decodes on the CPU only; use the torch backend "
+                                  f"for {device!r:.80}", field="device")
         return NumpyOps()
     if backend == "torch":
         return TorchOps(device)
-    raise ValueError(f"unknown backend {backend!r}: use 'numpy' or 'torch'")
+    raise KernelpackError(f"unknown backend {backend!r:.80}: use 'numpy' or 'torch'", field="backend")

@@ -4,7 +4,10 @@ Imports stay light (numpy, msgpack): torch loads only to read .pt files, to writ
 bfloat16 tensors, to decode with the torch backend, and for the demo. Every
 ``KernelpackError`` (a bad file, a bad argument) ends the command with one line
 ``kernelpack: error: <message>`` on stderr and exit status 2; ``verify`` exits 1
-when a tensor does not decode to its recorded digest.
+when a tensor does not decode to its recorded digest. So do a bad command line (argparse's
+errors, in the same one-line form) and any other exception, which would be a kernelpack
+bug: a command never ends in a traceback. A command that writes OUT checks it first (a
+file name in a folder that exists, not IN itself) and writes it atomically.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 
-from kernelpack._backend import bfloat16_bits_to_float32
-from kernelpack.container import Container, TensorInfo
+from kernelpack._backend import bfloat16_bits_to_float32, get_ops
+from kernelpack.container import Container, TensorInfo, atomic_write, need_output
 from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, config_from_dict
 from kernelpack.pack import as_numpy, save
@@ -157,7 +160,7 @@ def read_tensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
         raise KernelpackError(f"unknown input type {ext!r}: use .safetensors, .pt, .pth or .npz "
                               "(pack also reads .onnx models)", path=path)
     if not os.path.isfile(path):
-        raise KernelpackError("no such file", path=path)
+        raise KernelpackError("not a regular file" if os.path.exists(path) else "no such file", path=path)
     try:
         return readers[ext](path)
     except KernelpackError as exc:
@@ -208,6 +211,19 @@ def parse_metadata(items: Sequence[str]) -> dict[str, str]:
     return metadata
 
 
+def check_output(src: str, out: str) -> None:
+    """Refuse, before any work, an OUT that cannot be written or that is the input itself
+    (also through a symbolic or hard link): writing it would replace the file being read."""
+    need_output(out)
+    same = os.path.realpath(src) == os.path.realpath(out)
+    try:
+        same = same or os.path.samefile(src, out)
+    except OSError:  # one of them does not exist: not the same file
+        pass
+    if same:
+        raise KernelpackError(f"is the input file '{src}'; write to another file", path=out)
+
+
 # --- output helpers -----------------------------------------------------------------
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
     """Plain aligned text; ``align`` has one '<' (left) or '>' (right) per column."""
@@ -256,6 +272,7 @@ def error_stats(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float
 
 # --- commands -----------------------------------------------------------------------
 def cmd_pack(args: argparse.Namespace) -> int:
+    check_output(args.input, args.output)
     rules, default = read_config(args.config) if args.config else ([], None)
     plan = Plan([parse_form(r) for r in args.form] + rules, default)
     metadata = parse_metadata(args.metadata)
@@ -351,25 +368,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_device(backend: str, device: str) -> None:
-    """Refuse, in one line, a device this backend or this machine cannot decode on."""
-    if backend == "numpy":
-        if device != "cpu":
-            raise KernelpackError(f"the numpy backend decodes on the CPU only; use --backend torch "
-                                  f"for --device {device}")
-        return
-    torch = need_module("torch", "the torch backend")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise KernelpackError(f"unknown device {device!r}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise KernelpackError(f"--device {device}: torch sees no CUDA device on this machine")
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     backend = args.backend or ("numpy" if args.device == "cpu" else "torch")
-    check_device(backend, args.device)
+    get_ops(backend, args.device)  # a device this backend or machine lacks, refused before any read
     with Container(args.file) as c:
         results = c.verify(backend, args.device)
     for name, ok in results.items():
@@ -384,6 +385,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
+    check_output(args.file, args.output)
     if args.output.lower().endswith(".onnx"):
         from kernelpack.onnx_io import unpack_onnx
 
@@ -397,10 +399,11 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     if bf16:  # safetensors.numpy cannot hold bfloat16: decode with torch (same bits) to keep it
         need_module("torch", "unpacking bfloat16 tensors")
         state = load(args.file)
-        need_module("safetensors.torch", "writing .safetensors").save_file(state, args.output, metadata)
+        writer = need_module("safetensors.torch", "writing .safetensors")
     else:
         state = load_numpy(args.file)
-        need_module("safetensors.numpy", "writing .safetensors").save_file(state, args.output, metadata)
+        writer = need_module("safetensors.numpy", "writing .safetensors")
+    atomic_write(args.output, [writer.save(state, metadata)])
     print(f"{args.output}: {len(state)} dense tensors, {os.path.getsize(args.output)} bytes")
     return 0
 
@@ -415,8 +418,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- parser -------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors in the one-line form of every other error (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kernelpack: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kernelpack", description="Compressed CNN weights in a checksummed container (.kpk), "
         "decoded bit-exactly on any machine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -480,5 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except KernelpackError as exc:
-        print(f"kernelpack: error: {exc}", file=sys.stderr)
-        return 2
+        message = str(exc)
+    except MemoryError:
+        message = "out of memory"
+    except Exception as exc:  # a kernelpack bug: still one line, with what to report
+        message = f"internal error (please report it): {type(exc).__name__}: {exc}"
+    print(f"kernelpack: error: {' '.join(message.splitlines())}", file=sys.stderr)
+    return 2

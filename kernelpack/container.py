@@ -23,7 +23,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 import msgpack
 import numpy as np
@@ -227,8 +227,12 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     smallest of ``codecs`` (and ``none``); ``codecs=codecs_of(1)`` keeps out
     ``zstd-shuffle``, which would make the file 1.2, for readers of 1.1.
     """
-    path = os.fspath(path)
-    need(set(codecs) <= set(CODECS), "codecs", f"must be some of {CODECS}, got {shown(codecs)}")
+    path = need_output(path)
+    need(isinstance(codecs, Collection) and set(codecs) <= set(CODECS), "codecs",
+         f"must be some of {CODECS}, got {shown(codecs)}")
+    need_int(level, "level", 1, 22)
+    need(metadata is None or isinstance(metadata, Mapping), "metadata", "must map str to str")
+    need(attachments is None or isinstance(attachments, Mapping), "attachments", "must map names to bytes")
     meta = dict(metadata or {})
     for key, value in meta.items():
         need(isinstance(key, str) and isinstance(value, str), "metadata", "must map str to str")
@@ -287,7 +291,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     minor = max([m for m, keys in ADDED_KEYS.items() if keys & header.keys()]
                 + [m for m, keys in ADDED_ARRAY_KEYS.items() if keys & ref_keys]
                 + [m for m, added in ADDED_CODECS.items() if added & used], default=0)
-    _atomic_write(path, [header_block(head, minor), *bodies])
+    atomic_write(path, [header_block(head, minor), *bodies])
 
 
 def header_block(head: bytes, minor: int, major: int = VERSION[0]) -> bytes:
@@ -326,9 +330,49 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # once, at import: os.umask is process-wide and not thread-safe
 
 
-def _atomic_write(path: str, chunks: list[bytes]) -> None:
+def need_file_name(path: Any) -> str:
+    """A file name as str: str, bytes or os.PathLike, not empty, without NUL (which the OS
+    calls would refuse with a TypeError or ValueError)."""
+    try:
+        name = os.fsdecode(path)
+    except TypeError:
+        raise KernelpackError(f"must be a file name (str or os.PathLike), got {type(path).__name__}",
+                              field="path") from None
+    need(name != "" and "\0" not in name, "path", f"{name!r:.80} is not a file name")
+    return name
+
+
+def need_output(path: Any) -> str:
+    """The name of a file to write, checked before any work is spent on its content: a file
+    name (need_file_name), not a folder, in a folder that exists."""
+    name = need_file_name(path)
+    if os.path.isdir(name):
+        raise KernelpackError("is a folder; give a file name to write", path=name)
+    folder = os.path.dirname(os.path.abspath(name))
+    if not os.path.isdir(folder):
+        problem = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise KernelpackError(f"cannot write: '{folder}' {problem}", path=name)
+    return name
+
+
+#: The temporary file's name beside the target (``mkstemp`` adds 8 random characters): short
+#: and fixed, so that any name the file system allows for the target (up to NAME_MAX, 255
+#: bytes) can be written; hidden, so that a killed writer's leftover is not mistaken for a file.
+TEMP_PREFIX, TEMP_SUFFIX = ".kpk-", ".tmp"
+
+
+def atomic_write(path: str, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` atomically: a temporary file in the same folder, fsync,
+    rename over ``path``, fsync of the folder (spec/FORMAT.md, section 5, "Writing").
+
+    Any OSError (a read-only folder, a full disk, a name too long) is a KernelpackError
+    naming ``path``; the temporary file is removed and ``path`` is left as it was.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _file_mode(path))  # mkstemp makes 0o600
@@ -337,15 +381,26 @@ def _atomic_write(path: str, chunks: list[bytes]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # the rename itself made durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+def _write_error(path: str, exc: OSError) -> KernelpackError:
+    return KernelpackError(f"cannot write: {exc.strerror or exc}", path=path)
 
 
 # --- reading --------------------------------------------------------------------------

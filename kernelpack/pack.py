@@ -16,10 +16,10 @@ from typing import Any, Callable, Collection, Mapping
 import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES, bfloat16_bits_to_float32
-from kernelpack.container import CODECS, write
+from kernelpack.container import CODECS, need_output, write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import Config, Dense, Encoded
-from kernelpack.forms._base import need
+from kernelpack.forms._base import need, shown
 
 #: How a caller says which tensor gets which form.
 FormPlan = Config | Mapping[str, Config] | Callable[[str, Any], Config | None] | None
@@ -48,7 +48,11 @@ def as_numpy(value: Any) -> tuple[np.ndarray, str]:
 
 def choose(forms: FormPlan, name: str, value: Any) -> Config:
     """The config for one tensor: first matching pattern, else dense."""
-    return match(forms, name, value) or Dense()
+    config = match(forms, name, value)
+    if config is not None and not isinstance(config, Config):
+        raise KernelpackError(f"forms gave {shown(config)}, not a form config (Dense, DCT, Series, "
+                              "Basis or Linear) or None", tensor=name, field="forms")
+    return config or Dense()
 
 
 def match(forms: FormPlan, name: str, value: Any) -> Config | None:
@@ -60,6 +64,9 @@ def match(forms: FormPlan, name: str, value: Any) -> Config | None:
         return forms  # one config for every tensor
     if callable(forms):
         return forms(name, value)
+    if not isinstance(forms, Mapping):
+        raise KernelpackError(f"forms must be a form config, a mapping of names and patterns to "
+                              f"configs, or a function; got {type(forms).__name__}", field="forms")
     if name in forms:  # an exact name wins (names may hold fnmatch's special characters)
         return forms[name]
     for pattern, config in forms.items():
@@ -99,7 +106,8 @@ def state_of(obj: Any) -> Mapping[str, Any]:
         return encoded_state(obj)
     if isinstance(obj, Mapping):
         return obj
-    raise TypeError("save() takes an nn.Module or a mapping of names to tensors")
+    raise KernelpackError(f"takes an nn.Module or a mapping of names to tensors, got "
+                          f"{type(obj).__name__}", field="model")
 
 
 def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
@@ -110,8 +118,10 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     ``attachments`` are named byte strings stored alongside (e.g. ``onnx.graph``).
     Each payload takes the smallest of ``codecs``; ``codecs=codecs_of(1)`` leaves out
     ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
-    by 1.1 readers. Returns the encoded tensors (what was written). The write is atomic.
+    by 1.1 readers. ``level`` is zstd's, 1..22. Returns the encoded tensors (what was written).
+    The write is atomic; ``path`` is checked before any tensor is encoded.
     """
+    need_output(path)
     encoded = {name: encode(name, value, choose(forms, name, value))
                for name, value in state_of(obj).items()}
     try:

@@ -36,12 +36,15 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from kernelpack.container import Container, Limits
+from kernelpack.errors import KernelpackError
 from kernelpack.ort import ort_session  # noqa: F401 - an ONNX Runtime session, torch-free
 
 
 def open(path: str | os.PathLike, limits: Limits | None = None) -> Container:  # noqa: A001
     """Open a container lazily (like safetensors.safe_open): every byte outside the payloads
-    checked, tensors decoded one at a time on request."""
+    checked, tensors decoded one at a time on request. A tensor name the file does not hold
+    raises KeyError, as a Mapping's lookup does (``name in c`` tells first); every other bad
+    input is a KernelpackError."""
     return Container(path, limits)
 
 
@@ -51,7 +54,7 @@ Value = TypeVar("Value")
 def worker_count(threads: int | None, tasks: int) -> int:
     """Threads a load uses: ``threads`` (None: one per CPU core), never more than ``tasks``."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+        raise KernelpackError(f"must be an integer >= 1 or None, got {threads!r}", field="threads")
     wanted = (os.cpu_count() or 1) if threads is None else threads
     return max(1, min(wanted, tasks))
 
@@ -138,9 +141,17 @@ def load_model(model: Any, path: str | os.PathLike, strict: bool = True,
                device: Any = None, limits: Limits | None = None, threads: int | None = None) -> Any:
     """Decode into a ready ``nn.Module`` (on its device unless ``device`` is given).
 
-    Returns what ``load_state_dict`` returns (missing and unexpected keys).
+    Returns what ``load_state_dict`` returns (missing and unexpected keys). A file whose
+    tensors do not fit the model (names with ``strict``, shapes always) is a KernelpackError.
     """
+    if not (hasattr(model, "load_state_dict") and hasattr(model, "parameters")):
+        raise KernelpackError(f"load_model fills an nn.Module, got {type(model).__name__}", field="model")
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else "cpu"
-    return model.load_state_dict(load(path, device=device, limits=limits, threads=threads), strict=strict)
+    state = load(path, device=device, limits=limits, threads=threads)
+    try:
+        return model.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:  # torch's report of missing, unexpected and misshapen tensors
+        raise KernelpackError(f"does not fit the model: {' '.join(str(exc).split())}",
+                              path=os.fspath(path)) from None

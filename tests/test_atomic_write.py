@@ -4,18 +4,22 @@ never a part of the new one.
 A helper process (numpy only, one BLAS thread) forks a writer that saves two containers
 in turn over one path, again and again; the test kills it with SIGKILL after a random
 delay, waits until it is dead and looks at the path. Temporary files of killed writers
-remain (named ``<target>.<random>.tmp``, never the target's name): the writer does not
+remain (named ``.kpk-<random>.tmp``, never the target's name): the writer does not
 delete them on its next run, since one may belong to another writer still running.
+A write that fails (a full disk, a read-only folder) raises KernelpackError, keeps the
+old file and removes its temporary file; any name the file system allows can be written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ import numpy as np
 import pytest
 
 import kernelpack
+from kernelpack import KernelpackError
 
 KILLS = 100
 KILLS_WITHOUT_FILE = 20
@@ -106,9 +111,9 @@ def delays(count: int, cycle: float, seed: int) -> list[float]:
 
 
 def leftovers(folder: Path, target: str) -> list[str]:
-    """Files other than the target; each must be a temporary named after it."""
+    """Files other than the target; each must be a writer's temporary file."""
     others = sorted(p.name for p in folder.iterdir() if p.name != target)
-    pattern = re.compile(re.escape(target) + r"\.[^/]+\.tmp")
+    pattern = re.compile(r"\.kpk-[^/]+\.tmp")
     assert all(pattern.fullmatch(name) for name in others), others
     return others
 
@@ -154,17 +159,54 @@ def test_a_writer_killed_before_its_first_rename_leaves_no_file(helper: Helper, 
     assert outcomes == {"file", "none"}, outcomes
 
 
-def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def fail_with(code: int):
+    """A stand-in for an OS call that fails as the file system would, with ``code``."""
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+#: Where a write can fail, and how: the temporary file cannot be made (a read-only folder,
+#: no permission), its data cannot be stored (a full disk reports it at the latest at fsync),
+#: the rename fails.
+FAILURES = [("tempfile.mkstemp", errno.EROFS), ("tempfile.mkstemp", errno.EACCES),
+            ("os.fsync", errno.ENOSPC), ("os.fsync", errno.EIO), ("os.replace", errno.ENOSPC)]
+
+
+@pytest.mark.parametrize("call, code", FAILURES, ids=[f"{c}-{errno.errorcode[e]}" for c, e in FAILURES])
+@pytest.mark.parametrize("existing", [True, False], ids=["over-a-file", "new-file"])
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, code: int, existing: bool) -> None:
     path = tmp_path / "model.kpk"
-    kernelpack.save({"w": np.zeros(3, np.float32)}, path)
-    before = path.read_bytes()
-
-    def fail(*args: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    if existing:
+        kernelpack.save({"w": np.zeros(3, np.float32)}, path)
+    before = path.read_bytes() if existing else None
+    module, name = call.split(".")
+    monkeypatch.setattr({"os": os, "tempfile": tempfile}[module], name, fail_with(code))
+    with pytest.raises(KernelpackError) as caught:
         kernelpack.save({"w": np.ones(1000, np.float32)}, path)
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["model.kpk"]
+    assert caught.value.path == str(path) and os.strerror(code) in str(caught.value)
+    assert (path.read_bytes() if existing else None) == before
+    assert os.listdir(tmp_path) == (["model.kpk"] if existing else [])
+
+
+def longest_names(folder: Path) -> list[str]:
+    """Names of exactly NAME_MAX bytes (255 on Linux and macOS), ASCII and 2-byte UTF-8."""
+    limit = os.pathconf(folder, "PC_NAME_MAX")
+    return ["a" * (limit - 4) + ".kpk", "é" * ((limit - 5) // 2) + "a" * ((limit - 5) % 2 + 1) + ".kpk"]
+
+
+def test_any_name_the_file_system_allows_can_be_written(tmp_path: Path) -> None:
+    """The temporary name does not grow with the target's, so a NAME_MAX-byte name works."""
+    for name in longest_names(tmp_path):
+        assert len(os.fsencode(name)) == os.pathconf(tmp_path, "PC_NAME_MAX")
+        kernelpack.save({"w": np.arange(5, dtype=np.float32)}, tmp_path / name)
+        assert kernelpack.load_numpy(tmp_path / name)["w"].tolist() == [0, 1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path)) == sorted(longest_names(tmp_path))
+
+
+def test_a_name_too_long_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
+    with pytest.raises(KernelpackError, match="cannot write: File name too long") as caught:
+        kernelpack.save({"w": np.zeros(3, np.float32)}, path)
+    assert caught.value.path == str(path) and os.listdir(tmp_path) == []

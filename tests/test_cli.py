@@ -1,7 +1,9 @@
-"""The command line: pack from every input type, inspect, verify (exit 0/1/2), unpack."""
+"""The command line: pack from every input type, inspect, verify (exit 0/1/2), unpack; every
+failure one line ``kernelpack: error: ...`` on stderr and exit 2, never a traceback."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -203,7 +205,8 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_verify_cuda_without_cuda(packed, capsys):
     code, _, err = run(capsys, "verify", packed[1], "--device", "cuda")
-    assert code == 2 and err == "kernelpack: error: --device cuda: torch sees no CUDA device on this machine\n"
+    assert code == 2 and err == ("kernelpack: error: field 'device': 'cuda': torch sees no CUDA device "
+                                 "on this machine\n")
     code, _, err = run(capsys, "verify", packed[1], "--device", "cuda", "--backend", "numpy")
     assert code == 2 and "numpy backend decodes on the CPU only" in err
 
@@ -241,3 +244,160 @@ def test_python_dash_m(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kernelpack", "pack", "--help"],
                             capture_output=True, text=True, check=True)
     assert "PATTERN=FORM[:KEY=VALUE,...]" in result.stdout and "harmonics=4/3" in result.stdout
+
+
+# --- the error contract: one line, exit 2, nothing written ------------------------------
+def assert_one_error_line(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    assert err.startswith("kernelpack: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err and needle in err, err
+
+
+def fail_with(code: int):
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+def folder_in(folder, name: str) -> str:
+    (folder / name).mkdir()
+    return str(folder / name)
+
+
+#: (id, how OUT is made unwritable, given the test folder: returns OUT; what the line says)
+BAD_OUTPUTS = [
+    ("a-folder", lambda d, mp: folder_in(d, "out"), "is a folder"),
+    ("parent-missing", lambda d, mp: str(d / "missing" / "o.kpk"), "does not exist"),
+    ("name-too-long", lambda d, mp: str(d / ("a" * (os.pathconf(d, "PC_NAME_MAX") + 1))), "File name too long"),
+    ("read-only-folder", lambda d, mp: mp.setattr("tempfile.mkstemp", fail_with(errno.EROFS)) or str(d / "o.kpk"),
+     "cannot write: Read-only file system"),
+    ("no-permission", lambda d, mp: mp.setattr("tempfile.mkstemp", fail_with(errno.EACCES)) or str(d / "o.kpk"),
+     "cannot write: Permission denied"),
+    ("disk-full", lambda d, mp: mp.setattr("os.fsync", fail_with(errno.ENOSPC)) or str(d / "o.kpk"),
+     "cannot write: No space left on device"),
+]
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack"])
+@pytest.mark.parametrize("make_out, needle", [c[1:] for c in BAD_OUTPUTS], ids=[c[0] for c in BAD_OUTPUTS])
+def test_an_unwritable_output_is_one_error_line(packed, tmp_path, capsys, monkeypatch, command, make_out, needle):
+    src = packed[0] if command == "pack" else packed[1]
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    out = make_out(folder, monkeypatch)
+    before = sorted(os.listdir(folder))
+    code, stdout, err = run(capsys, command, src, out)
+    assert_one_error_line(code, err, needle)
+    assert f"file '{out}'" in err and stdout == ""
+    assert sorted(os.listdir(folder)) == before  # no partial OUT, no temporary file left
+
+
+def test_any_legal_output_name_works(packed, tmp_path, capsys):
+    out = tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".kpk")
+    assert run(capsys, "pack", packed[0], str(out), *FORMS)[0] == 0
+    assert kernelpack.load_numpy(out).keys() == kernelpack.load_numpy(packed[1]).keys()
+
+
+def same_file(folder, src: str, how: str) -> str:
+    """A name for ``src`` itself: the same path, another spelling, a symbolic or a hard link."""
+    if how == "same-path":
+        return src
+    if how == "other-spelling":
+        return os.path.join(os.path.dirname(src), ".", os.path.basename(src))
+    link = str(folder / f"{how}{os.path.splitext(src)[1]}")
+    (os.symlink if how == "symlink" else os.link)(src, link)
+    return link
+
+
+@pytest.mark.parametrize("how", ["same-path", "other-spelling", "symlink", "hard-link"])
+@pytest.mark.parametrize("command", ["pack", "unpack"])
+def test_out_that_is_in_is_refused_before_anything_is_written(packed, tmp_path, capsys, command, how):
+    src = packed[0] if command == "pack" else packed[1]
+    before = open(src, "rb").read()
+    out = same_file(tmp_path, src, how)
+    code, _, err = run(capsys, command, src, out)
+    assert_one_error_line(code, err, f"is the input file '{src}'")
+    assert open(src, "rb").read() == before and os.path.samefile(src, out)
+
+
+def unreadable(path: str, monkeypatch) -> None:
+    """Opening ``path`` fails as for a file without read permission (a test run as root reads
+    anything, so chmod would not do)."""
+    real_open, real_builtin = os.open, open
+
+    def refuse(name, *args, **kwargs):
+        if os.fspath(name) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(name, *args, **kwargs)
+
+    def refuse_builtin(name, *args, **kwargs):
+        if not isinstance(name, int) and os.fspath(name) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_builtin(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr("builtins.open", refuse_builtin)
+
+
+#: (id, command line given the packed (safetensors, kpk) pair and the test folder, what it says)
+BAD_INPUTS = [
+    ("pack-missing", lambda s, k, d: ["pack", str(d / "missing.npz"), str(d / "o.kpk")], "no such file"),
+    ("pack-folder", lambda s, k, d: ["pack", str(d), str(d / "o.kpk")], "unknown input type"),
+    ("pack-folder-npz", lambda s, k, d: ["pack", folder_in(d, "x.npz"), str(d / "o.kpk")],
+     "not a regular file"),
+    ("unpack-missing", lambda s, k, d: ["unpack", str(d / "missing.kpk"), str(d / "o.safetensors")],
+     "cannot open: No such file or directory"),
+    ("unpack-folder", lambda s, k, d: ["unpack", str(d), str(d / "o.safetensors")], "not a regular file"),
+    ("inspect-missing", lambda s, k, d: ["inspect", str(d / "missing.kpk")], "cannot open"),
+    ("verify-missing", lambda s, k, d: ["verify", str(d / "missing.kpk")], "cannot open"),
+    ("inspect-original-missing", lambda s, k, d: ["inspect", k, "--original", str(d / "missing.npz")],
+     "no such file"),
+    ("verify-bad-device", lambda s, k, d: ["verify", k, "--device", "banana"], "unknown device 'banana'"),
+    ("verify-numpy-on-cuda", lambda s, k, d: ["verify", k, "--device", "cuda", "--backend", "numpy"],
+     "numpy backend decodes on the CPU only"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_a_bad_input_is_one_error_line(packed, tmp_path, capsys, argv, needle):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    code, stdout, err = run(capsys, *argv(*packed, folder))
+    assert_one_error_line(code, err, needle)
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack", "inspect", "verify"])
+def test_an_unreadable_input_is_one_error_line(packed, tmp_path, capsys, monkeypatch, command):
+    src = write_input(tmp_path, "npz") if command == "pack" else packed[1]  # numpy opens it in Python
+    unreadable(src, monkeypatch)
+    extra = [str(tmp_path / ("o.kpk" if command == "pack" else "o.safetensors"))][:command in ("pack", "unpack")]
+    code, _, err = run(capsys, command, src, *extra)
+    assert_one_error_line(code, err, "Permission denied")
+    assert not os.path.exists(tmp_path / "o.kpk") and not os.path.exists(tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("argv", [["pack"], ["pack", "a.npz", "b.kpk", "--level", "99"], ["bogus"], []])
+def test_a_bad_command_line_is_one_error_line(capsys, argv):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert_one_error_line(caught.value.code, capsys.readouterr().err, "(see 'kernelpack")
+
+
+def test_an_unexpected_exception_is_still_one_line(packed, tmp_path, capsys, monkeypatch):
+    """A kernelpack bug must not print a traceback either: one line saying what to report."""
+    def bug(*args: object) -> None:
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr("kernelpack.cli.load_numpy", bug)
+    code, _, err = run(capsys, "unpack", packed[1], str(tmp_path / "o.safetensors"))
+    assert_one_error_line(code, err, "internal error (please report it): RuntimeError: first line second line")
+
+
+@pytest.mark.parametrize("argv", [["pack", "IN.npz", "FOLDER"], ["unpack", "IN.kpk", "IN.kpk"]])
+def test_the_installed_command_prints_no_traceback(packed, tmp_path, argv):
+    """The same contract through ``python -m kernelpack``, stderr as a user sees it."""
+    src = write_input(tmp_path, "npz")
+    names = {"IN.npz": src, "FOLDER": str(tmp_path), "IN.kpk": packed[1]}
+    result = subprocess.run([sys.executable, "-m", "kernelpack", *[names.get(a, a) for a in argv]],
+                            capture_output=True, text=True)
+    assert_one_error_line(result.returncode, result.stderr, "kernelpack: error: ")
