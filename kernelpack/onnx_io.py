@@ -22,7 +22,8 @@
    planner's (by shape) plus lossless dense, so a plan always exists. MatMul weights are
    (in, out), the transpose of Gemm's transB=1 (out, in): ``dct`` does not care,
    ``linear`` then picks primary input rows rather than output filters. Every other
-   weight (biases, norms, double tensors) is stored dense as it is: exact.
+   weight (biases, norms, double tensors, weights holding NaN or infinity) is stored
+   dense as it is: exact.
 
 ``torch_graph`` exports a PyTorch model's graph whose initializers refer to the
 state_dict tensors that ``kernelpack.save(model, ...)`` writes, so a service runs the
@@ -188,7 +189,8 @@ def weight_roles(graph: Any) -> dict[str, str]:
 def weight_configs(weights: Mapping[str, np.ndarray], roles: Mapping[str, str], forms: FormPlan = None,
                    max_error: float | None = None, max_bytes: int | None = None,
                    candidates: Any = None) -> dict[str, Config]:
-    """A form per weight: ``forms`` first, then the budget plan for conv/matrix weights, else dense."""
+    """A form per weight: ``forms`` first, then the budget plan for conv/matrix weights, else dense.
+    A weight holding NaN or infinity is not planned (its relative error means nothing): dense, exact."""
     from kernelpack.converters.planner import default_candidates, plan
 
     chosen: dict[str, Config] = {}
@@ -197,7 +199,7 @@ def weight_configs(weights: Mapping[str, np.ndarray], roles: Mapping[str, str], 
         config = match(forms, name, array)
         if config is not None:
             chosen[name] = config
-        elif name in roles and array.dtype in (np.float16, np.float32):
+        elif name in roles and array.dtype in (np.float16, np.float32) and np.isfinite(array).all():
             planned[name] = array
     if planned and (max_error or max_bytes is not None):  # max_error 0: exact, nothing to plan
         lossless = candidates or (lambda name, shape: [*default_candidates(name, shape), Dense()])

@@ -306,3 +306,15 @@ def test_an_attachment_onnx_cannot_parse_is_refused_by_unpack(tmp_path):
     with pytest.raises(KernelpackError, match="not a valid ONNX ModelProto") as info:
         dense_model(tmp_path / "m.kpk")
     assert info.value.field == f"attachments.{GRAPH}"
+
+
+def test_weights_holding_nan_or_infinity_are_not_planned_but_stored_exactly(tmp_path):
+    model = synthetic()
+    for index, bad in ((0, np.nan), (5, np.inf)):  # conv.w and fc.w, both planned otherwise
+        value = numpy_helper.to_array(model.graph.initializer[index]).copy()
+        value.flat[3] = bad
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, model.graph.initializer[index].name))
+    encoded = pack_onnx(model, tmp_path / "m.kpk", max_error=0.01)
+    assert encoded["conv.w"].form == "dense" and encoded["fc.w"].form == "dense"
+    decoded = kernelpack.load_numpy(tmp_path / "m.kpk")
+    assert np.array_equal(decoded["conv.w"], numpy_helper.to_array(model.graph.initializer[0]), equal_nan=True)
