@@ -14,7 +14,9 @@ once the cores are busy (a 2-core machine cannot do better than about 4). Bodies
 encoded before timing and responses are read, not parsed, so the client costs little.
 
 Then, in-process: the peak Python memory of parsing one body into feeds (``tracemalloc``),
-per body byte, the factor that relates ``max_inflight_bytes`` to memory.
+per body byte, the factor that relates ``max_inflight_bytes`` to memory: for the request's
+float32 values as ``json.dumps`` writes them, and for the same shape of ``0.5`` (short
+numbers: the most values, hence Python objects, per byte).
 
     python benchmarks/serving_load.py                  # workers 1 and cores, batch 1
     python benchmarks/serving_load.py --workers 1 2 4 --batch 4
@@ -113,6 +115,10 @@ def parse_memory(container: str, body: bytes) -> dict:
     return {"body_bytes": len(body), "parse_peak_bytes": peak, "per_body_byte": peak / len(body)}
 
 
+def request_body(x: np.ndarray) -> bytes:
+    return json.dumps({"inputs": {"x": x.tolist()}}).encode()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=sorted({1, http_service.cores()}))
@@ -125,18 +131,21 @@ def main() -> None:
     from kernelpack.onnx_io import pack_onnx
 
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 48, 192)).astype(np.float32)
-    body = json.dumps({"inputs": {"x": x.tolist()}}).encode()
+    body = request_body(x)
     with tempfile.TemporaryDirectory() as folder:
         container = os.path.join(folder, "cls.kpk")
         pack_onnx(ppocr_model(CLS), container, max_error=None, level=3)
         rows = [measure(container, w, body, args) for w in args.workers]
-        memory = parse_memory(container, body)
+        memory = {"float32 values": parse_memory(container, body),  # the worst case: short numbers
+                  "0.5 everywhere": parse_memory(container, request_body(np.full_like(x, 0.5)))}
     print(f"{http_service.cores()} cores, body {len(body)} bytes, {args.clients} clients")
     print(f"{'workers':>7} {'intra':>5} {'single ms':>10} {f'{args.clients}-at-once ms':>13} {'ratio':>6} {'req/s':>7}")
     for r in rows:
         print(f"{r['workers']:>7} {r['intra_op_threads']:>5} {r['single_ms']:>10.1f} {r['concurrent_ms']:>13.1f} "
               f"{r['ratio']:>6.2f} {r['requests_per_s']:>7.1f}")
-    print(f"parsing: peak {memory['parse_peak_bytes']} bytes, {memory['per_body_byte']:.1f} per body byte")
+    for name, m in memory.items():
+        print(f"parsing {name}: body {m['body_bytes']} bytes, peak {m['parse_peak_bytes']} bytes, "
+              f"{m['per_body_byte']:.1f} per body byte")
     print(json.dumps({"cores": http_service.cores(), "rows": rows, "parse": memory}))
 
 

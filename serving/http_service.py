@@ -28,9 +28,10 @@ is closed. A ``POST /predict`` must declare ``Content-Length`` (411 otherwise, c
 bodies included) and is refused before a byte of its body is read: 413 beyond
 ``max_body_bytes``; 503 when ``max_requests`` predictions are already admitted, or when
 its body would take the bodies admitted and not yet answered beyond ``max_inflight_bytes``.
-(Parsing makes a body's JSON into Python lists: up to about 8 times its bytes for a
-list of short numbers, so the memory of requests in flight is at most about 10 times
-``max_inflight_bytes``.) The body's nesting depth and number of values are counted from
+(Parsing makes a body's JSON into Python lists: a peak of 2.6 times its bytes for
+float32 values as ``json.dumps`` writes them, 7.5 times for short numbers such as ``0.5``,
+measured by benchmarks/serving_load.py; so requests in flight hold at most about 10 times
+``max_inflight_bytes``, 640 MiB by default.) The body's nesting depth and number of values are counted from
 its bytes (:func:`json_extent`, vectorised, no recursion) before ``json.loads`` sees it:
 400 beyond ``max_json_depth`` or ``max_json_values``. ``GET /health`` needs no slot: it
 answers from the event loop while predictions are full.
@@ -81,9 +82,10 @@ ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "te
                  "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
                  "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
-#: The reader's limits for a service's own container: a service decodes one trusted-looking
-#: but unchecked file, and a quarter GiB per array is more than a served CNN needs.
-SERVICE_LIMITS = kernelpack.Limits(max_decoded_bytes=256 << 20)
+#: The reader's limits for a service's container (a file it did not make, decoded once at
+#: start): a quarter GiB per array, 2 GiB for the whole load and 2**35 operations (some 15 s
+#: of decoding on one core) are more than a served CNN needs and less than a hostile file asks.
+SERVICE_LIMITS = kernelpack.Limits(max_decoded_bytes=256 << 20, max_total_bytes=2 << 30, max_work=1 << 35)
 
 
 def cores() -> int:
@@ -100,7 +102,7 @@ class Settings:
     max_connections: int = 4096
     max_requests: int = 64
     max_body_bytes: int = 32 << 20
-    max_inflight_bytes: int = 128 << 20
+    max_inflight_bytes: int = 64 << 20
     max_header_bytes: int = 32 << 10
     max_json_depth: int = 32
     max_json_values: int = 1 << 23
@@ -349,6 +351,8 @@ class Service:
             asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=60)
+        if not self.thread.is_alive():
+            self.loop.close()
         self.pool.shutdown(wait=True)
 
     async def _stop(self) -> None:

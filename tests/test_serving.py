@@ -130,7 +130,8 @@ def test_unknown_paths_get_404(service):
 def test_a_container_the_reader_refuses_stops_the_start_with_one_line(container, tmp_path):
     not_a_container = tmp_path / "noise.kpk"
     not_a_container.write_bytes(os.urandom(4096))
-    for argv in ([container, "--limit", "max_decoded_bytes=1000"], [str(not_a_container)]):
+    for argv in ([container, "--limit", "max_decoded_bytes=1000"], [container, "--limit", "max_work=1000"],
+                 [str(not_a_container)]):
         done = subprocess.run([sys.executable, os.path.join(SERVING, "http_service.py"), *argv, "--port", "0",
                                "--cpu"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stdout == "", done
