@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from kernelpack.container import atomic_write, need_output
 from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need_name
@@ -294,10 +295,13 @@ def dense_model(path: str | os.PathLike) -> Any:
 
 
 def unpack_onnx(path: str | os.PathLike, output: str | os.PathLike) -> Any:
-    """Write :func:`dense_model` to ``output``; returns the model."""
+    """Write :func:`dense_model` to ``output`` atomically, as every kernelpack write (spec section 5,
+    "Writing": a failed write leaves ``output`` as it was); returns the model."""
+    output = need_output(output)
     model = dense_model(path)
     try:
-        _onnx().save(model, os.fspath(output))
-    except (OSError, ValueError) as exc:
-        raise KernelpackError(f"cannot write the ONNX model: {exc}", path=os.fspath(output)) from None
+        data = model.SerializeToString()
+    except ValueError as exc:  # protobuf's 2 GiB message limit
+        raise KernelpackError(f"cannot write the ONNX model: {exc}", path=output) from None
+    atomic_write(output, [data])
     return model

@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from kernelpack.onnx_io import (MIN_ELEMENTS, dense_model, pack_onnx, read_model, take_out,  # noqa: E402
-                                weight_roles)
+                                unpack_onnx, weight_roles)
 
 CPU = ["CPUExecutionProvider"]
 #: (name, shape) of the synthetic model's weights and the role the packer must see
@@ -318,3 +318,24 @@ def test_weights_holding_nan_or_infinity_are_not_planned_but_stored_exactly(tmp_
     assert encoded["conv.w"].form == "dense" and encoded["fc.w"].form == "dense"
     decoded = kernelpack.load_numpy(tmp_path / "m.kpk")
     assert np.array_equal(decoded["conv.w"], numpy_helper.to_array(model.graph.initializer[0]), equal_nan=True)
+
+
+def test_unpack_to_onnx_writes_atomically_and_refuses_a_folder(tmp_path, monkeypatch):
+    pack_onnx(synthetic(), tmp_path / "m.kpk", max_error=None)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"the previous file")
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(KernelpackError, match="is a folder"):
+        unpack_onnx(tmp_path / "m.kpk", tmp_path / "folder.onnx")
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(KernelpackError, match="No space left") as info:
+        unpack_onnx(tmp_path / "m.kpk", out)
+    assert info.value.path == str(out) and out.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.onnx", "m.kpk", "out.onnx"]  # no temporary left
+    monkeypatch.undo()
+    unpack_onnx(tmp_path / "m.kpk", out)
+    assert np.array_equal(run_onnx(str(out), inputs())[0], run_onnx(synthetic(), inputs())[0])
