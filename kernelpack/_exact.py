@@ -81,9 +81,18 @@ def fixed_matmul(ops: Ops, a: Any, b: Any, b_exponent: int | None = None) -> Any
     return exact_product(ops, quantize(ops, a, p, ea), quantize(ops, b, s, eb), ea - p + eb - s)
 
 
-#: Largest table block materialised at once (entries), so decode memory stays bounded.
-TABLE_BLOCK = 1 << 22
+#: Largest table block materialised at once (entries), so decode memory stays bounded: 8 MiB
+#: as float64 (the block size never changes the bits: every column is its own product).
+TABLE_BLOCK = 1 << 20
 Table = Callable[[int, int], np.ndarray]
+
+
+def table_blocks(k: int, m: int) -> tuple[int, int]:
+    """How :func:`transform_axis` builds a (k, m) table: (entries of its largest block,
+    times each entry is built). A table of at most TABLE_BLOCK entries is built once;
+    a longer one in blocks of whole columns, twice (first for its grid exponent)."""
+    width = max(1, TABLE_BLOCK // k)
+    return (k * m, 1) if m <= width else (k * width, 2)
 
 
 def transform_axis(ops: Ops, x: Any, axis: int, table: Table, k: int, m: int) -> Any:
@@ -98,8 +107,9 @@ def transform_axis(ops: Ops, x: Any, axis: int, table: Table, k: int, m: int) ->
     p, s = grid_bits(k)
     ea = exponent(ops.absmax(x))
     qx = ops.reshape(quantize(ops, moved, p, ea), (-1, k))  # once, for every block of the table
-    width = max(1, TABLE_BLOCK // k)
-    if m <= width:  # the usual case: one block, built once
+    block, passes = table_blocks(k, m)
+    width = block // k
+    if passes == 1:  # the usual case: one block, built once
         first = ops.float64(table(0, m), "float64")
         eb = exponent(ops.absmax(first))
         blocks: Iterable[Any] = [first]
@@ -219,18 +229,25 @@ def zigzag_scatter(shape: tuple[int, ...], axes: tuple[int, ...],
     return box, (chosen if box == candidate_box else np.ravel_multi_index(coords, box))
 
 
-def _zigzag_chosen(shape: tuple[int, ...], axes: tuple[int, ...],
-                   boundary: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The first ``boundary`` (> 0) zigzag indices as flat indices into a candidate box
-    (every index of norm up to the last kept one), and that box."""
-    ndim = len(shape)
-    other = math.prod(shape[a] for a in range(ndim) if a not in axes)
+def zigzag_box(shape: tuple[int, ...], axes: tuple[int, ...], boundary: int) -> tuple[int, tuple[int, ...]]:
+    """(norm of the last kept index, candidate box) for ``boundary`` > 0: every index of norm
+    up to that level lies in the box. From the counts of indices by norm alone, in
+    O(sum of the axis lengths), so a reader can cost a decode before it runs it."""
+    other = math.prod(shape[a] for a in range(len(shape)) if a not in axes)
     counts = np.ones(1, dtype=np.int64)
     for a in axes:  # count of frequency indices by L1 norm: convolve with a box, in O(n)
         total = np.cumsum(np.concatenate([counts, np.zeros(shape[a] - 1, dtype=np.int64)]))
         counts = total - np.concatenate([np.zeros(shape[a], dtype=np.int64), total[:-shape[a]]])
     level = int(np.searchsorted(np.cumsum(counts) * other, boundary))  # norm of the last kept
-    box = tuple(min(d, level + 1) if a in axes else d for a, d in enumerate(shape))
+    return level, tuple(min(d, level + 1) if a in axes else d for a, d in enumerate(shape))
+
+
+def _zigzag_chosen(shape: tuple[int, ...], axes: tuple[int, ...],
+                   boundary: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The first ``boundary`` (> 0) zigzag indices as flat indices into a candidate box
+    (every index of norm up to the last kept one), and that box."""
+    ndim = len(shape)
+    level, box = zigzag_box(shape, axes, boundary)
     norm = np.zeros(box, dtype=np.int32)  # sums of at most 8 indices < 2**16
     for a in axes:
         norm = norm + np.arange(box[a], dtype=np.int32).reshape([-1 if b == a else 1 for b in range(ndim)])

@@ -17,6 +17,7 @@ is decompressed; nothing is unpickled.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import stat
 import struct
@@ -31,15 +32,15 @@ import numpy as np
 from kernelpack._backend import NUMPY_DTYPES, NumpyOps, Ops, get_ops
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import FORMS, Encoded
-from kernelpack.forms._base import (ArraySpec, Stored, key_shown, need, need_int, need_name, need_shape, need_step,
-                                    shown)
-from kernelpack.forms.basis import MAX_BANK, check_bank
+from kernelpack.forms._base import (ELEMENT_WORK, ArraySpec, Cost, Stored, key_shown, need, need_int, need_name,
+                                    need_shape, need_step, shown)
+from kernelpack.forms.basis import MAX_BANK, check_bank, check_bank_values
+from kernelpack.limits import MAX_HEADER, Budget, Limits
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
 VERSION = (1, 2)
 PREAMBLE = 48
 ALIGN = 64
-MAX_HEADER = 64 << 20
 CODECS = ("none", "zstd", "zstd-shuffle")
 #: Codecs added by a minor version (1.2: ``zstd-shuffle``, byte planes before zstd).
 ADDED_CODECS = {2: frozenset({"zstd-shuffle"})}
@@ -60,27 +61,6 @@ MAX_DEPTH = 32
 #: (a fresh 20 MB buffer to fault in). Bigger files are read payload by payload, so that a
 #: load never holds the whole file beside the decoded tensors.
 PRELOAD_MAX = 8 << 20
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a file may make a reader allocate (spec/FORMAT.md, section 5, "Memory").
-
-    ``max_decoded_bytes`` bounds every array a decode holds at once, counted at 8 bytes
-    per element (float64, the decode's working precision and the widest dtype): the
-    decoded tensor, each stored array as read and as inflated, each table and
-    intermediate; a decode's peak memory is at most about 7 times it. ``max_header_bytes``
-    bounds the header (parsing takes up to about 8 times its size). A file beyond them is
-    refused before anything is allocated. A service opening untrusted files sets them to
-    what it can afford; a caller with bigger tensors raises them.
-    """
-
-    max_decoded_bytes: int = 1 << 30
-    max_header_bytes: int = MAX_HEADER
-
-    def __post_init__(self) -> None:
-        for name in ("max_decoded_bytes", "max_header_bytes"):
-            need_int(getattr(self, name), f"limits.{name}", 0, 1 << 62)
 
 
 class _HeaderBuilder:
@@ -510,8 +490,12 @@ class Container:
     def __init__(self, path: str | os.PathLike, limits: Limits | None = None, preload: bool = False) -> None:
         """``preload``: the caller will read every payload (a whole-file load), so read them
         all at once after the header checks, if they fit PRELOAD_MAX and the limits."""
-        self.path = os.fspath(path)
+        self.path = need_file_name(path)
+        if limits is not None and not isinstance(limits, Limits):
+            raise KernelpackError(f"must be a kernelpack.Limits, got {type(limits).__name__}", path=self.path,
+                                  field="limits")
         self.limits = limits if limits is not None else Limits()
+        self._costs: dict[str, Cost] = {}
         self._preloaded: memoryview | None = None  # the file from the header's end, if preloaded
         try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
@@ -522,6 +506,7 @@ class Container:
             if not stat.S_ISREG(info.st_mode):
                 raise KernelpackError("not a regular file", path=self.path)
             self._size = info.st_size
+            self.budget = Budget(self.limits, self.path, self._size)  # the work and memory of its decodes
             self._read_header(preload)
         except BaseException:
             self.close()
@@ -549,6 +534,9 @@ class Container:
             data = os.pread(self._fd, length, offset)
         except OSError as exc:
             raise KernelpackError(f"cannot read: {exc.strerror}", path=self.path) from None
+        except MemoryError:
+            raise KernelpackError(f"out of memory reading {length} bytes (see kernelpack.Limits)",
+                                  path=self.path) from None
         if len(data) != length:
             raise KernelpackError(f"truncated: {length} bytes expected at offset {offset}", path=self.path,
                                   field="size")
@@ -809,27 +797,51 @@ class Container:
             raise bad("zstd payload is not exactly one frame of its declared size")
         return out
 
-    def encoded(self, name: str) -> Encoded:
-        """The tensor in its stored form, payloads read and checked."""
+    def _form(self, name: str) -> type[Encoded]:
+        """The class of a tensor's form, or the error of a form this reader does not know."""
         info = self.info(name)
         cls = FORMS.get(info.form)
         if cls is None:
             raise KernelpackError(f"form {shown(info.form)} needs a newer kernelpack (file format "
                                   f"{self.version[0]}.{self.version[1]})", path=self.path, tensor=name,
                                   field="form")
+        return cls
+
+    def cost(self, name: str) -> Cost:
+        """What decoding tensor ``name`` costs (largest array, working set, operations), from
+        its checked header alone; spec/FORMAT.md, section 5, "Work and memory"."""
+        if name not in self._costs:
+            info, cls = self.info(name), self._form(name)
+            bank_name = info.fields.get("bank") if info.form == "basis" else None
+            banks = {bank_name: self._banks[bank_name].spec} if bank_name is not None else {}
+            self._costs[name] = cls.cost(info.shape, info.fields, {k: r.spec for k, r in info.arrays.items()}, banks)
+        return self._costs[name]
+
+    def result_bytes(self, name: str) -> int:
+        """Bytes of the decoded tensor (bfloat16 counted as the float32 numpy widens it to)."""
+        info = self.info(name)
+        return math.prod(info.shape) * (4 if info.dtype == "bfloat16" else NUMPY_DTYPES[info.dtype].itemsize)
+
+    def encoded(self, name: str) -> Encoded:
+        """The tensor in its stored form, payloads read and checked."""
+        info, cls = self.info(name), self._form(name)
+        self.budget.check_array(name, self.cost(name))
         bank_name = info.fields.get("bank") if info.form == "basis" else None
-        bank_specs = {bank_name: self._banks[bank_name].spec} if bank_name is not None else {}
-        peak = cls.peak_elements(info.shape, info.fields, {k: r.spec for k, r in info.arrays.items()}, bank_specs)
-        if 8 * peak > self.limits.max_decoded_bytes:
-            raise KernelpackError(f"decoding needs an array of {peak} elements ({8 * peak} bytes as float64), "
-                                  f"over the limit max_decoded_bytes={self.limits.max_decoded_bytes} "
-                                  "(see kernelpack.Limits)", path=self.path, tensor=name, field="shape")
         arrays = {k: self.read_array(r, f"arrays.{k}", name) for k, r in info.arrays.items()}
         try:
             banks = {bank_name: self._bank(bank_name)} if bank_name is not None else {}
             return cls.build(info.shape, info.dtype, info.fields, arrays, banks)
         except KernelpackError as exc:
             raise exc.located(path=self.path, tensor=name) from None
+
+    def plan_load(self, threads: int) -> int:
+        """Check a whole-file load against the limits before any decode (the first tensor that
+        would fail fails now, as in a one-thread load), and return how many of ``threads``
+        decodes may run at once within ``max_total_bytes``."""
+        items = [(name, self.cost(name), self.result_bytes(name)) for name in self._tensors]
+        used = {info.fields.get("bank") for info in self._tensors.values() if info.form == "basis"}
+        banks = [self._banks[b].spec for b in used if b in self._banks and b not in self._bank_cache]
+        return self.budget.plan(items, sum(b.nbytes for b in banks), ELEMENT_WORK * sum(b.size for b in banks), threads)
 
     def check_payloads(self) -> None:
         """Check the payloads no tensor's decode reads (attachments, banks no tensor uses)
@@ -841,13 +853,35 @@ class Container:
             self.read_attachment(name)
 
     def _bank(self, name: str) -> Stored:
+        """A bank, read (and accounted) once per container however many tensors use it."""
         if name not in self._bank_cache:
-            self._bank_cache[name] = self.read_array(self._banks[name], f"banks.{name}")
+            ref = self._banks[name]
+            self.budget.hold(ref.spec.nbytes, ELEMENT_WORK * ref.spec.size, f"banks.{name}")
+            bank = self.read_array(ref, f"banks.{name}")
+            try:
+                check_bank_values(bank, name)
+            except KernelpackError as exc:
+                raise exc.located(path=self.path) from None
+            self._bank_cache[name] = bank
         return self._bank_cache[name]
 
-    def decode(self, name: str, ops: Ops) -> Any:
-        """Decode one tensor with ``ops`` (numpy or torch backend)."""
-        return self.encoded(name).decode(ops)
+    def decode(self, name: str, ops: Ops, keep: bool = True) -> Any:
+        """Decode one tensor with ``ops`` (numpy or torch backend), within the limits: its work
+        and working set are accounted before anything is read, its result (if ``keep``: the
+        caller holds it) after. Running out of memory anyway is a KernelpackError too."""
+        cost = self.cost(name)
+        self.budget.start(name, cost)
+        kept = 0
+        try:
+            result = self.encoded(name).decode(ops)
+            kept = self.result_bytes(name) if keep else 0
+            return result
+        except MemoryError:
+            raise KernelpackError(f"out of memory decoding it (its decode needs about {cost.peak_bytes} bytes "
+                                  "at once; see kernelpack.Limits)", path=self.path, tensor=name,
+                                  field="shape") from None
+        finally:
+            self.budget.finish(cost, kept)
 
     def get_numpy(self, name: str) -> np.ndarray:
         """One tensor decoded by numpy (no torch import). bfloat16 comes widened to float32."""
@@ -863,7 +897,7 @@ class Container:
         self.check_padding()
         self.check_payloads()
         ops = get_ops(backend, device)
-        return {name: self._matches(info, ops.to_numpy(self.decode(name, ops)))
+        return {name: self._matches(info, ops.to_numpy(self.decode(name, ops, keep=False)))
                 for name, info in self._tensors.items()}
 
     @staticmethod

@@ -31,8 +31,8 @@ class SeriesWeight(FormWeight):
         self.family, self.points, self.dtype = probe.family, probe.points, config.dtype
         self.step: float | None = None  # set by right_inverse
         table_x, table_y = probe.tables()
-        self.register_buffer("table_x", torch.from_numpy(table_x).to(torch.float32), persistent=False)
-        self.register_buffer("table_y", torch.from_numpy(table_y).to(torch.float32), persistent=False)
+        self.register_buffer("table_x", torch.tensor(table_x, dtype=torch.float32), persistent=False)
+        self.register_buffer("table_y", torch.tensor(table_y, dtype=torch.float32), persistent=False)
 
     def settings(self) -> dict[str, Any]:
         return {"family": self.family, "harmonics": tuple(self.table_x.shape[:1] + self.table_y.shape[:1]),

@@ -383,6 +383,43 @@ def need_finite(stored: Stored, field: str) -> None:
     need(bool(np.all(finite)), field, "holds a NaN or infinity")
 
 
+#: Arrays a decode holds at once, at most, as multiples of its largest array at 8 bytes per
+#: element (measured with tracemalloc, tests/test_limits.py: up to 4.6 for a full-boundary
+#: dct, 1.5 for dense float32 with its payload copy).
+PEAK_FACTOR = 5
+#: Live copies of a table block while it is built, rounded and multiplied (float64 or int64).
+TABLE_COPIES = 4
+#: The work unit is one float64 multiply-add of a matrix product (about 0.05 ns on one core
+#: with BLAS). Measured against it on one core (benchmarks/FUZZ.md, "Work"): an element read,
+#: inflated, widened, rounded onto a grid and written costs up to 16, a table entry built
+#: (integer index arithmetic, a gather, the scaling, the rounding) up to 128.
+ELEMENT_WORK = 16
+TABLE_ENTRY_WORK = 128
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One decode's cost from its header: ``largest`` (elements of its largest array, the
+    per-array memory limit's measure), ``peak_bytes`` (every array it holds at once, the
+    total memory limit's measure) and ``work`` (operations: multiply-adds of its products,
+    weighted table entries, elements read and written; the work limit's measure)."""
+
+    largest: int
+    peak_bytes: int
+    work: int
+
+    @classmethod
+    def of(cls, largest: int, work: int, table_block: int = 0) -> "Cost":
+        """A cost whose peak is PEAK_FACTOR copies of the largest array plus the table block
+        being built, all at 8 bytes per element."""
+        return cls(max(largest, table_block), 8 * (PEAK_FACTOR * largest + TABLE_COPIES * table_block), work)
+
+
+def read_work(arrays: Mapping[str, ArraySpec]) -> int:
+    """Work to check, inflate and widen the stored arrays."""
+    return ELEMENT_WORK * sum(a.size for a in arrays.values())
+
+
 class Encoded(ABC):
     """A tensor in a stored form: its fields, its stored arrays and its decode."""
 
@@ -411,16 +448,17 @@ class Encoded(ABC):
         """Validate the header entry without reading payloads."""
 
     @classmethod
-    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
-                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
-        """Elements of the largest array the decode holds at once, from the checked header alone.
-
-        A reader compares it with its memory limit before it reads or allocates anything,
-        so this must bound every array a decode makes: the decoded tensor, the stored arrays
-        (and the tensor's bank), widened to float64. A form whose decode builds a larger
-        intermediate (a table, a product) adds it.
+    def cost(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+             arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> "Cost":
+        """What decoding this tensor costs, from the checked header alone (spec/FORMAT.md,
+        section 5, "Work and memory"): a reader compares it with its limits before it
+        reads or allocates anything, so it must bound every array the decode makes and
+        every operation it runs. This default is for forms without a reduction (dense,
+        basis): the decoded tensor and the stored arrays, each element touched a few times.
+        A form that builds tables or products overrides it.
         """
-        return max([math.prod(shape), *(a.size for a in arrays.values()), *(b.size for b in banks.values())])
+        largest = max([math.prod(shape), *(a.size for a in arrays.values())])
+        return Cost.of(largest, work=read_work(arrays) + 2 * ELEMENT_WORK * math.prod(shape))
 
     @classmethod
     @abstractmethod

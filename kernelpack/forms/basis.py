@@ -44,6 +44,12 @@ def check_bank(spec: ArraySpec, name: str) -> None:
     need_dtype(spec, f"banks.{name}", FLOAT_DTYPES, numbers=True)
 
 
+def check_bank_values(bank: Stored, name: str) -> None:
+    """A bank's numbers are finite: checked once when a reader reads the bank, not by every
+    tensor that uses it (a bank of 2**27 numbers shared by 100 tensors was checked 100 times)."""
+    need_finite(bank, f"banks.{name}")
+
+
 @dataclass
 class BasisTensor(Encoded):
     shape: tuple[int, ...]
@@ -89,15 +95,17 @@ class BasisTensor(Encoded):
         index = arrays["index"]
         need(index.data.size == 0 or int(index.data.max()) < bank.data.shape[0], "arrays.index",
              f"holds a bank index >= the bank size {bank.data.shape[0]}")
-        need_finite(bank, f"banks.{fields['bank']}")
         need_finite(arrays["a"], "arrays.a")
         need_finite(arrays["b"], "arrays.b")
         return cls(shape, fields["bank"], bank, index, arrays["a"], arrays["b"])
 
     def decode(self, ops: Ops) -> Any:
-        bank = ops.float64(*self.bank.numbers())
+        # The chosen filters are gathered from the stored bank before they are widened: a bank
+        # shared by many tensors is never widened whole per tensor (the same bits: widening and
+        # dequantising are elementwise).
         n_slices = self.index.data.shape[0]
-        filters = ops.reshape(ops.take(bank, self.index.data.astype(np.int64)), (n_slices, -1))
+        chosen = Stored(self.bank.data[self.index.data.astype(np.intp)], self.bank.dtype, self.bank.step)
+        filters = ops.reshape(ops.float64(*chosen.numbers()), (n_slices, -1))
         a = ops.reshape(ops.float64(*self.a.numbers()), (n_slices, 1))
         b = ops.reshape(ops.float64(*self.b.numbers()), (n_slices, 1))
         weights = filters * a  # exact in float64 (two 24-bit significands)

@@ -25,9 +25,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from kernelpack._backend import Ops
-from kernelpack._exact import MAX_REDUCTION, dct_table, transform_axis, zigzag_positions, zigzag_scatter
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
-                                    need_array, need_finite, need_int, need_only)
+from kernelpack._exact import (MAX_REDUCTION, dct_table, table_blocks, transform_axis, zigzag_box,
+                              zigzag_positions, zigzag_scatter)
+from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
+                                    Quantisable, Stored, need, need_array, need_finite, need_int, need_only, read_work)
 
 NAME = "dct"
 
@@ -71,10 +72,26 @@ class DCTTensor(Encoded):
         need_array(arrays, "coefficients", FLOAT_DTYPES, (boundary,), numbers=True)
 
     @classmethod
-    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
-                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
-        """Plus the zigzag positions: ``boundary`` x rank indices."""
-        return max(super().peak_elements(shape, fields, arrays, banks), fields["boundary"] * len(shape))
+    def cost(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+             arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> Cost:
+        """The zigzag over the candidate box (indices, a sort), then per transformed axis a
+        contraction of the current box with its (k, n) table: rows x k x n multiply-adds and
+        the table's entries (built twice when it is longer than a block)."""
+        boundary, axes = fields["boundary"], tuple(fields["axes"])
+        box = zigzag_box(shape, axes, boundary)[1] if boundary else tuple(1 if a in axes else d
+                                                                            for a, d in enumerate(shape))
+        size = math.prod(box)
+        largest = max(math.prod(shape), boundary * len(shape), size)
+        work = read_work(arrays) + ELEMENT_WORK * (size * (2 + size.bit_length()) + math.prod(shape))
+        current, block = list(box), 0
+        for a in axes:
+            k, n = current[a], shape[a]
+            entries, passes = table_blocks(k, n)
+            work += math.prod(current) * (n + 2 * ELEMENT_WORK) + passes * k * n * TABLE_ENTRY_WORK
+            block = max(block, entries)
+            current[a] = n
+            largest = max(largest, math.prod(current))
+        return Cost.of(largest, work, block)
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],

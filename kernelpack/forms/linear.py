@@ -20,6 +20,7 @@ linearly independent filters first), A by least squares against the *stored*
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -27,8 +28,8 @@ import numpy as np
 
 from kernelpack._backend import Ops
 from kernelpack._exact import MAX_REDUCTION, fixed_matmul
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
-                                    need_array, need_finite, need_int, need_only, to_stored)
+from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, ArraySpec, Cost, Encoded, Quantisable, Stored, need,
+                                    need_array, need_finite, need_int, need_only, read_work, to_stored)
 
 NAME = "linear"
 
@@ -78,11 +79,16 @@ class LinearTensor(Encoded):
             need_array(arrays, "order", ("int32",), (shape[0],))
 
     @classmethod
-    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
-                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
-        """Plus A = A1 A2 (p x s) of the low-rank variant."""
-        p = arrays["primaries"].shape[0]
-        return max(super().peak_elements(shape, fields, arrays, banks), p * (shape[0] - p))
+    def cost(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+             arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> Cost:
+        """Plus A = A1 A2 (p x r x s multiply-adds, p x s elements) of the low-rank variant and
+        W_s = A^T W_p (s x p x the filter size)."""
+        p, rows = arrays["primaries"].shape[0], shape[0]
+        s, filt = rows - p, math.prod(shape[1:])
+        r = arrays["A1"].shape[1] if "A1" in arrays else 0
+        largest = max(math.prod(shape), *(a.size for a in arrays.values()), p * s)
+        work = read_work(arrays) + p * r * s + s * p * filt + 2 * ELEMENT_WORK * (math.prod(shape) + p * s)
+        return Cost.of(largest, work)
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],

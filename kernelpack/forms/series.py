@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from kernelpack._backend import Ops
 from kernelpack._exact import MAX_REDUCTION, chebyshev_table, named_points, transform_axis
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
-                                    need_array, need_finite, need_int, need_only)
+from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
+                                    Quantisable, Stored, need, need_array, need_finite, need_int, need_only, read_work)
 
 NAME = "series"
 FAMILIES = ("cosine", "chebyshev")
@@ -52,10 +53,30 @@ def check_points(value: Any, field: str, k: int) -> Points:
     return tuple(value)
 
 
+#: Operations counted per term of a table's recurrence (a Python step, whatever k is).
+TERM_WORK = 4096
+#: Tables of at most this many entries are kept for the next tensor that needs them (a model's
+#: series layers share a few (terms, points, k)); bigger ones are rebuilt, so the cache stays small.
+CACHED_TABLE = 1 << 12
+
+
 def sample_table(n_terms: int, points: Points, k: int) -> np.ndarray:
-    """The (n_terms, k) table T_p(x_i) for a point set."""
+    """The (n_terms, k) table T_p(x_i) for a point set (read-only: it may be shared)."""
+    if n_terms * k <= CACHED_TABLE:
+        return _cached_table(n_terms, points, k)
+    return _table(n_terms, points, k)
+
+
+def _table(n_terms: int, points: Points, k: int) -> np.ndarray:
     x = named_points(points, k) if isinstance(points, str) else np.array(points, dtype=np.float64)
-    return chebyshev_table(n_terms, x)
+    table = chebyshev_table(n_terms, x)
+    table.flags.writeable = False
+    return table
+
+
+@lru_cache(maxsize=256)
+def _cached_table(n_terms: int, points: Points, k: int) -> np.ndarray:
+    return _table(n_terms, points, k)
 
 
 @dataclass
@@ -102,12 +123,20 @@ class SeriesTensor(Encoded):
         need_array(arrays, "coefficients", FLOAT_DTYPES, shape[:-2] + (nx, ny), numbers=True)
 
     @classmethod
-    def peak_elements(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
-                      arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> int:
-        """Plus the two tables (Nx x kh, Ny x kw) and the result of the first stage (S x Ny x kh)."""
+    def cost(cls, shape: tuple[int, ...], fields: Mapping[str, Any],
+             arrays: Mapping[str, ArraySpec], banks: Mapping[str, ArraySpec]) -> Cost:
+        """The two tables (Nx x kh, Ny x kw; each term a Python step of the recurrence, counted
+        as TERM_WORK), the first stage (S x Ny x Nx x kh multiply-adds, its result S x Ny x kh)
+        and the second (S x kh x Ny x kw)."""
         (nx, ny), (kh, kw) = fields["harmonics"], shape[-2:]
-        stage = math.prod(shape[:-2]) * ny * kh
-        return max(super().peak_elements(shape, fields, arrays, banks), nx * kh, ny * kw, stage)
+        lead = math.prod(shape[:-2])
+        stage = lead * ny * kh
+        tables = nx * kh + ny * kw
+        largest = max(math.prod(shape), *(a.size for a in arrays.values()), stage)
+        elements = math.prod(arrays["coefficients"].shape) + stage + math.prod(shape)  # each rounded, moved
+        work = (read_work(arrays) + (nx + ny) * TERM_WORK + tables * TABLE_ENTRY_WORK
+                + stage * nx + lead * kh * ny * kw + 2 * ELEMENT_WORK * elements)
+        return Cost.of(largest, work, max(nx * kh, ny * kw))
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
