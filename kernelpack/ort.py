@@ -33,6 +33,7 @@ import ctypes
 import logging
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -200,7 +201,9 @@ def _tensor_facts(buf: memoryview) -> _Tensor:
                 raise _WireError(f"external_data has wire type {wire}")
             entry = {n: _text(w, v) for n, w, v in _fields(value) if n in (1, 2)}
             tensor.external.append((entry.get(1, ""), entry.get(2, "")))
-        elif number == 14 and wire == 0:
+        elif number == 14:
+            if wire != 0:
+                raise _WireError(f"data_location has wire type {wire}")
             tensor.locations.append(value)
         elif number in DATA_FIELDS:
             tensor.data.append(DATA_FIELDS[number])
@@ -223,15 +226,15 @@ class _GraphCheck:
     """One walk over a serialized ModelProto: every TensorProto in it, wherever it sits, is
     inline or (only as an initializer of the main graph) a reference; see :func:`check_graph`."""
 
-    def __init__(self, path: str | None, at: str, max_bytes: int) -> None:
-        self.path, self.at, self.max_bytes = path, at, max_bytes
+    def __init__(self, path: str | None, max_bytes: int) -> None:
+        self.path, self.max_bytes = path, max_bytes
         self.inline_bytes = 0
         self.refs: list[WeightRef] = []
         self.main_names: list[str] = []
 
     def bad(self, message: str, where: str, tensor: str | None = None) -> KernelpackError:
         return KernelpackError(message, path=self.path, tensor=tensor or None,
-                               field=".".join(p for p in (self.at, where) if p))
+                               field=".".join(p for p in (f"attachments.{GRAPH}", where) if p))
 
     def message(self, buf: memoryview, kind: str, where: str, depth: int, main: bool = False) -> None:
         """Check one message of type ``kind`` (not a tensor) at ``where`` and what it holds."""
@@ -241,17 +244,12 @@ class _GraphCheck:
         seen: dict[int, int] = {}
         try:
             for number, wire, value in _fields(buf):
-                if kind == "NodeProto" and number == 4 and _text(wire, value) in FILE_OPS:
-                    raise self.bad(f"an {_text(wire, value)} node names a file that ONNX Runtime would read",
-                                   f"{where}.op_type")
+                if kind == "NodeProto" and number == 4 and (op_type := _text(wire, value)) in FILE_OPS:
+                    raise self.bad(f"an {op_type} node names a file that ONNX Runtime would read", f"{where}.op_type")
                 if number not in holders:
                     continue
                 name, child, repeated = holders[number]
-                index = seen[number] = seen.get(number, -1) + 1
-                at = f"{where}.{name}" if where else name
-                at = f"{at}[{index}]" if repeated else at
-                if wire != 2:
-                    raise self.bad(f"has wire type {wire}; a message is length-delimited (2)", at)
+                at = self.child(where, name, wire, seen, number, repeated)
                 if child == "TensorProto":
                     self.tensor(value, at, may_refer=main and number == 5)
                 elif child == "SparseTensorProto":
@@ -260,6 +258,18 @@ class _GraphCheck:
                     self.message(value, child, at, depth + 1, main=kind == "ModelProto" and number == 7)
         except _WireError as exc:
             raise self.bad(f"not a valid ONNX ModelProto: {exc}", where) from None
+
+    def child(self, where: str, name: str, wire: int, seen: dict[int, int], number: int, repeated: bool) -> str:
+        """The place of a message-typed field (``graph.node[3]``), once it is known to be one
+        length-delimited message. A singular one that occurs twice is refused: protobuf would
+        merge the two (concatenating, say, the dims of two tensors checked one by one)."""
+        index = seen[number] = seen.get(number, -1) + 1
+        at = f"{where}.{name}" if where else name
+        if wire != 2:
+            raise self.bad(f"has wire type {wire}; a message is length-delimited (2)", at)
+        if index and not repeated:
+            raise self.bad("occurs twice; it is a single message, which protobuf would merge", at)
+        return f"{at}[{index}]" if repeated else at
 
     def tensor(self, buf: memoryview, where: str, may_refer: bool = False) -> _Tensor:
         try:
@@ -305,16 +315,14 @@ class _GraphCheck:
         sparse initializers and Constant sparse values when it loads the graph)."""
         dims: list[int] = []
         values = _Tensor()
+        seen: dict[int, int] = {}
         try:
             for number, wire, value in _fields(buf):
                 if number == 3:
                     dims += _dims(wire, value)
                 elif number in (1, 2):
                     name = HOLDERS["SparseTensorProto"][number][0]
-                    if wire != 2:
-                        raise self.bad(f"has wire type {wire}; a message is length-delimited (2)",
-                                       f"{where}.{name}")
-                    facts = self.tensor(value, f"{where}.{name}")
+                    facts = self.tensor(value, self.child(where, name, wire, seen, number, False))
                     if number == 1:
                         values = facts
         except _WireError as exc:
@@ -333,26 +341,26 @@ class _GraphCheck:
 
     def unique_references(self) -> None:
         """No initializer shares a reference's name: each reference is fed exactly once."""
-        repeated = {name for name in self.main_names if self.main_names.count(name) > 1}
+        counts = Counter(self.main_names)
         for ref in self.refs:
-            if ref.name in repeated:
+            if counts[ref.name] > 1:
                 raise self.bad("another initializer of the main graph has this name", f"{ref.where}.name", ref.name)
 
 
-def check_graph(graph: bytes, path: str | None = None, at: str = f"attachments.{GRAPH}",
+def check_graph(graph: bytes, path: str | None = None,
                 max_bytes: int = Limits().max_decoded_bytes) -> list[WeightRef]:
     """The references of a serialized ModelProto, in graph order, once every tensor in it is known
     safe to give ONNX Runtime (spec/FORMAT.md, section 10): inline, or a reference to the
     container. Anything that would make a runtime read a file (any other external data, an
     ``EPContext`` node), inline tensors declaring more than ``max_bytes`` in all, and a
-    malformed message raise KernelpackError naming ``path`` and the field (``at`` + its place
-    in the ModelProto). Whether the container holds what the references name is checked by
+    malformed message raise KernelpackError naming ``path`` and the field (its place in the
+    ModelProto, after ``attachments.onnx.graph``). Whether the container holds what the references name is checked by
     :func:`graph_and_weights`.
     """
     if graph[4:8] == ORT_FORMAT_MARK:
         raise KernelpackError("is an ORT-format model; the graph must be an ONNX ModelProto", path=path,
-                              field=at or None)
-    check = _GraphCheck(path, at, max_bytes)
+                              field=f"attachments.{GRAPH}")
+    check = _GraphCheck(path, max_bytes)
     check.message(memoryview(graph), "ModelProto", "", 0)
     check.unique_references()
     return check.refs

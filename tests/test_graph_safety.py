@@ -356,6 +356,8 @@ def nested(levels: int) -> bytes:
     return b"".join(reversed(headers))
 
 
+#: A FLOAT TensorProto of dims [2^20]: twice in one singular field, protobuf would merge them.
+SPLIT_DIMS = number(1, 1 << 20) + number(2, 1)
 MALFORMED = {  # name: (attachment bytes, the reason given)
     "truncated length": (b"\x3a\xff\xff", "truncated or overlong varint"),
     "truncated nested length": (field(7, b"\x2a\x85"), "truncated or overlong varint"),
@@ -370,6 +372,10 @@ MALFORMED = {  # name: (attachment bytes, the reason given)
     "negative dim": (initializer(number(1, (1 << 64) - 1)), "negative dimension"),
     "name not UTF-8": (initializer(field(8, b"\xff\xfe")), "not UTF-8"),
     "dims as fixed32": (initializer(key(1, 5) + b"\x00\x00\x00\x00"), "dims has wire type 5"),
+    "data_location as bytes": (initializer(field(14, b"\x01")), "data_location has wire type 2"),
+    "a single message twice": (field(7, field(1, field(5, field(5, SPLIT_DIMS) + field(5, SPLIT_DIMS)))),
+                               "occurs twice"),  # merged, Constant t of dims [2^20, 2^20]
+    "sparse values twice": (field(7, field(15, field(1, SPLIT_DIMS) * 2)), "occurs twice"),
     "ORT format": (b"\x12\x06abORTM", "ORT-format"),
     "nested past the bound": (nested(MAX_DEPTH), f"deeper than {MAX_DEPTH}"),
     "nesting bomb": (nested(100_000), f"deeper than {MAX_DEPTH}"),  # 1.5 MB; no RecursionError

@@ -298,14 +298,13 @@ def test_bad_model_bytes_and_unread_external_data_are_refused_before_anything_is
 def test_an_attachment_onnx_cannot_parse_is_refused_by_unpack(tmp_path):
     """A graph whose tensors pass the check but whose other fields protobuf refuses (here a
     truncated packed ``ints`` attribute): KernelpackError, no file written."""
-    stripped, weights = take_out(synthetic())
     bad_ints = b"\x42\x02\x08\xff"  # AttributeProto.ints, packed: one varint cut off
     node = b"\x2a" + bytes([len(bad_ints)]) + bad_ints  # NodeProto.attribute
-    graph = stripped.SerializeToString() + b"\x3a" + bytes([len(node) + 2]) + b"\x0a" + bytes([len(node)]) + node
-    kernelpack.save(weights, tmp_path / "m.kpk", attachments={GRAPH: graph})
+    graph = b"\x3a" + bytes([len(node) + 2]) + b"\x0a" + bytes([len(node)]) + node  # ModelProto.graph.node
+    kernelpack.save({"w": np.ones(3, np.float32)}, tmp_path / "m.kpk", attachments={GRAPH: graph})
     with pytest.raises(KernelpackError, match="not a valid ONNX ModelProto") as info:
-        dense_model(tmp_path / "m.kpk")
-    assert info.value.field == f"attachments.{GRAPH}"
+        unpack_onnx(tmp_path / "m.kpk", tmp_path / "out.onnx")
+    assert info.value.field == f"attachments.{GRAPH}" and not os.path.exists(tmp_path / "out.onnx")
 
 
 def test_weights_holding_nan_or_infinity_are_not_planned_but_stored_exactly(tmp_path):
