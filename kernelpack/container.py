@@ -834,12 +834,13 @@ class Container:
         except KernelpackError as exc:
             raise exc.located(path=self.path, tensor=name) from None
 
-    def plan_load(self, threads: int) -> int:
-        """Check a whole-file load against the limits before any decode (the first tensor that
-        would fail fails now, as in a one-thread load), and return how many of ``threads``
-        decodes may run at once within ``max_total_bytes``."""
-        items = [(name, self.cost(name), self.result_bytes(name)) for name in self._tensors]
-        used = {info.fields.get("bank") for info in self._tensors.values() if info.form == "basis"}
+    def plan_load(self, threads: int, names: Collection[str] | None = None) -> int:
+        """Check a load of ``names`` (default: every tensor) against the limits before any decode
+        (the first tensor that would fail fails now, as in a one-thread load), and return how
+        many of ``threads`` decodes may run at once within ``max_total_bytes``."""
+        names = list(self._tensors) if names is None else [n for n in names if n in self._tensors]
+        items = [(name, self.cost(name), self.result_bytes(name)) for name in names]
+        used = {self._tensors[n].fields.get("bank") for n in names if self._tensors[n].form == "basis"}
         banks = [self._banks[b].spec for b in used if b in self._banks and b not in self._bank_cache]
         return self.budget.plan(items, sum(b.nbytes for b in banks), ELEMENT_WORK * sum(b.size for b in banks), threads)
 

@@ -116,14 +116,19 @@ def _elements(container: Container) -> Callable[[str], int]:
     return lambda name: math.prod(container.info(name).shape) if name in container else 0
 
 
-def _load_all(c: Container, decode: Callable[[str], Value], threads: int | None) -> dict[str, Value]:
-    """Every tensor of ``c`` decoded, after the whole file is checked against its limits (work,
-    total memory with every result kept and the working sets of the threads running at once,
-    which may lower the thread count), then the payloads no decode reads."""
-    fitting = c.plan_load(worker_count(threads, len(c)))
-    state = map_in_order(decode, c.keys(), threads if threads is None and fitting == worker_count(None, len(c))
-                         else fitting, _elements(c))
-    c.check_payloads()
+def decode_all(c: Container, decode: Callable[[str], Value], threads: int | None,
+               names: Sequence[str] | None = None) -> dict[str, Value]:
+    """``{name: decode(name)}`` for ``names`` (default: every tensor of ``c``, and then the
+    payloads no decode reads are checked too), after the whole load is checked against the
+    limits: work, and total memory with every result kept and the working sets of the
+    threads running at once (which may lower the thread count)."""
+    whole = names is None
+    names = c.keys() if names is None else list(names)
+    auto = worker_count(threads, len(names))
+    fitting = c.plan_load(auto, names)
+    state = map_in_order(decode, names, threads if fitting == auto else fitting, _elements(c))
+    if whole:
+        c.check_payloads()
     return state
 
 
@@ -134,14 +139,14 @@ def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = N
 
     ops = TorchOps(device)
     with Container(path, limits, preload=True) as c:
-        return _load_all(c, lambda name: c.decode(name, ops), threads)
+        return decode_all(c, lambda name: c.decode(name, ops), threads)
 
 
 def load_numpy(path: str | os.PathLike, limits: Limits | None = None,
                threads: int | None = None) -> dict[str, np.ndarray]:
     """Every tensor decoded by numpy on the CPU (no torch import; bfloat16 widened to float32)."""
     with Container(path, limits, preload=True) as c:
-        return _load_all(c, c.get_numpy, threads)
+        return decode_all(c, c.get_numpy, threads)
 
 
 def load_model(model: Any, path: str | os.PathLike, strict: bool = True,

@@ -36,8 +36,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVING = os.path.join(ROOT, "serving")
 TRITON_MODEL = os.path.join(SERVING, "triton", "ppocr_cls")
 CPU = ["CPUExecutionProvider"]
-sys.path.insert(0, SERVING)
-import http_service  # noqa: E402
+
+
+def _service_module() -> Any:
+    """serving/http_service.py loaded from its path. Not by putting serving/ on sys.path:
+    its folder triton/ would then shadow the triton package torch looks for (torch's
+    compiler imports it, and fails on the namespace package it finds)."""
+    spec = importlib.util.spec_from_file_location("http_service", os.path.join(SERVING, "http_service.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["http_service"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+http_service = _service_module()
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory) -> str:
