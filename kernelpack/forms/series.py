@@ -133,9 +133,10 @@ class SeriesTensor(Encoded):
         stage = lead * ny * kh
         tables = nx * kh + ny * kw
         largest = max(math.prod(shape), *(a.size for a in arrays.values()), stage)
-        elements = math.prod(arrays["coefficients"].shape) + stage + math.prod(shape)  # each rounded, moved
+        # each element widened, moved across axes (a strided copy) and rounded onto a grid per stage
+        elements = math.prod(arrays["coefficients"].shape) + stage + math.prod(shape)
         work = (read_work(arrays) + (nx + ny) * TERM_WORK + tables * TABLE_ENTRY_WORK
-                + stage * nx + lead * kh * ny * kw + 2 * ELEMENT_WORK * elements)
+                + stage * nx + lead * kh * ny * kw + 8 * ELEMENT_WORK * elements)
         return Cost.of(largest, work, max(nx * kh, ny * kw))
 
     @classmethod
