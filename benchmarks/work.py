@@ -39,15 +39,16 @@ from hostile import dct, series, write_hostile  # noqa: E402
 
 UNLIMITED = kernelpack.Limits(max_work=1 << 60, max_total_bytes=1 << 40)
 TENSORS = [
-    ("dense float16", Dense(dtype="float16"), (512, 512, 3, 3)), ("dense int8 codes", Dense(step=0.01), (512, 512, 3, 3)),
+    ("dense float16", Dense(dtype="float16"), (512, 512, 3, 3)),
+    ("dense int8 codes", Dense(step=0.01), (512, 512, 3, 3)),
     ("dct 25%", DCT(keep=0.25), (256, 256, 3, 3)), ("dct 10% fc", DCT(keep=0.1), (1000, 2048)),
     ("dct 100% fc", DCT(keep=1.0), (1000, 512)), ("dct 50% 1-D", DCT(keep=0.5), (8000,)),
     ("dct axis 0", DCT(keep=0.5, axes=(0,)), (512, 256, 3, 3)), ("series N=3", Series(harmonics=3), (512, 512, 3, 3)),
     ("series N=6 7x7", Series(harmonics=6), (256, 128, 7, 7)), ("basis 16", Basis(bank=16), (512, 512, 3, 3)),
     ("linear a=0.5", Linear(alpha=0.5), (512, 512, 3, 3)), ("linear a=0.25 fc", Linear(alpha=0.25), (2048, 1000)),
 ]
-HOSTILE = {"hostile dct 4096x32 full": dct([4096, 32], 4096 * 32), "hostile dct 65536x32 b=1000": dct([65536, 32], 1000),
-           "hostile series N=4096": series([1], 3, 4096)}
+HOSTILE = {"hostile dct 4096x32 full": dct([4096, 32], 4096 * 32),
+           "hostile dct 65536x32 b=1000": dct([65536, 32], 1000), "hostile series N=4096": series([1], 3, 4096)}
 
 
 def resnet(blocks: list[int], bottleneck: bool) -> dict[str, tuple[int, ...]]:

@@ -735,6 +735,10 @@ class Container:
         return name in self._tensors
 
     def info(self, name: str) -> TensorInfo:
+        """A tensor's checked header entry; KeyError for a name the file lacks, as a Mapping."""
+        if not isinstance(name, str):
+            raise KernelpackError(f"a tensor name is a str, got {type(name).__name__}", path=self.path,
+                                  field="name")
         if name not in self._tensors:
             raise KeyError(name)
         return self._tensors[name]
@@ -755,6 +759,13 @@ class Container:
 
     def read_array(self, ref: ArrayRef, field: str, tensor: str | None = None) -> Stored:
         """One payload: checked against its SHA-256, decompressed to exactly its declared size."""
+        try:
+            return self._read_array(ref, field, tensor)
+        except MemoryError:
+            raise KernelpackError(f"out of memory reading it ({ref.spec.nbytes} bytes; see kernelpack.Limits)",
+                                  path=self.path, tensor=tensor, field=field) from None
+
+    def _read_array(self, ref: ArrayRef, field: str, tensor: str | None) -> Stored:
         size = max(ref.length, ref.spec.nbytes)
         if size > self.limits.max_decoded_bytes:
             raise KernelpackError(f"payload of {size} bytes exceeds the limit max_decoded_bytes="

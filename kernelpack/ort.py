@@ -393,16 +393,15 @@ def graph_and_weights(path: str | os.PathLike, limits: Limits | None = None,
     it reads, decoded (numpy, checked against the SHA-256s) on ``threads`` threads as by
     ``kernelpack.load_numpy``. The one way kernelpack hands a container's graph on: whatever
     reaches ONNX Runtime or an ``.onnx`` file went through here."""
-    from kernelpack.runtime import _elements as decode_sizes, map_in_order  # runtime imports this module
+    from kernelpack.runtime import decode_all  # runtime imports this module
 
     with Container(path, limits, preload=True) as c:
         graph = c.read_attachment(GRAPH)
         refs = check_graph(graph, c.path, max_bytes=c.limits.max_decoded_bytes)
         for ref in refs:
             check_reference(c, ref)
-        by_name = {ref.name: ref for ref in refs}
-        return graph, map_in_order(lambda name: weight_array(c, by_name[name]), list(by_name), threads,
-                                   decode_sizes(c))
+        by_name = {ref.name: ref for ref in refs}  # decoded within the limits, as a whole load
+        return graph, decode_all(c, lambda name: weight_array(c, by_name[name]), threads, list(by_name))
 
 
 # --- providers ----------------------------------------------------------------------------

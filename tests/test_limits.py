@@ -4,9 +4,12 @@ stay within what their header declared, and any MemoryError is a KernelpackError
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -207,3 +210,45 @@ def test_the_table_block_size_never_changes_the_bits(tmp_path: Path, monkeypatch
     monkeypatch.setattr(_exact, "TABLE_BLOCK", 1000)  # blocks of 3 columns, each built twice
     assert _exact.table_blocks(300, 300) == (900, 2)
     assert_same_bits(kernelpack.load_numpy(path)["t"], whole)
+
+
+def test_under_an_address_space_limit_running_out_is_a_kernelpack_error(tmp_path: Path) -> None:
+    """Limits raised past what the process may map: numpy's MemoryError comes out as one
+    KernelpackError naming the tensor (issue 11: a bare MemoryError escaped)."""
+    path = tmp_path / "big.kpk"
+    write_hostile(path, {"t": dct([1 << 14, 1 << 14], 1)})  # 2 GiB as float64
+    script = (
+        "import resource, sys, kernelpack\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "limits = kernelpack.Limits(max_decoded_bytes=1 << 40, max_total_bytes=1 << 40, max_work=1 << 50)\n"
+        "try:\n"
+        f"    kernelpack.load_numpy({str(path)!r}, limits=limits, threads=1)\n"
+        "except kernelpack.KernelpackError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "out of memory" in done.stdout and "tensor 't'" in done.stdout
+
+
+def test_an_ort_session_is_held_to_the_total_bound(tmp_path: Path) -> None:
+    """The graph's weights are decoded as one whole load: over max_total_bytes before any decode."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kernelpack.onnx_io import pack_onnx
+
+    weights = [numpy_helper.from_array(random_array(i, (256, 256)), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], weights)
+    path = tmp_path / "mm.kpk"
+    pack_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    with kernelpack.open(path) as c:
+        one = c.cost("w0").peak_bytes
+    session = kernelpack.ort_session(path, providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones((1, 256), np.float32)})[0].shape == (1, 256)
+    with pytest.raises(kernelpack.KernelpackError, match="max_total_bytes") as caught:
+        kernelpack.ort_session(path, providers=["CPUExecutionProvider"], limits=Limits(max_total_bytes=one + 1000))
+    assert caught.value.tensor == "w1" and onnx is not None
