@@ -39,7 +39,10 @@ def as_numpy(value: Any) -> tuple[np.ndarray, str]:
 
             return t.view(torch.uint16).numpy(), "bfloat16"
         return t.numpy(), name
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged lists, objects whose __array__ fails
+        raise KernelpackError(f"is not an array: {shown(value)}: {exc}", field="values") from None
     name = array.dtype.name
     if name not in SUPPORTED_DTYPES:
         raise KernelpackError(f"unsupported dtype {array.dtype}", field="dtype")
@@ -86,8 +89,6 @@ def encode(name: str, value: Any, config: Config) -> Encoded:
                  f"form {type(config).__name__} needs a floating tensor, got {dtype}")
             if dtype == "bfloat16":
                 array = bfloat16_bits_to_float32(array)
-            need(bool(np.all(np.isfinite(array))), "values", "holds a NaN or infinity; "
-                 "only the dense form stores those")
         try:
             return config.encode(array, dtype)
         except KernelpackError:
@@ -122,10 +123,10 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     The write is atomic; ``path`` is checked before any tensor is encoded.
     """
     need_output(path)
-    encoded = {name: encode(name, value, choose(forms, name, value))
-               for name, value in state_of(obj).items()}
     try:
+        encoded = {name: encode(name, value, choose(forms, name, value))
+                   for name, value in state_of(obj).items()}
         write(path, encoded, metadata, level, attachments, codecs)
-    except KernelpackError as exc:
+    except KernelpackError as exc:  # a refusal names the file it was writing
         raise exc.located(path=os.fspath(path)) from None
     return encoded

@@ -90,3 +90,17 @@ def test_dense_float32_leaves_a_layer_alone_and_errors_name_the_weight() -> None
     with pytest.raises(kernelpack.KernelpackError) as caught:
         compress_(LeNet5(), {"fc1": Series(family="sine")})
     assert (caught.value.tensor, caught.value.field) == ("fc1.weight", "family")
+
+
+def test_packing_a_trained_value_its_dtype_cannot_hold_names_the_tensor_and_the_file(tmp_path: Path) -> None:
+    net = compress_(LeNet5(), {"conv2": Series(harmonics=2)})
+    with torch.no_grad():
+        net.conv2.parametrizations.weight.original0.mul_(1e7)  # coefficients beyond float16's 65504
+    with pytest.raises(kernelpack.KernelpackError, match="65504") as caught:
+        encoded_state(net)
+    assert (caught.value.tensor, caught.value.field) == ("conv2.weight", "dtype")
+    path = tmp_path / "lenet.kpk"
+    with pytest.raises(kernelpack.KernelpackError) as caught:
+        kernelpack.save(net, path)
+    assert (caught.value.path, caught.value.tensor) == (str(path), "conv2.weight")
+    assert not path.exists()

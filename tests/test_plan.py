@@ -93,3 +93,26 @@ def test_plan_on_numpy_imports_no_torch() -> None:
             "print(p['w'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_candidate_an_encoder_refuses_is_skipped_and_listed_never_silently() -> None:
+    """Beyond 65504 float16 dense refuses (it would store infinity): that tensor gets the next
+    candidate, and the plan lists and warns about the one it skipped."""
+    rng = np.random.default_rng(2)
+    tensors = {"big": 1e5 * rng.standard_normal((8, 16)), "small": rng.standard_normal((8, 16))}
+    candidates = [kernelpack.Dense(dtype="float16"), kernelpack.Dense()]
+    with pytest.warns(UserWarning, match="skipped 1 candidate.*tensor 'big'.*65504"):
+        chosen = kernelpack.plan(tensors, max_error=0.01, candidates=candidates)
+    assert chosen == {"big": kernelpack.Dense(), "small": kernelpack.Dense(dtype="float16")}
+    assert [(config, "65504" in reason) for config, reason in chosen.skipped["big"]] == [
+        (kernelpack.Dense(dtype="float16"), True)]
+    assert "small" not in chosen.skipped
+    table = chosen.table()
+    assert "skipped" in table and "field 'dtype'" in table.split("skipped")[1]
+
+
+def test_no_candidate_possible_still_raises() -> None:
+    tensors = {"big": np.full((8, 16), 1e5)}
+    with pytest.raises(kernelpack.KernelpackError, match="no candidate form can encode it") as caught:
+        kernelpack.plan(tensors, max_bytes=10_000, candidates=[kernelpack.Dense(dtype="float16")])
+    assert (caught.value.tensor, caught.value.field) == ("big", "candidates")

@@ -31,6 +31,7 @@ from kernelpack.converters.linear import LinearWeight
 from kernelpack.converters.series import SeriesWeight
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Config, Dense, Linear, Series
+from kernelpack.forms._base import key_shown, shown
 
 #: The training-time parametrisation of each form's config.
 PARAMETRISATIONS: dict[type, type[FormWeight]] = {
@@ -55,11 +56,31 @@ def rule_for(config: Rules, module_name: str) -> Config | None:
     return None
 
 
+def check_rules(model: Any, config: Any) -> None:
+    """``model`` is an nn.Module and ``config`` one form config or a mapping of name patterns to
+    form configs or None (fields ``model`` and ``config``)."""
+    if not isinstance(model, nn.Module):
+        raise KernelpackError(f"takes an nn.Module, got {type(model).__name__}", field="model")
+    if isinstance(config, Config):
+        return
+    if not isinstance(config, Mapping):
+        raise KernelpackError(f"must be a form config or a mapping of names and patterns to configs, "
+                              f"got {type(config).__name__}", field="config")
+    for key, value in config.items():
+        if not isinstance(key, str):
+            raise KernelpackError(f"a rule's key is a name or pattern (str), got {shown(key)}", field="config")
+        if value is not None and not isinstance(value, Config):
+            raise KernelpackError(f"rule '{key_shown(key)}' gives {shown(value)}, not a form config (Dense, DCT, "
+                                  "Series, Basis or Linear) or None", field="config")
+
+
 def compress_(model: nn.Module, config: Rules) -> nn.Module:
     """Parametrise every conv/linear weight the config names with its form; returns ``model``.
 
-    Dense configs without a narrower dtype leave the weight alone. Errors name the weight.
+    Dense configs without a narrower dtype leave the weight alone. Errors name the weight; the
+    model and every rule are checked first (a rule no layer matches is still checked).
     """
+    check_rules(model, config)
     for module_name, module in list(model.named_modules()):
         if not isinstance(module, LAYERS):
             continue
@@ -96,8 +117,11 @@ def encoded_state(model: nn.Module) -> dict[str, Any]:
             state[key] = value
         elif owner not in state:
             plist = plists[owner]
-            with torch.no_grad():
-                state[owner] = plist[0].to_encoded(*fields(plist))
+            try:
+                with torch.no_grad():
+                    state[owner] = plist[0].to_encoded(*fields(plist))
+            except KernelpackError as exc:  # e.g. a trained value beyond float16's range
+                raise exc.located(tensor=owner) from None
     return state
 
 

@@ -18,13 +18,19 @@ Decisions:
   tensor's lower convex hull of (bytes, error^2) - the classic Lagrangian
   bit-allocation. Both caps may be given.
 * **Which tensors.** Floating tensors of rank >= 2 with at least ``min_size`` elements;
-  the rest (biases, norms, small tensors) stay dense as they are.
+  the rest (biases, norms, small tensors) stay dense as they are. Each is planned as the
+  float32 tensor of its numbers (what ``Dense()`` counts, whatever its own dtype).
+* **Refused candidates.** A candidate whose encoder refuses a tensor (a ``KernelpackError``:
+  float16 overflow, a shape the form cannot take) is skipped, never silently: the plan
+  lists it with the reason (``Plan.skipped``, ``Plan.table()``) and warns once. A tensor
+  for which every candidate is refused raises (field ``candidates``).
 """
 
 from __future__ import annotations
 
 import math
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -33,7 +39,8 @@ import numpy as np
 from kernelpack._backend import NumpyOps, bfloat16_bits_to_float32
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series
-from kernelpack.pack import as_numpy, state_of
+from kernelpack.forms._base import need, shown
+from kernelpack.pack import as_numpy, encode, state_of
 
 Candidates = Callable[[str, tuple[int, ...]], Iterable[Config]]
 
@@ -63,13 +70,19 @@ class Option:
     error: float
 
 
+#: A candidate an encoder refused for one tensor, and the refusal's reason.
+Skipped = tuple[Config, str]
+
+
 class Plan(dict):
     """A mapping tensor name -> form config (pass it to ``save`` or ``compress_``), with
-    the chosen options' bytes and errors for a report."""
+    the chosen options' bytes and errors, and the candidates skipped per tensor, for a report."""
 
-    def __init__(self, options: Mapping[str, Option]) -> None:
+    def __init__(self, options: Mapping[str, Option],
+                 skipped: Mapping[str, list[Skipped]] | None = None) -> None:
         super().__init__({name: option.config for name, option in options.items()})
         self.options = dict(options)
+        self.skipped = {name: list(s) for name, s in (skipped or {}).items() if s}
 
     @property
     def bytes(self) -> int:
@@ -79,7 +92,11 @@ class Plan(dict):
         """A plain-text report: one row per planned tensor."""
         rows = [f"{'tensor':40} {'config':44} {'bytes':>10} {'rel. error':>10}"]
         rows += [f"{n:40} {_short(o.config):44} {o.bytes:>10} {o.error:>10.4f}" for n, o in self.options.items()]
-        return "\n".join(rows + [f"{'total':85} {self.bytes:>10}"])
+        rows.append(f"{'total':85} {self.bytes:>10}")
+        if self.skipped:
+            rows.append("skipped (the encoder refused them):")
+            rows += [f"{n:40} {_short(c):44} {reason}" for n, s in self.skipped.items() for c, reason in s]
+        return "\n".join(rows)
 
 
 def _short(config: Config) -> str:
@@ -103,9 +120,10 @@ def stored_bytes(encoded: Encoded) -> int:
     return sum(a.data.nbytes for a in arrays)
 
 
-def measure(array: np.ndarray, config: Config) -> Option:
-    """Fit ``config`` to ``array``, decode canonically, measure bytes and relative RMS error."""
-    encoded = config.encode(array, "float32")
+def measure(array: np.ndarray, config: Config, name: str | None = None) -> Option:
+    """Fit ``config`` to ``array`` (as a float32 tensor), decode canonically, measure bytes and
+    relative RMS error against ``array``. A refusal is a KernelpackError naming tensor ``name``."""
+    encoded = encode(name, np.asarray(array, np.float32), config)
     decoded = encoded.decode(NumpyOps()).astype(np.float64)
     norm = float(np.linalg.norm(array))
     error = float(np.linalg.norm(decoded - array)) / norm if norm > 0 else 0.0
@@ -121,26 +139,80 @@ def plan(model: Any, *, max_bytes: int | None = None, max_error: float | None = 
          progress: bool = False) -> Plan:
     """Propose a form per tensor of a model or a mapping of names to arrays (see module doc).
 
-    Raises :class:`KernelpackError` (field ``budget``) when no choice meets the budgets.
+    Raises :class:`KernelpackError` (field ``budget``) when no choice meets the budgets, and
+    (field ``candidates``) when every candidate's encoder refuses a tensor.
     """
-    if max_bytes is None and max_error is None:
-        raise KernelpackError("give max_bytes, max_error or both", field="budget")
+    _check_budgets(max_bytes, max_error, min_size)
     tensors = _arrays(model)
     choose = _candidate_fn(candidates)
     names = [n for n, a in tensors.items() if plannable(a, min_size)]
     options: dict[str, list[Option]] = {}
+    skipped: dict[str, list[Skipped]] = {}
     for name in _progress(names, progress):
-        measured = [measure(tensors[name], c) for c in choose(name, tensors[name].shape)]
+        measured, skipped[name] = _measure_all(name, tensors[name], _configs(choose, name, tensors[name].shape))
         if max_error is not None:
             measured = [o for o in measured if o.error <= max_error]
             if not measured:
-                raise KernelpackError(f"no candidate form is within max_error={max_error}",
-                                      tensor=name, field="budget")
+                raise KernelpackError(f"no candidate form is within max_error={max_error}"
+                                      f"{_skipped_note(skipped[name])}", tensor=name, field="budget")
         options[name] = _hull(measured)
     picked = {n: opts[0] for n, opts in options.items()}  # the smallest of each tensor
     if max_bytes is not None:
         picked = _fill(options, max_bytes)
-    return Plan({n: picked[n] for n in names})
+    result = Plan({n: picked[n] for n in names}, skipped)
+    if result.skipped:
+        count = sum(map(len, result.skipped.values()))
+        name, ((config, reason), *_) = next(iter(result.skipped.items()))
+        warnings.warn(f"plan skipped {count} candidate(s) whose encoder refused a tensor, e.g. {_short(config)} "
+                      f"for tensor '{name}': {reason} (all listed in Plan.skipped and Plan.table())", stacklevel=2)
+    return result
+
+
+def _check_budgets(max_bytes: Any, max_error: Any, min_size: Any) -> None:
+    """The budgets are numbers (checked before any fit, which may take minutes)."""
+    need(max_bytes is not None or max_error is not None, "budget", "give max_bytes, max_error or both")
+    if max_bytes is not None:
+        need(isinstance(max_bytes, (int, np.integer)) and not isinstance(max_bytes, bool) and max_bytes >= 0,
+             "max_bytes", f"must be an integer >= 0, got {shown(max_bytes)}")
+    if max_error is not None:
+        need(isinstance(max_error, (int, float, np.integer, np.floating)) and not isinstance(max_error, bool)
+             and math.isfinite(max_error) and max_error >= 0, "max_error",
+             f"must be a finite number >= 0, got {shown(max_error)}")
+    need(isinstance(min_size, (int, np.integer)) and not isinstance(min_size, bool), "min_size",
+         f"must be an integer, got {shown(min_size)}")
+
+
+def _configs(choose: Candidates, name: str, shape: tuple[int, ...]) -> list[Config]:
+    """The candidates for one tensor, each checked to be a form config."""
+    configs = choose(name, shape)
+    if not isinstance(configs, Iterable):
+        raise KernelpackError(f"must give form configs, got {shown(configs)}", tensor=name, field="candidates")
+    configs = list(configs)
+    bad = next((c for c in configs if not isinstance(c, Config)), None)
+    if bad is not None:
+        raise KernelpackError(f"{shown(bad)} is not a form config (Dense, DCT, Series, Basis or Linear)",
+                              tensor=name, field="candidates")
+    return configs
+
+
+def _measure_all(name: str, array: np.ndarray, configs: list[Config]) -> tuple[list[Option], list[Skipped]]:
+    """Every candidate measured on one tensor, and those whose encoder refused it, with why;
+    refused by every candidate is an error."""
+    measured, skipped = [], []
+    for config in configs:
+        try:
+            measured.append(measure(array, config, name))
+        except KernelpackError as exc:
+            skipped.append((config, str(KernelpackError(exc.reason, field=exc.field))))  # the tensor is known
+    if not measured:
+        raise KernelpackError(f"no candidate form can encode it{_skipped_note(skipped)}", tensor=name,
+                              field="candidates")
+    return measured, skipped
+
+
+def _skipped_note(skipped: list[Skipped]) -> str:
+    """What an error says about the refused candidates: how many, and the first reason."""
+    return f" ({len(skipped)} refused, e.g. {_short(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
 
 
 def _arrays(model: Any) -> dict[str, np.ndarray]:
@@ -149,7 +221,10 @@ def _arrays(model: Any) -> dict[str, np.ndarray]:
     for name, value in state_of(model).items():
         if isinstance(value, Encoded):
             continue  # already in a stored form (trained in place)
-        array, dtype = as_numpy(value)
+        try:
+            array, dtype = as_numpy(value)
+        except KernelpackError as exc:
+            raise exc.located(tensor=name) from None
         if dtype in ("float16", "bfloat16", "float32", "float64"):
             array = bfloat16_bits_to_float32(array) if dtype == "bfloat16" else array
             out[name] = np.asarray(array, dtype=np.float64)
@@ -161,6 +236,8 @@ def _candidate_fn(candidates: Candidates | Sequence[Config] | None) -> Candidate
         return default_candidates
     if callable(candidates):
         return candidates
+    need(isinstance(candidates, Iterable) and not isinstance(candidates, (str, bytes)), "candidates",
+         f"must be a list of form configs or a function of (name, shape), got {shown(candidates)}")
     fixed = list(candidates)
     return lambda name, shape: fixed
 

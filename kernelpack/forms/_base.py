@@ -247,6 +247,34 @@ def float_dtype(dtype: str) -> str:
     return dtype
 
 
+def encoder_input(array: Any, form: str, *, rank: int = 0, fits: bool = True, field: str = "values") -> np.ndarray:
+    """The array an encoder is given (the tensor, or a caller's bank: ``field``), as numpy,
+    checked before any work, so that a bad one is a KernelpackError naming the field rather
+    than a numpy or scipy error from inside a fit, or a file no reader accepts.
+
+    Every form takes real numbers (bool, integer or floating; not object, string or complex)
+    of rank >= ``rank``. A form that ``fits`` numbers (all but dense) also needs at least one
+    number and only finite ones: a transform or least-squares fit spreads one NaN or infinity
+    over every number it makes, whereas dense stores them exactly. Rank and emptiness errors
+    name the tensor's ``shape`` (or the bank's own field)."""
+    try:
+        x = np.asarray(array)
+    except (TypeError, ValueError) as exc:  # ragged lists, objects whose __array__ fails
+        raise KernelpackError(f"the {form} form encodes an array of numbers, got {shown(array)}: {exc}",
+                              field=field) from None
+    if x.dtype.kind not in "biuf":
+        got = f"an array of dtype {x.dtype}" if isinstance(array, np.ndarray) else f"{shown(array)} (dtype {x.dtype})"
+        raise KernelpackError(f"the {form} form encodes real numbers (bool, integer or floating), got {got}",
+                              field=field)
+    shape_field = "shape" if field == "values" else field
+    need(x.ndim >= rank and (x.size >= 1 or not fits), shape_field,
+         f"the {form} form needs {'a non-empty' if fits else 'a'} tensor of rank >= {rank}, got shape {list(x.shape)}")
+    if fits and x.dtype.kind == "f":
+        dense = "; the dense form stores them exactly" if field == "values" else ""
+        need(bool(np.isfinite(x).all()), field, f"holds a NaN or infinity, which the {form} form cannot fit{dense}")
+    return x
+
+
 # --- header checks (raise KernelpackError naming the field) -------------------------
 def need(ok: bool, field: str, message: str) -> None:
     """Raise a field error unless ``ok``."""

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from kernelpack._backend import Ops
-from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, need,
+from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, encoder_input, need,
                                     need_array, need_dtype, need_finite, need_name, need_only, to_stored)
 
 NAME = "basis"
@@ -152,13 +152,14 @@ class Basis(Quantisable):
     seed: int = 0
 
     def encode(self, array: np.ndarray, source_dtype: str = "float32") -> BasisTensor:
-        w = np.asarray(array, dtype=np.float64)
-        given = None if isinstance(self.bank, (int, np.integer)) else np.asarray(self.bank, np.float64)
+        # A given bank is (n, *filter_shape); a k-means bank's filters are the kernels (kh, kw).
+        given = None if isinstance(self.bank, (int, np.integer)) else np.asarray(
+            encoder_input(self.bank, NAME, rank=2, field="bank"), np.float64)
+        w = np.asarray(encoder_input(array, NAME, rank=2 if given is None else given.ndim - 1), np.float64)
         filt = given.shape[1:] if given is not None else w.shape[-2:]
-        need(w.ndim >= len(filt) >= 1 and tuple(w.shape[w.ndim - len(filt):]) == tuple(filt), "shape",
+        need(tuple(w.shape[w.ndim - len(filt):]) == tuple(filt), "shape",
              f"tensor shape {list(w.shape)} does not end with the filter shape {list(filt)}")
         slices = w.reshape(-1, math.prod(filt))
-        need(len(slices) >= 1, "shape", "the basis form needs at least one slice")
         if given is None:
             need(1 <= int(self.bank) <= MAX_BANK, "bank", f"bank size must be in [1, {MAX_BANK}]")
             unit_bank = kmeans_bank(slices, int(self.bank), self.seed)

@@ -28,7 +28,8 @@ from kernelpack._backend import Ops
 from kernelpack._exact import (MAX_REDUCTION, dct_table, table_blocks, transform_axis, zigzag_box,
                               zigzag_positions, zigzag_scatter)
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
-                                    Quantisable, Stored, need, need_array, need_finite, need_int, need_only, read_work)
+                                    Quantisable, Stored, encoder_input, need, need_array, need_finite, need_int,
+                                    need_only, read_work)
 
 NAME = "dct"
 
@@ -127,9 +128,8 @@ class DCT(Quantisable):
     def encode(self, array: np.ndarray, source_dtype: str = "float32") -> DCTTensor:
         from scipy.fft import dctn
 
-        x = np.asarray(array, dtype=np.float64)
+        x = np.asarray(encoder_input(array, NAME, rank=1), dtype=np.float64)
         shape = tuple(x.shape)
-        need(x.ndim >= 1 and x.size >= 1, "shape", "the dct form needs a non-empty tensor")
         axes = check_axes(tuple(range(x.ndim)) if self.axes is None
                           else sorted(a % x.ndim for a in self.axes), shape)
         boundary = self.boundary_for(x.size)

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES, Ops
-from kernelpack.forms._base import (ArraySpec, Encoded, Quantisable, Stored, need, need_array,
-                                    need_only, to_stored)
+from kernelpack.forms._base import (ArraySpec, Encoded, Quantisable, Stored, encoder_input, need, need_array,
+                                    need_only, shown, to_stored)
 
 NAME = "dense"
 WIDENING = {"float16": "float32", "bfloat16": "float32"}
@@ -79,12 +79,17 @@ class Dense(Quantisable):
 
     def encode(self, array: np.ndarray, source_dtype: str) -> DenseTensor:
         """``array`` is the tensor as numpy (bfloat16 as uint16 bits, named by ``source_dtype``)."""
+        array = encoder_input(array, NAME, fits=False)
+        need(source_dtype in NUMPY_DTYPES, "dtype",
+             f"unknown dtype {shown(source_dtype)}; known: {sorted(NUMPY_DTYPES)}")
         if self.quantised:
             need(source_dtype == "float32" and self.dtype in (None, "float32"), "step",
                  f"quantised dense storage is for float32 tensors without a dtype, got a {source_dtype} "
                  f"tensor and dtype {self.dtype}")
             return DenseTensor(self.store(array), "float32")
         if self.dtype is None or self.dtype == source_dtype:
+            need(array.dtype == NUMPY_DTYPES[source_dtype], "dtype", f"the array's numpy dtype {array.dtype} is "
+                 f"not {source_dtype}'s {NUMPY_DTYPES[source_dtype]}, which dense stores as it is")
             return DenseTensor(Stored(np.asarray(array, order="C"), source_dtype), source_dtype)
         need(source_dtype == "float32" and self.dtype in WIDENING, "dtype",
              f"dense storage as {self.dtype} is only for float32 tensors, got {source_dtype}")

@@ -28,7 +28,8 @@ import numpy as np
 
 from kernelpack._backend import Ops
 from kernelpack._exact import MAX_REDUCTION, fixed_matmul
-from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, ArraySpec, Cost, Encoded, Quantisable, Stored, need,
+from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, ArraySpec, Cost, Encoded, Quantisable, Stored,
+                                    encoder_input, need,
                                     need_array, need_finite, need_int, need_only, read_work, to_stored)
 
 NAME = "linear"
@@ -135,8 +136,7 @@ class Linear(Quantisable):
     def encode(self, array: np.ndarray, source_dtype: str = "float32") -> LinearTensor:
         from scipy.linalg import qr
 
-        w = np.asarray(array, dtype=np.float64)
-        need(w.ndim >= 2 and w.size >= 1, "shape", "the linear form needs filters (C_out, ...)")
+        w = np.asarray(encoder_input(array, NAME, rank=2), dtype=np.float64)  # filters (C_out, ...)
         c_out = w.shape[0]
         p = self.primaries if self.primaries is not None else round(self.alpha * c_out)
         need_int(p, "primaries", 1, min(c_out, MAX_REDUCTION))

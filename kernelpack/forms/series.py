@@ -33,7 +33,8 @@ import numpy as np
 from kernelpack._backend import Ops
 from kernelpack._exact import MAX_REDUCTION, chebyshev_table, named_points, transform_axis
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
-                                    Quantisable, Stored, need, need_array, need_finite, need_int, need_only, read_work)
+                                    Quantisable, Stored, encoder_input, need, need_array, need_finite, need_int,
+                                    need_only, read_work)
 
 NAME = "series"
 FAMILIES = ("cosine", "chebyshev")
@@ -166,8 +167,7 @@ class Series(Quantisable):
     dtype: str = "float16"
 
     def encode(self, array: np.ndarray, source_dtype: str = "float32") -> SeriesTensor:
-        w = np.asarray(array, dtype=np.float64)
-        need(w.ndim >= 2 and w.size >= 1, "shape", "the series form needs kernels (..., kh, kw)")
+        w = np.asarray(encoder_input(array, NAME, rank=2), dtype=np.float64)  # kernels (..., kh, kw)
         need(self.family in FAMILIES, "family", f"must be one of {FAMILIES}")
         nx, ny = (self.harmonics, self.harmonics) if isinstance(self.harmonics, int) else self.harmonics
         need_int(nx, "harmonics", 1, MAX_REDUCTION)
