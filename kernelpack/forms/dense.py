@@ -10,6 +10,7 @@ round-trips bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ import numpy as np
 from kernelpack._backend import NUMPY_DTYPES, Ops
 from kernelpack.forms._base import (ArraySpec, Encoded, Quantisable, Stored, encoder_input, need, need_array,
                                     need_only, shown, to_stored)
+from kernelpack.forms._weighted import ROWS, feedback_store, hessians, is_stats, row_groups
 
 NAME = "dense"
 WIDENING = {"float16": "float32", "bfloat16": "float32"}
@@ -73,19 +75,28 @@ class Dense(Quantisable):
 
     Narrowing refuses a finite value beyond the dtype's range rather than store it as
     infinity (``to_stored``): the caller chose the dtype for its size, so storing the tensor
-    wider instead would silently break that plan. Infinities and NaNs are stored."""
+    wider instead would silently break that plan. Infinities and NaNs are stored.
+
+    ``hessian`` (kernelpack.forms._weighted) makes quantised storage output-aware: the same
+    step, codes chosen by GPTQ error feedback. Float storage rounds every number to nearest
+    whatever H is (each number is stored on its own, so there is nothing to trade): there
+    ``hessian`` is checked and changes nothing."""
 
     dtype: str | None = None
 
-    def encode(self, array: np.ndarray, source_dtype: str) -> DenseTensor:
+    def encode(self, array: np.ndarray, source_dtype: str, hessian: Any = None) -> DenseTensor:
         """``array`` is the tensor as numpy (bfloat16 as uint16 bits, named by ``source_dtype``)."""
         array = encoder_input(array, NAME, fits=False)
+        if hessian is not None:
+            positions, h = _matrix_positions(array.shape, hessian)
         need(source_dtype in NUMPY_DTYPES, "dtype",
              f"unknown dtype {shown(source_dtype)}; known: {sorted(NUMPY_DTYPES)}")
         if self.quantised:
             need(source_dtype == "float32" and self.dtype in (None, "float32"), "step",
                  f"quantised dense storage is for float32 tensors without a dtype, got a {source_dtype} "
                  f"tensor and dtype {self.dtype}")
+            if hessian is not None:
+                return DenseTensor(_feedback(self, array, positions, h), "float32")
             return DenseTensor(self.store(array), "float32")
         if self.dtype is None or self.dtype == source_dtype:
             need(array.dtype == NUMPY_DTYPES[source_dtype], "dtype", f"the array's numpy dtype {array.dtype} is "
@@ -94,3 +105,25 @@ class Dense(Quantisable):
         need(source_dtype == "float32" and self.dtype in WIDENING, "dtype",
              f"dense storage as {self.dtype} is only for float32 tensors, got {source_dtype}")
         return DenseTensor(to_stored(array, self.dtype), "float32")
+
+
+def _matrix_positions(shape: tuple[int, ...], hessian: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Where each entry of the matrix W that H is for lies in the flattened tensor, (rows, K),
+    and the damped H per group: the tensor's rows for a plain H or layout 'rows', and
+    ``LayerStats.matrix`` for any other layout (W is then a permutation of the tensor)."""
+    positions = np.arange(math.prod(shape)).reshape(shape)
+    if is_stats(hessian) and hessian.layout != ROWS:
+        matrix = hessian.matrix(positions)
+        matrix = matrix.reshape(-1, matrix.shape[-1])
+        return matrix, hessians(hessian.h, matrix.shape, NAME)
+    h = hessians(hessian, shape, NAME)
+    return positions.reshape(shape[0], -1), h
+
+
+def _feedback(config: Dense, array: np.ndarray, positions: np.ndarray, h: np.ndarray) -> Stored:
+    """The tensor's codes rounded by error feedback on its matrix W, scattered back."""
+    flat = np.asarray(array, np.float64).reshape(-1)
+    rows = feedback_store(config, flat[positions], h, row_groups(positions.shape[0], h.shape[0]))
+    data = np.empty(flat.size, rows.data.dtype)
+    data[positions.reshape(-1)] = rows.data.reshape(-1)
+    return Stored(data.reshape(array.shape), rows.dtype, rows.step)

@@ -16,6 +16,12 @@ Decode: A = A1 A2 (fixed-point matmul, K = r) when low rank; W_s = A^T W_p
 Encoder: primaries by QR with column pivoting of the filter matrix (the most
 linearly independent filters first), A by least squares against the *stored*
 (rounded) primaries, and a truncated SVD of A for the low-rank variant.
+
+Output-aware (``hessian``, kernelpack.forms._weighted): the pivoted QR runs on the rows
+W L (H = L L^T, so their Gram matrix is W H W^T), the primaries are rounded with error
+feedback when quantised, A^T = W_s H W_p^T (W_p H W_p^T)^-1 by Cholesky (per group of a
+grouped layer), quantised A rounded with error feedback under W_p H W_p^T, and the low-rank
+A1 A2 truncated in that metric (``Linear._factor``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from kernelpack._exact import MAX_REDUCTION, fixed_matmul
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, ArraySpec, Cost, Encoded, Quantisable, Stored,
                                     encoder_input, need,
                                     need_array, need_finite, need_int, need_only, read_work, to_stored)
+from kernelpack.forms._weighted import cholesky, feedback_store, hessians, row_groups, spd_solve
 
 NAME = "linear"
 
@@ -133,7 +140,8 @@ class Linear(Quantisable):
     dtype: str = "float16"
     pivot: bool = True
 
-    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> LinearTensor:
+    def encode(self, array: np.ndarray, source_dtype: str = "float32", hessian: Any = None) -> LinearTensor:
+        """``hessian`` (kernelpack.forms._weighted): fit the layer's outputs instead of its weights."""
         from scipy.linalg import qr
 
         w = np.asarray(encoder_input(array, NAME, rank=2), dtype=np.float64)  # filters (C_out, ...)
@@ -141,24 +149,59 @@ class Linear(Quantisable):
         p = self.primaries if self.primaries is not None else round(self.alpha * c_out)
         need_int(p, "primaries", 1, min(c_out, MAX_REDUCTION))
         filters = w.reshape(c_out, -1)
+        h = None if hessian is None else hessians(hessian, w.shape, NAME)
+        groups = None if h is None else row_groups(c_out, h.shape[0])
         if self.pivot:
-            _, _, pivots = qr(filters.T, mode="economic", pivoting=True)
+            scored = filters if h is None else _whitened(filters, h, groups)
+            _, _, pivots = qr(scored.T, mode="economic", pivoting=True)
             chosen = np.concatenate([pivots[:p], np.sort(pivots[p:])])
         else:
             chosen = np.arange(c_out)
-        primaries = self.store(filters[chosen[:p]].reshape((p,) + w.shape[1:]))
-        wp = primaries.values().astype(np.float64).reshape(p, -1)
-        a = np.linalg.lstsq(wp.T, filters[chosen[p:]].T, rcond=None)[0]  # (p, s)
-        coefficients = self._factor(a)
+        if h is None:
+            primaries = self.store(filters[chosen[:p]].reshape((p,) + w.shape[1:]))
+            wp = primaries.values().astype(np.float64).reshape(p, -1)
+            a = np.linalg.lstsq(wp.T, filters[chosen[p:]].T, rcond=None)[0]  # (p, s)
+            coefficients = self._factor(a)
+        else:
+            primaries = feedback_store(self, filters[chosen[:p]], h, groups[chosen[:p]], (p,) + w.shape[1:])
+            wp = primaries.values().astype(np.float64).reshape(p, -1)
+            coefficients = self._weighted_coefficients(wp, filters[chosen[p:]], h, groups[chosen[p:]])
         identity = np.array_equal(chosen, np.arange(c_out))
         order = None if identity else to_stored(chosen, "int32")
         return LinearTensor(tuple(w.shape), primaries, coefficients, order)
 
-    def _factor(self, a: np.ndarray) -> tuple[Stored, ...]:
+    def _weighted_coefficients(self, wp: np.ndarray, ws: np.ndarray, h: np.ndarray,
+                               groups: np.ndarray) -> tuple[Stored, ...]:
+        """A against H: column j of A (secondary j, of group g) solves G_g a = W_p H_g w_j^T with
+        G_g = W_p H_g W_p^T, one Cholesky per group, so that a_j minimises its output error
+        (a_j - a)^T G_g (a_j - a). Quantised A is rounded by error feedback under G_g; the
+        low-rank A1 A2 is the truncation optimal under the mean metric of the secondaries
+        (exact for one group), rounded to nearest."""
+        p, s = wp.shape[0], ws.shape[0]
+        projected = np.einsum("pk,gkl->gpl", wp, h)  # W_p H_g
+        gram = np.einsum("gpl,ql->gpq", projected, wp)  # G_g = W_p H_g W_p^T
+        a = np.zeros((p, s))
+        for g in np.unique(groups):
+            mine = groups == g
+            a[:, mine] = spd_solve(gram[g], projected[g] @ ws[mine].T)
+        if self.rank is not None:
+            counts = np.bincount(groups, minlength=len(gram))
+            metric = np.einsum("g,gpq->pq", counts / max(s, 1), gram) if s else np.eye(p)
+            return self._factor(a, cholesky(metric[None])[0])
+        stored = feedback_store(self, np.ascontiguousarray(a.T), gram, groups)  # rows: the secondaries
+        return (Stored(np.ascontiguousarray(stored.data.T), stored.dtype, stored.step),)
+
+    def _factor(self, a: np.ndarray, low: np.ndarray | None = None) -> tuple[Stored, ...]:
+        """A, or A1 A2: the truncated SVD of A, or with ``low`` (L of a metric G = L L^T on A's
+        columns) the rank-r A' minimising trace((A - A')^T G (A - A')): A' = L^-T [L^T A]_r."""
         if self.rank is None:
             return (self.store(a),)
         need_int(self.rank, "rank", 1, MAX_REDUCTION)
-        u, sv, vt = np.linalg.svd(a, full_matrices=False)
+        u, sv, vt = np.linalg.svd(a if low is None else low.T @ a, full_matrices=False)
+        if low is not None:
+            from scipy.linalg import solve_triangular
+
+            u = solve_triangular(low.T, u, lower=False)
         r = self.rank
         if r > len(sv):  # A has fewer singular values than asked: pad with zeros
             u = np.pad(u, ((0, 0), (0, r - len(sv))))
@@ -166,3 +209,14 @@ class Linear(Quantisable):
             sv = np.pad(sv, (0, r - len(sv)))
         root = np.sqrt(sv[:r])
         return self.store(u[:, :r] * root), self.store(root[:, None] * vt[:r])
+
+
+def _whitened(filters: np.ndarray, h: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Rows w_j L_g (H_g = L_g L_g^T): their inner products are the output-error metric, so
+    pivoted QR on them picks the primaries that best span the secondaries' outputs."""
+    factors = cholesky(h)
+    out = np.empty_like(filters)
+    for g in np.unique(groups):
+        mine = groups == g
+        out[mine] = filters[mine] @ factors[g]
+    return out

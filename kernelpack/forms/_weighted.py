@@ -1,0 +1,168 @@
+"""Output-aware fitting, the part every form shares: the layer-input second moments H, their
+damping and factorisation, and GPTQ-style error-feedback rounding.
+
+An output-aware encoder (``config.encode(array, source_dtype, hessian=H)``) minimises the
+layer's output error ``E(W') = trace((W - W') H (W - W')^T)`` instead of ``||W - W'||^2``,
+with ``H = E[x x^T]`` over the layer's inputs (kernelpack.converters.calibration). The
+decode and the file format do not change: only which numbers are stored.
+
+Decisions (one home):
+
+* **What H is.** ``hessian`` is H for the tensor viewed as the matrix
+  W = ``array.reshape(shape[0], -1)`` (conv: rows = output channels, K = C_in/groups * kh * kw
+  in im2col order), either (K, K) or (groups, K, K): a grouped layer's rows split into
+  ``groups`` consecutive blocks, block g multiplying the inputs of ``H[g]``, and the objective
+  is the sum over groups (calibration's ``layout='rows'``). A calibration ``LayerStats``
+  (anything with ``h`` and ``layout``) is accepted too: ``rows`` as above; the dense form also
+  takes every other layout (a MatMul weight (K, N), a ConvTranspose kernel) through
+  ``LayerStats.matrix``, since its codes are elementwise; the structured forms refuse them.
+* **Damping, always.** H is replaced by ``H + DAMPING * mean(diag H) * I`` (GPTQ's
+  ``percdamp``, 0.01) before any fit, singular or not: calibration H of a layer with dead
+  inputs or fewer samples than K is singular, and one rule for all keeps fits deterministic.
+  The damped fit minimises ``E + DAMPING * mean(diag H) * ||W - W'||^2``, so for the
+  least-squares forms its E is never above the weight-only fit's (that fit minimises the
+  second term alone). An all-zero H (the layer only ever sees zeros) becomes I: the
+  weight-only objective. Gram matrices derived from H (B^T H B, W_p H W_p^T) are factored as
+  they are and damped by the same rule only where their Cholesky fails (a rank-deficient map).
+* **Error feedback.** Quantised numbers are rounded by :func:`feedback_codes` (Frantar et al.,
+  GPTQ): columns in order of decreasing diag(H) (GPTQ's ``act_order``), each rounded to the
+  grid and its error spread over the columns not yet rounded with the upper Cholesky factor of
+  H^-1, in blocks of :data:`BLOCK` columns. The step is the config's (one per array, as
+  today); codes are clipped to the code dtype that round-to-nearest gives (so an array RTN
+  stores as int8 stays int8). GPTQ is greedy: it usually beats round-to-nearest on E by a
+  wide margin for correlated H, but it is not a guarantee per array.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from kernelpack.forms._base import CODE_DTYPES, Quantisable, Stored, need, quantise, to_stored
+from kernelpack.errors import KernelpackError
+
+#: GPTQ's relative damping: H + DAMPING * mean(diag H) * I.
+DAMPING = 0.01
+#: Columns rounded per block of the error feedback (GPTQ's lazy batch updates).
+BLOCK = 128
+ROWS = "rows"
+
+
+def is_stats(hessian: Any) -> bool:
+    """Whether ``hessian`` is a calibration LayerStats (duck-typed: forms do not import the
+    converters)."""
+    return hasattr(hessian, "h") and hasattr(hessian, "layout")
+
+
+def hessians(hessian: Any, shape: tuple[int, ...], form: str) -> np.ndarray:
+    """The damped H per group, (groups, K, K) float64, for the rows layout of ``shape``;
+    KernelpackError (field ``hessian``) when it does not fit the tensor."""
+    if is_stats(hessian):
+        need(hessian.layout == ROWS, "hessian", f"the {form} form fits H for a weight whose rows are the "
+             f"tensor's rows (layout 'rows'), got statistics of layout {hessian.layout!r}")
+        hessian = hessian.h
+    need(len(shape) >= 2, "hessian", f"an output-aware {form} fit needs a tensor of rank >= 2, got shape "
+         f"{list(shape)}")
+    h = np.asarray(hessian, dtype=np.float64)
+    h = h[None] if h.ndim == 2 else h
+    k = math.prod(shape[1:])
+    need(h.ndim == 3 and h.shape[1:] == (k, k) and h.shape[0] >= 1 and shape[0] % h.shape[0] == 0, "hessian",
+         f"must be (K, K) or (groups, K, K) with K = {k} and groups dividing {shape[0]} for a tensor of shape "
+         f"{list(shape)}, got {list(np.shape(hessian))}")
+    need(bool(np.isfinite(h).all()), "hessian", "holds a NaN or infinity")
+    return damp(0.5 * (h + h.transpose(0, 2, 1)))
+
+
+def damp(h: np.ndarray) -> np.ndarray:
+    """``H + DAMPING * mean(diag H) * I`` per matrix of a stack (an all-zero H becomes I)."""
+    scale = DAMPING * np.einsum("gii->g", h) / h.shape[-1]
+    out = h + scale[:, None, None] * np.eye(h.shape[-1])
+    zero = scale <= 0
+    out[zero] = np.eye(h.shape[-1])
+    return out
+
+
+def cholesky(g: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factors of a stack of symmetric PSD matrices, damped (:func:`damp`) where
+    one is singular; KernelpackError when even that fails (H was not a second moment)."""
+    try:
+        return np.linalg.cholesky(g)
+    except np.linalg.LinAlgError:
+        pass
+    try:
+        return np.linalg.cholesky(damp(g))
+    except np.linalg.LinAlgError:
+        raise KernelpackError("is not positive semi-definite (not a second moment E[x x^T])",
+                              field="hessian") from None
+
+
+def spd_solve(g: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``g^-1 rhs`` for a stack of symmetric PSD ``g`` (.., n, n) by Cholesky (no SVD)."""
+    from scipy.linalg import solve_triangular
+
+    factors = cholesky(g)
+    out = np.empty(np.broadcast_shapes(g.shape[:-2], rhs.shape[:-2]) + rhs.shape[-2:])
+    for i in np.ndindex(out.shape[:-2]):
+        low = factors[i if factors.ndim > 2 else ()]
+        y = solve_triangular(low, rhs[i if rhs.ndim > 2 else ()], lower=True)
+        out[i] = solve_triangular(low, y, lower=True, trans="T")
+    return out
+
+
+def row_groups(rows: int, groups: int) -> np.ndarray:
+    """The group of each row of W (consecutive blocks)."""
+    return np.arange(rows) // (rows // groups)
+
+
+def output_error(w: np.ndarray, approx: np.ndarray, hessian: Any) -> float:
+    """``sum_g trace((W_g - W'_g) H_g (W_g - W'_g)^T)`` for tensors of the rows layout and an
+    undamped (K, K) or (groups, K, K) H."""
+    h = np.asarray(hessian.h if is_stats(hessian) else hessian, np.float64)
+    h = h[None] if h.ndim == 2 else h
+    delta = (np.asarray(w, np.float64) - np.asarray(approx, np.float64)).reshape(h.shape[0], -1, h.shape[-1])
+    return float(np.einsum("grk,gkl,grl->", delta, h, delta))
+
+
+def feedback_codes(w: np.ndarray, h: np.ndarray, step: float, limit: int) -> np.ndarray:
+    """GPTQ codes (float64 integers in [-limit, limit]) of the rows ``w`` (n, K) for one H."""
+    from scipy.linalg import cho_solve
+
+    order = np.argsort(-np.diag(h), kind="stable")
+    h = h[np.ix_(order, order)]
+    k = h.shape[0]
+    inverse = cho_solve((cholesky(h), True), np.eye(k))
+    u = np.linalg.cholesky(0.5 * (inverse + inverse.T)).T  # upper: H^-1 = U^T U
+    x = np.array(w[:, order], dtype=np.float64) / step  # in units of the step
+    codes = np.empty_like(x)
+    for lo in range(0, k, BLOCK):
+        hi = min(lo + BLOCK, k)
+        errors = np.empty((x.shape[0], hi - lo))
+        for j in range(lo, hi):
+            codes[:, j] = np.clip(np.rint(x[:, j]), -limit, limit)
+            err = (x[:, j] - codes[:, j]) / u[j, j]
+            x[:, j + 1:hi] -= np.outer(err, u[j, j + 1:hi])
+            errors[:, j - lo] = err
+        x[:, hi:] -= errors @ u[lo:hi, hi:]
+    out = np.empty_like(codes)
+    out[:, order] = codes
+    return out
+
+
+def feedback_store(config: Quantisable, values: np.ndarray, h: np.ndarray, groups: np.ndarray,
+                   shape: tuple[int, ...] | None = None) -> Stored:
+    """``config.store(values)`` with the rows of ``values`` (n, K) rounded by error feedback,
+    row i under ``h[groups[i]]``, stored in ``shape`` (default: as given): the step is the
+    config's, the code dtype the one round-to-nearest takes (float storage is rounded to
+    nearest: H does not change it)."""
+    shape = values.shape if shape is None else shape
+    step = config.step_for(values)
+    if step is None:
+        return to_stored(values.reshape(shape), getattr(config, "dtype"))
+    limit = CODE_DTYPES[quantise(values, step).dtype] - 1  # refuses what RTN would refuse
+    codes = np.empty(values.shape)
+    for g in np.unique(groups):
+        mine = groups == g
+        codes[mine] = feedback_codes(values[mine], h[g], step, limit)
+    return quantise((codes * step).reshape(shape), step)  # exact: integer codes, one step
