@@ -87,35 +87,40 @@ TABLE_BLOCK = 1 << 20
 Table = Callable[[int, int], np.ndarray]
 
 
-def table_blocks(k: int, m: int) -> tuple[int, int]:
+def table_blocks(k: int, m: int, known_exponent: bool = False) -> tuple[int, int]:
     """How :func:`transform_axis` builds a (k, m) table: (entries of its largest block,
     times each entry is built). A table of at most TABLE_BLOCK entries is built once;
-    a longer one in blocks of whole columns, twice (first for its grid exponent)."""
+    a longer one in blocks of whole columns, twice (first for its grid exponent) unless
+    the exponent is ``known_exponent`` from the table's definition."""
     width = max(1, TABLE_BLOCK // k)
-    return (k * m, 1) if m <= width else (k * width, 2)
+    return (k * m, 1) if m <= width else (k * width, 1 if known_exponent else 2)
 
 
-def transform_axis(ops: Ops, x: Any, axis: int, table: Table, k: int, m: int) -> Any:
+def transform_axis(ops: Ops, x: Any, axis: int, table: Table, k: int, m: int,
+                   table_exponent: Callable[[], int] | None = None) -> Any:
     """Replace axis ``axis`` of ``x`` (length k) by its contraction with a (k, m) table.
 
     Equal to ``fixed_matmul(x_moved, table)``; the table comes from ``table(start, stop)``
-    in column blocks, so a long axis never needs the whole k x m table in memory (its
-    grid exponent is the maximum over all blocks, found in a first pass).
+    in column blocks, so a long axis never needs the whole k x m table in memory. Its grid
+    exponent is that of its largest entry: from ``table_exponent()`` when the table's
+    definition gives it (then every block is built once), else the maximum over all
+    blocks, found in a first pass.
     """
     moved = ops.moveaxis(x, axis, -1)  # a view: quantizing it makes the C-ordered copy
     lead = tuple(moved.shape[:-1])
     p, s = grid_bits(k)
     ea = exponent(ops.absmax(x))
     qx = ops.reshape(quantize(ops, moved, p, ea), (-1, k))  # once, for every block of the table
-    block, passes = table_blocks(k, m)
+    block, _ = table_blocks(k, m)
     width = block // k
-    if passes == 1:  # the usual case: one block, built once
+    if m <= width:  # the usual case: one block, built once
         first = ops.float64(table(0, m), "float64")
         eb = exponent(ops.absmax(first))
         blocks: Iterable[Any] = [first]
-    else:  # a long axis: each block built twice, first for the grid exponent (their maximum)
+    else:  # a long axis: blocks of whole columns, after the grid exponent of them all
         spans = [(lo, min(m, lo + width)) for lo in range(0, m, width)]
-        eb = max(exponent(float(np.max(np.abs(table(lo, hi))))) for lo, hi in spans)
+        eb = table_exponent() if table_exponent is not None else max(
+            exponent(float(np.max(np.abs(table(lo, hi))))) for lo, hi in spans)
         blocks = (ops.float64(table(lo, hi), "float64") for lo, hi in spans)
     parts = [exact_product(ops, qx, quantize(ops, block, s, eb), ea - p + eb - s) for block in blocks]
     out = parts[0] if len(parts) == 1 else ops.concat_last(parts)
@@ -165,6 +170,32 @@ def dct_table(n: int, k: int, start: int = 0, stop: int | None = None) -> np.nda
     x = np.arange(start, n if stop is None else stop, dtype=np.int64)[None, :]
     alpha = np.where(f == 0, np.sqrt(1.0 / n), np.sqrt(2.0 / n))
     return alpha * _cospi_period(n)[((2 * x + 1) * f) % (4 * n)]
+
+
+@lru_cache(maxsize=64)
+def dct_table_exponent(n: int, k: int) -> int:
+    """The grid exponent of ``dct_table(n, k)`` (its largest magnitude's), without the table.
+
+    Row 0 is sqrt(1/n) * cospi(0); every other row is sqrt(2/n) times cospi(j, 2n) at the
+    residues j = (2x + 1) f mod 4n, whose magnitudes repeat with period 2n. For f with
+    g = gcd(f, 2n), the odd multiples of f reach, mod 2n, the odd multiples of g when 2n/g
+    is even, else every multiple of g. So the largest entry is one product of the same
+    float64 numbers the table multiplies (rounding is monotone), found in O(n) per divisor:
+    the same exponent as a pass over the k x n table (tests/test_limits.py checks all
+    n < 400 and every k).
+    """
+    period = _cospi_period(n)
+    peak = float(np.sqrt(1.0 / n) * abs(period[0]))
+    if k > 1:
+        f = np.arange(1, k, dtype=np.int64)
+        g = np.gcd(f, 2 * n)
+        reached = np.zeros(2 * n, dtype=bool)
+        for divisor, odd_only in set(zip(g.tolist(), (((2 * n) // g) % 2 == 0).tolist())):
+            reached[divisor::2 * divisor] = True
+            if not odd_only:
+                reached[::divisor] = True
+        peak = max(peak, float(np.max(np.sqrt(2.0 / n) * np.abs(period[:2 * n][reached]))))
+    return exponent(peak)
 
 
 @lru_cache(maxsize=64)

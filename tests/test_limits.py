@@ -252,3 +252,24 @@ def test_an_ort_session_is_held_to_the_total_bound(tmp_path: Path) -> None:
     with pytest.raises(kernelpack.KernelpackError, match="max_total_bytes") as caught:
         kernelpack.ort_session(path, providers=["CPUExecutionProvider"], limits=Limits(max_total_bytes=one + 1000))
     assert caught.value.tensor == "w1" and onnx is not None
+
+
+def test_the_dct_table_exponent_from_its_definition_is_that_of_the_whole_table() -> None:
+    """Long dct tables are built once, from an exponent computed without them: it must be the
+    exponent of the table's largest entry for every n and k (all n < 160 here; the derivation
+    was checked for all n < 400 and for n up to 65536)."""
+    for n in range(1, 160):
+        for k in range(1, n + 1):
+            assert _exact.dct_table_exponent(n, k) == _exact.exponent(float(np.max(np.abs(_exact.dct_table(n, k)))))
+
+
+def test_a_long_dct_table_built_once_gives_the_bits_of_the_two_pass_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernelpack._backend import NumpyOps
+
+    monkeypatch.setattr(_exact, "TABLE_BLOCK", 2048)  # blocks of a few columns: the long-axis path
+    x = random_array(5, (6, 600)).astype(np.float64)
+    n, k = 700, 600
+    args = (NumpyOps(), x, 1, lambda lo, hi: _exact.dct_table(n, k, lo, hi), k, n)
+    assert _exact.table_blocks(k, n) == (1800, 2) and _exact.table_blocks(k, n, known_exponent=True) == (1800, 1)
+    assert_same_bits(_exact.transform_axis(*args, lambda: _exact.dct_table_exponent(n, k)),
+                     _exact.transform_axis(*args))

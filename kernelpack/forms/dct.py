@@ -25,8 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from kernelpack._backend import Ops
-from kernelpack._exact import (MAX_REDUCTION, dct_table, table_blocks, transform_axis, zigzag_box,
-                              zigzag_positions, zigzag_scatter)
+from kernelpack._exact import (MAX_REDUCTION, dct_table, dct_table_exponent, table_blocks, transform_axis,
+                              zigzag_box, zigzag_positions, zigzag_scatter)
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
                                     Quantisable, Stored, encoder_input, need, need_array, need_finite, need_int,
                                     need_only, read_work)
@@ -87,7 +87,7 @@ class DCTTensor(Encoded):
         current, block = list(box), 0
         for a in axes:
             k, n = current[a], shape[a]
-            entries, passes = table_blocks(k, n)
+            entries, passes = table_blocks(k, n, known_exponent=True)
             work += math.prod(current) * (n + 2 * ELEMENT_WORK) + passes * k * n * TABLE_ENTRY_WORK
             block = max(block, entries)
             current[a] = n
@@ -108,7 +108,8 @@ class DCTTensor(Encoded):
         x = ops.reshape(ops.scatter(math.prod(box), flat, values), box)
         for a in self.axes:
             n, k = self.shape[a], box[a]
-            x = transform_axis(ops, x, a, lambda lo, hi, n=n, k=k: dct_table(n, k, lo, hi), k, n)
+            x = transform_axis(ops, x, a, lambda lo, hi, n=n, k=k: dct_table(n, k, lo, hi), k, n,
+                               lambda n=n, k=k: dct_table_exponent(n, k))
         return ops.to_float32(x)
 
 
