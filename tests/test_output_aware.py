@@ -57,6 +57,8 @@ CONFIGS = {
     "linear": Linear(alpha=0.5),
     "linear-quantised": Linear(alpha=0.5, rel_step=0.1),
     "linear-low-rank": Linear(alpha=0.5, rank=4),
+    "series": Series(harmonics=2),
+    "series-quantised": Series(harmonics=2, rel_step=0.1),
 }
 
 

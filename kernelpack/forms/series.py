@@ -18,7 +18,10 @@ linspace(0.2 pi, 0.8 pi, k) and Chebyshev on linspace(-1, 1, k)) are explicit
 points or 'uniform'.
 
 Encoder: one closed-form least-squares solve for all slices at once
-(C = pinv(Tx^T) W pinv(Ty)), not gradient descent.
+(C = pinv(Tx^T) W pinv(Ty)), not gradient descent. Output-aware (``hessian``,
+kernelpack.forms._weighted): H-weighted least squares per row of W, c = (B^T H B)^-1 B^T H w
+with B the block map of the tables (:func:`weighted_coefficients`), and quantised
+coefficients rounded with error feedback under B^T H B.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from kernelpack._exact import MAX_REDUCTION, chebyshev_table, named_points, tran
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
                                     Quantisable, Stored, encoder_input, need, need_array, need_finite, need_int,
                                     need_only, read_work)
+from kernelpack.forms._weighted import feedback_store, hessians, row_groups, spd_solve
 
 NAME = "series"
 FAMILIES = ("cosine", "chebyshev")
@@ -166,7 +170,9 @@ class Series(Quantisable):
     points: str | tuple[Points, Points] = "cgl"
     dtype: str = "float16"
 
-    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> SeriesTensor:
+    def encode(self, array: np.ndarray, source_dtype: str = "float32", hessian: Any = None) -> SeriesTensor:
+        """``hessian`` (kernelpack.forms._weighted): coefficients fitted to the layer's outputs
+        (:func:`weighted_coefficients`), rounded with error feedback when quantised."""
         w = np.asarray(encoder_input(array, NAME, rank=2), dtype=np.float64)  # kernels (..., kh, kw)
         need(self.family in FAMILIES, "family", f"must be one of {FAMILIES}")
         nx, ny = (self.harmonics, self.harmonics) if isinstance(self.harmonics, int) else self.harmonics
@@ -178,10 +184,35 @@ class Series(Quantisable):
         points = (check_points(_as_field(pair[0]), "points", kh),
                   check_points(_as_field(pair[1]), "points", kw))
         table_x, table_y = sample_table(nx, points[0], kh), sample_table(ny, points[1], kw)
-        # W ~= Tx^T C Ty on the last two axes; the least-squares solution is separable.
-        coefficients = np.linalg.pinv(table_x.T) @ w @ np.linalg.pinv(table_y)
-        stored = self.store(coefficients)
+        if hessian is None:
+            # W ~= Tx^T C Ty on the last two axes; the least-squares solution is separable.
+            coefficients = np.linalg.pinv(table_x.T) @ w @ np.linalg.pinv(table_y)
+            stored = self.store(coefficients)
+        else:
+            need(w.ndim >= 3, "hessian", "an output-aware series fit needs kernels inside the rows of W "
+                 f"(rank >= 3), got shape {list(w.shape)}")
+            h = hessians(hessian, w.shape, NAME)
+            rows, gram = weighted_coefficients(w, h, np.kron(table_x.T, table_y.T))
+            stored = feedback_store(self, rows, gram, row_groups(w.shape[0], len(h)), w.shape[:-2] + (nx, ny))
         return SeriesTensor(tuple(w.shape), self.family, points, stored)  # type: ignore[arg-type]
+
+
+def weighted_coefficients(w: np.ndarray, h: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficient rows c (shape[0], m * Nx * Ny) minimising the output error, and their
+    metric G_g = B^T H_g B per group.
+
+    Row r of W (m kernels of kh * kw, m = prod(shape[1:-2])) is B c_r with B = I_m (x) ``block``,
+    ``block`` = Tx^T (x) Ty^T (kh * kw, Nx * Ny); c_r = (B^T H_g B)^-1 B^T H_g w_r, one Cholesky
+    per group for all its rows. G_g is built block by block (never B itself)."""
+    rows, groups = w.shape[0], len(h)
+    f, n = block.shape
+    m = math.prod(w.shape[1:]) // f
+    half = (h.reshape(groups, m, f, m, f) @ block)  # H B, per (group, i, f1, j, b)
+    gram = np.einsum("fa,gifjb->giajb", block, half).reshape(groups, m * n, m * n)
+    per_group = w.reshape(groups, rows // groups, m * f)
+    rhs = (np.einsum("grk,gkl->grl", per_group, h).reshape(groups, -1, m, f) @ block).reshape(groups, -1, m * n)
+    coefficients = spd_solve(gram, rhs.transpose(0, 2, 1)).transpose(0, 2, 1)
+    return coefficients.reshape(rows, m * n), gram
 
 
 def _as_field(points: Points) -> Points:
