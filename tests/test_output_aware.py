@@ -59,6 +59,8 @@ CONFIGS = {
     "linear-low-rank": Linear(alpha=0.5, rank=4),
     "series": Series(harmonics=2),
     "series-quantised": Series(harmonics=2, rel_step=0.1),
+    "basis": Basis(bank=4),
+    "basis-quantised": Basis(bank=4, rel_step=0.1),
 }
 
 
@@ -87,6 +89,21 @@ def test_a_singular_hessian_is_damped(name):
     w, h = weights(), correlated_h(54, samples=20)  # rank 20 < K = 54
     aware, plain = errors(CONFIGS[name], w, h)
     assert np.isfinite(aware) and aware < plain
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_an_identity_hessian_fits_the_weights_at_least_as_well(name):
+    """H = I makes E the weight error (damping only scales it): the least-squares fits are the
+    weight-only ones, and where the weight-only encoder rounds A or truncates it without
+    looking at the primaries, the output-aware one does at least as well."""
+    aware, plain = errors(CONFIGS[name], weights(), np.eye(54))
+    assert aware <= plain * (1 + 1e-3)
+
+
+def test_gptq_under_an_identity_hessian_is_round_to_nearest():
+    w = weights()
+    assert same_file_bits(Dense(rel_step=0.25).encode(w, "float32", hessian=np.eye(54)),
+                          Dense(rel_step=0.25).encode(w, "float32"))
 
 
 def test_gptq_keeps_the_step_and_the_code_dtype_and_beats_round_to_nearest():

@@ -16,7 +16,10 @@ to unit norm (g^), the best a for a slice f is <g^, f> and b = mean(f); one
 matrix product scores every slice against every filter and the largest |a| wins.
 Since the stored bank is rounded, a and b are then re-solved by least squares
 against the stored filter. Banks come from the caller or from k-means of the
-tensor's own normalised slices.
+tensor's own normalised slices. Output-aware (``hessian``, kernelpack.forms._weighted): the
+filter and (a, b) of each slice minimise its error under the diagonal block of H for its
+input channel (:func:`weighted_fit_slices`; cross-channel terms ignored); a and b are
+rounded to nearest.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 from kernelpack._backend import Ops
 from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, encoder_input, need,
                                     need_array, need_dtype, need_finite, need_name, need_only, to_stored)
+from kernelpack.forms._weighted import hessians
 
 NAME = "basis"
 INDEX_DTYPES = ("uint8", "uint16")
@@ -151,7 +155,9 @@ class Basis(Quantisable):
     dtype: str = "float16"
     seed: int = 0
 
-    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> BasisTensor:
+    def encode(self, array: np.ndarray, source_dtype: str = "float32", hessian: Any = None) -> BasisTensor:
+        """``hessian`` (kernelpack.forms._weighted): slices fitted to the layer's outputs
+        (:func:`weighted_fit_slices`); the k-means bank stays the weight-only one."""
         # A given bank is (n, *filter_shape); a k-means bank's filters are the kernels (kh, kw).
         given = None if isinstance(self.bank, (int, np.integer)) else np.asarray(
             encoder_input(self.bank, NAME, rank=2, field="bank"), np.float64)
@@ -167,7 +173,13 @@ class Basis(Quantisable):
             need(1 <= len(given) <= MAX_BANK, "bank", f"bank size must be in [1, {MAX_BANK}]")
             unit_bank = normalize_rows(given.reshape(len(given), -1))
         bank = self.store(unit_bank.reshape((-1,) + tuple(filt)))
-        index, a, b = fit_slices(slices, bank.values().astype(np.float64).reshape(len(unit_bank), -1))
+        stored_bank = bank.values().astype(np.float64).reshape(len(unit_bank), -1)
+        if hessian is None:
+            index, a, b = fit_slices(slices, stored_bank)
+        else:
+            need(w.ndim > len(filt), "hessian", "an output-aware basis fit needs slices inside the rows of W "
+                 f"(rank > the filter's), got shape {list(w.shape)}")
+            index, a, b = weighted_fit_slices(slices, stored_bank, hessians(hessian, w.shape, NAME))
         name = need_name(self.bank_name or content_name(bank), "bank")
         idx_dtype = "uint8" if len(unit_bank) <= 256 else "uint16"
         return BasisTensor(tuple(w.shape), name, bank, to_stored(index, idx_dtype), self.store(a), self.store(b))
@@ -193,4 +205,44 @@ def fit_slices(slices: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.nda
     denom = np.einsum("ij,ij->i", gc, gc)
     a = np.divide(np.einsum("ij,ij->i", gc, slices), denom, out=np.zeros(len(g)), where=denom > 0)
     b = slices.mean(axis=1) - a * g_mean[:, 0]
+    return index, a, b
+
+
+def weighted_fit_slices(slices: np.ndarray, bank: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fit_slices` under the output-error metric: slice c of a row of group g (columns
+    c*f .. c*f+f of W) is measured by M = the diagonal block of H_g for those columns, and
+    gets the filter g and (a, b) minimising (s - a g - b)^T M (s - a g - b), a 2 x 2 solve per
+    (slice, filter). Cross-slice terms of H (between input channels) are ignored: with them
+    the slices of a row would no longer be fitted one by one."""
+    groups, k = h.shape[0], h.shape[-1]
+    f = bank.shape[1]
+    per_row = k // f
+    grid = slices.reshape(groups, -1, per_row, f)
+    index = np.empty(grid.shape[:-1], np.intp)
+    a, b = np.empty(grid.shape[:-1]), np.empty(grid.shape[:-1])
+    for g in range(groups):
+        for c in range(per_row):
+            m = h[g, c * f:(c + 1) * f, c * f:(c + 1) * f]
+            index[g, :, c], a[g, :, c], b[g, :, c] = _metric_fit(grid[g, :, c], bank, m)
+    return index.reshape(-1), a.reshape(-1), b.reshape(-1)
+
+
+def _metric_fit(slices: np.ndarray, bank: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best (filter, a, b) of each slice under the positive definite metric ``m``: the filter
+    whose span {g, 1} removes most of |s|_M^2, the 2 x 2 normal equations for a and b (b alone
+    where g is constant in this metric)."""
+    mg = bank @ m  # (n, f)
+    ones = m.sum(axis=1)  # M 1
+    gmg, gm1, omo = np.einsum("nf,nf->n", mg, bank), mg.sum(axis=1), float(ones.sum())
+    smg, sm1 = slices @ mg.T, slices @ ones  # (r, n), (r,)
+    det = gmg * omo - gm1 ** 2
+    flat = det <= 1e-12 * np.maximum(gmg * omo, 1e-300)
+    safe = np.where(flat, 1.0, det)
+    gain = np.where(flat, sm1[:, None] ** 2 / omo,
+                    (omo * smg ** 2 - 2 * gm1 * smg * sm1[:, None] + gmg * sm1[:, None] ** 2) / safe)
+    index = np.argmax(gain, axis=1)
+    rows = np.arange(len(slices))
+    chosen_det, chosen_flat = safe[index], flat[index]
+    a = np.where(chosen_flat, 0.0, (omo * smg[rows, index] - gm1[index] * sm1) / chosen_det)
+    b = np.where(chosen_flat, sm1 / omo, (gmg[index] * sm1 - gm1[index] * smg[rows, index]) / chosen_det)
     return index, a, b
