@@ -61,6 +61,8 @@ CONFIGS = {
     "series-quantised": Series(harmonics=2, rel_step=0.1),
     "basis": Basis(bank=4),
     "basis-quantised": Basis(bank=4, rel_step=0.1),
+    "dct": DCT(keep=0.5),
+    "dct-quantised": DCT(keep=0.5, rel_step=0.1),
 }
 
 

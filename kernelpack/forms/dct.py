@@ -10,6 +10,10 @@ index over ``axes``, ties in row-major order). Decode: scatter the coefficients,
 then apply the orthonormal DCT-III along each transformed axis in ascending
 order with the fixed-point matmul (spec/FORMAT.md).
 
+Output-aware (``hessian``, kernelpack.forms._weighted): the kept coefficients by
+H-weighted least squares, conjugate gradients warm-started from the weight-only fit
+(:func:`weighted_coefficients`); quantised ones are rounded to nearest.
+
 Normalisation: orthonormal (``scipy.fft.dctn(norm='ortho')``). The paper drops
 the T0/2 term of its DCT-III and lets training absorb the scale; an orthonormal
 pair makes ``encode`` an exact inverse of ``decode`` up to truncation and lets
@@ -30,6 +34,7 @@ from kernelpack._exact import (MAX_REDUCTION, dct_table, dct_table_exponent, tab
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
                                     Quantisable, Stored, encoder_input, need, need_array, need_finite, need_int,
                                     need_only, read_work)
+from kernelpack.forms._weighted import hessians
 
 NAME = "dct"
 
@@ -126,7 +131,9 @@ class DCT(Quantisable):
     axes: Sequence[int] | None = None
     dtype: str = "float16"
 
-    def encode(self, array: np.ndarray, source_dtype: str = "float32") -> DCTTensor:
+    def encode(self, array: np.ndarray, source_dtype: str = "float32", hessian: Any = None) -> DCTTensor:
+        """``hessian`` (kernelpack.forms._weighted): the kept coefficients fitted to the layer's
+        outputs (:func:`weighted_coefficients`); they are rounded to nearest."""
         from scipy.fft import dctn
 
         x = np.asarray(encoder_input(array, NAME, rank=1), dtype=np.float64)
@@ -136,7 +143,10 @@ class DCT(Quantisable):
         boundary = self.boundary_for(x.size)
         spectrum = dctn(x, type=2, norm="ortho", axes=axes)
         positions = zigzag_positions(shape, axes, boundary)
-        return DCTTensor(shape, axes, self.store(spectrum[tuple(positions.T)]))
+        kept = spectrum[tuple(positions.T)]
+        if hessian is not None:
+            kept = weighted_coefficients(x, hessians(hessian, shape, NAME), axes, tuple(positions.T), kept)
+        return DCTTensor(shape, axes, self.store(kept))
 
     def boundary_for(self, size: int) -> int:
         """How many coefficients a tensor of ``size`` elements keeps: ``boundary``, else ``keep``."""
@@ -144,3 +154,49 @@ class DCT(Quantisable):
             return need_int(self.boundary, "boundary", 0, size)
         need(self.keep is not None and 0.0 <= self.keep <= 1.0, "keep", "must be in [0, 1]")
         return max(1, min(size, round(self.keep * size)))
+
+
+#: Conjugate-gradient iterations of the output-aware fit (fixed: the same numbers every run).
+CG_ITERATIONS = 32
+
+
+def weighted_coefficients(w: np.ndarray, h: np.ndarray, axes: tuple[int, ...], kept: tuple[np.ndarray, ...],
+                          start: np.ndarray) -> np.ndarray:
+    """The kept coefficients c minimising trace((W - W(c)) H (W - W(c))^T), W(c) the inverse DCT
+    of c scattered at ``kept``: the normal equations P^T D H_op D^T P c = P^T D H_op W (D the
+    orthonormal N-D DCT, H_op right-multiplication of each row group by H_g) are one
+    boundary x boundary system, solved by CG_ITERATIONS steps of conjugate gradients with the
+    fast transforms as operator, from ``start`` (the weight-only fit). Each step costs one dctn,
+    one idctn and one (rows x K x K) product. Every step lowers the damped objective, so E is
+    never above the weight-only fit's."""
+    from scipy.fft import dctn, idctn
+
+    shape, groups = w.shape, len(h)
+
+    def weighted(x: np.ndarray) -> np.ndarray:  # rows of each group times H_g
+        rows = x.reshape(groups, -1, h.shape[-1])
+        return np.einsum("grk,gkl->grl", rows, h).reshape(shape)
+
+    def operator(c: np.ndarray) -> np.ndarray:
+        spectrum = np.zeros(shape)
+        spectrum[kept] = c
+        return dctn(weighted(idctn(spectrum, type=2, norm="ortho", axes=axes)), type=2, norm="ortho", axes=axes)[kept]
+
+    c = np.array(start, dtype=np.float64)
+    residual = dctn(weighted(w), type=2, norm="ortho", axes=axes)[kept] - operator(c)
+    direction = residual.copy()
+    power = float(residual @ residual)
+    for _ in range(CG_ITERATIONS):
+        if power <= 0:
+            break
+        image = operator(direction)
+        curvature = float(direction @ image)
+        if curvature <= 0:
+            break
+        alpha = power / curvature
+        c += alpha * direction
+        residual -= alpha * image
+        new_power = float(residual @ residual)
+        direction = residual + (new_power / power) * direction
+        power = new_power
+    return c
