@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import tracemalloc
-import warnings
 
 import numpy as np
 import pytest
@@ -200,6 +199,14 @@ def test_torch_hooks_h_equals_unfold_moments():
     assert set(stats) == {"conv.weight", "grouped.weight", "up.weight", "fc.weight"}
     assert stats["grouped.weight"].h.shape == (2, 18, 18) and stats["fc.weight"].h.shape == (1, 128, 128)
     assert model.training  # the model's mode is restored
+
+
+def test_torch_conv1d_with_reflect_padding_sees_the_padded_input():
+    conv = torch.nn.Conv1d(2, 3, 3, padding=2, padding_mode="reflect", stride=2)
+    x = _rng().standard_normal((4, 2, 9)).astype(np.float32)
+    padded = F.pad(torch.from_numpy(x), (2, 2), mode="reflect").numpy()[:, :, None, :]
+    h, _ = _moments(_unfolded(padded, (1, 3), 2, (0, 0, 0, 0), 1, 1))
+    _close(cal.collect_torch(conv, x)["weight"].h, h)
 
 
 def test_torch_and_onnx_collections_agree():

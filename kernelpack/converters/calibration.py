@@ -50,6 +50,7 @@ Decisions (one home: :class:`LayerStats` and :func:`LayerStats.matrix`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -168,10 +169,12 @@ class _Accumulator:
             self.h += weight * np.matmul(xt.transpose(0, 2, 1), xt)
 
     def stats(self) -> LayerStats:
-        h = self.h / self.count
-        if self.groups == 1:
-            lower = np.tril(h[0])
-            h[0] = lower + np.tril(lower, -1).T
+        """The means, made in place (the accumulator is spent: H is not held twice)."""
+        h = self.h
+        h /= self.count
+        if self.groups == 1:  # syrk filled the lower triangle; the upper one is still zero
+            h[0] += np.tril(h[0], -1).T
+        self.h = None
         return LayerStats(h=h, mean=self.sum / self.count, count=self.count, samples=self.samples,
                           layout=self.layout, shape=self.shape)
 
@@ -261,6 +264,18 @@ def _conv_rows(x: np.ndarray, conv: _Conv) -> RowSource:
 def _matrix_rows(x: np.ndarray, scale: float = 1.0) -> RowSource:
     """Rows of a 2-D array of samples (n, K), times ``scale`` (Gemm's alpha), as (n, 1, K)."""
     return (lambda indices: (np.asarray(x[indices], np.float64) * scale)[:, None, :]), x.shape[0]
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """numpy's BLAS on one thread while collecting, where threadpoolctl is installed: the
+    accumulation is thousands of small products, and thread dispatch made the PP-OCR cls
+    collection 1.0 s on one thread against 12-17 s on two (2 loaded cores); one thread was
+    never slower on det or rec. Process-wide for the duration of the call, then restored."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, "blas")
 
 
 def _rng(seed: int, name: str, batch: int, use: int) -> np.random.Generator:
@@ -411,6 +426,9 @@ def _session(graph: Any, weights: Mapping[str, np.ndarray], extra_outputs: Itera
         graph.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # the arena keeps every exposed input's peak for good
+    # ORT's idle threads spin after each run, starving the BLAS products that follow (10x slower here)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(graph.SerializeToString(), with_weights(options, weights),
                                     providers=["CPUExecutionProvider"])
@@ -437,30 +455,38 @@ def collect_onnx(model: Any, inputs: Mapping[str, np.ndarray] | Iterable[Mapping
                                               - {o.name for o in graph.graph.output}))
     accumulators = {u.weight: _Accumulator(u.layout, weights[u.weight].shape, u.groups, u.k) for u in uses}
     names = [o.name for o in session.get_outputs()]
-    for b, batch in enumerate(_onnx_batches(inputs, batch_size)):
-        if set(batch) != set(feeds):
-            raise KernelpackError(f"calibration inputs {sorted(batch)} do not match the model's inputs "
-                                  f"{sorted(feeds)}", path=path, field="calibration")
-        try:
-            values = dict(zip(names, session.run(names, {k: np.asarray(v) for k, v in batch.items()})))
-        except Exception as exc:  # ORT raises its own types: report as one
-            raise KernelpackError(f"onnxruntime cannot run a calibration batch: {exc}", path=path,
-                                  field="calibration") from None
-        values.update(batch)
-        calls: dict[str, int] = defaultdict(int)
-        for use in uses:
-            rng = _rng(seed, use.weight, b, calls[use.weight])
-            calls[use.weight] += 1
-            try:
-                source = use.source(np.asarray(values[use.data]))
-            except KernelpackError as exc:
-                raise exc.located(path=path, tensor=use.weight) from None
-            accumulators[use.weight].add(source, rng, max_patches)
-        del values
+    with _one_blas_thread():
+        for b, batch in enumerate(_onnx_batches(inputs, batch_size)):
+            _onnx_batch(session, names, feeds, b, batch, uses, accumulators, max_patches, seed, path)
     return _finished(accumulators, skipped)
 
 
-def _finished(accumulators: Mapping[str, _Accumulator], skipped: dict[str, str]) -> dict[str, LayerStats]:
+def _onnx_batch(session: Any, names: list[str], feeds: list[str], b: int, batch: Mapping[str, np.ndarray],
+                uses: list[_Use], accumulators: Mapping[str, _Accumulator], max_patches: int, seed: int,
+                path: str | None) -> None:
+    """Run one batch and add every use's samples to its weight's accumulator."""
+    if set(batch) != set(feeds):
+        raise KernelpackError(f"calibration inputs {sorted(batch)} do not match the model's inputs "
+                              f"{sorted(feeds)}", path=path, field="calibration")
+    try:
+        values = dict(zip(names, session.run(names, {k: np.asarray(v) for k, v in batch.items()})))
+    except Exception as exc:  # ORT raises its own types: report as one
+        raise KernelpackError(f"onnxruntime cannot run a calibration batch: {exc}", path=path,
+                              field="calibration") from None
+    values.update(batch)
+    calls: dict[str, int] = defaultdict(int)
+    for use in uses:
+        rng = _rng(seed, use.weight, b, calls[use.weight])
+        calls[use.weight] += 1
+        try:
+            source = use.source(np.asarray(values[use.data]))
+        except KernelpackError as exc:
+            raise exc.located(path=path, tensor=use.weight) from None
+        accumulators[use.weight].add(source, rng, max_patches)
+
+
+def _finished(accumulators: dict[str, _Accumulator], skipped: dict[str, str]) -> dict[str, LayerStats]:
+    """The statistics of every layer that ran (the accumulators are spent); warns of the others."""
     out = {}
     for name, acc in accumulators.items():
         if acc.count:
@@ -559,7 +585,7 @@ def collect_torch(model: Any, inputs: Any, *, max_patches: int = MAX_PATCHES, ma
     training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _one_blas_thread():
             for args, kwargs in _torch_batches(torch, inputs, batch_size):
                 state["calls"] = defaultdict(int)
                 model(*args, **kwargs)
