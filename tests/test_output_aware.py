@@ -108,6 +108,14 @@ def test_gptq_under_an_identity_hessian_is_round_to_nearest():
                           Dense(rel_step=0.25).encode(w, "float32"))
 
 
+@pytest.mark.parametrize("name", ["linear", "linear-quantised", "linear-low-rank"])
+def test_more_primaries_than_inputs_is_damped(name):
+    """p = 12 primaries of K = 8 inputs: W_p H W_p^T is singular, damped where it is factored."""
+    w, h = weights((24, 8, 1, 1)), correlated_h(8)
+    aware, plain = errors(CONFIGS[name], w, h)
+    assert np.isfinite(aware) and aware <= plain + 1e-6 * output_error(w, 0 * w, h)
+
+
 def test_gptq_keeps_the_step_and_the_code_dtype_and_beats_round_to_nearest():
     w, h = weights(), correlated_h(54)
     aware = Dense(rel_step=0.25).encode(w, "float32", hessian=h).data

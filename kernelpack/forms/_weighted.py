@@ -23,7 +23,8 @@ Decisions (one home):
   least-squares forms its E is never above the weight-only fit's (that fit minimises the
   second term alone). An all-zero H (the layer only ever sees zeros) becomes I: the
   weight-only objective. Gram matrices derived from H (B^T H B, W_p H W_p^T) are factored as
-  they are and damped by the same rule only where their Cholesky fails (a rank-deficient map).
+  they are, with a numerical :data:`RIDGE` only where their Cholesky fails (a rank-deficient
+  map: there the damped fit would shrink the solution, the ridge only picks one).
 * **Error feedback.** Quantised numbers are rounded by :func:`feedback_codes` (Frantar et al.,
   GPTQ): columns in order of decreasing diag(H) (GPTQ's ``act_order``), each rounded to the
   grid and its error spread over the columns not yet rounded with the upper Cholesky factor of
@@ -48,6 +49,10 @@ DAMPING = 0.01
 #: Columns rounded per block of the error feedback (GPTQ's lazy batch updates).
 BLOCK = 128
 ROWS = "rows"
+#: Relative ridge of a derived Gram matrix that is singular (B^T H B of more coefficients than
+#: kernel points, W_p H W_p^T of more primaries than inputs): numerical only, so that the fit
+#: stays exact on the range (close to the minimum-norm solution) instead of shrinking by DAMPING.
+RIDGE = 1e-10
 
 
 def is_stats(hessian: Any) -> bool:
@@ -75,24 +80,21 @@ def hessians(hessian: Any, shape: tuple[int, ...], form: str) -> np.ndarray:
     return damp(0.5 * (h + h.transpose(0, 2, 1)))
 
 
-def damp(h: np.ndarray) -> np.ndarray:
-    """``H + DAMPING * mean(diag H) * I`` per matrix of a stack (an all-zero H becomes I)."""
-    scale = DAMPING * np.einsum("gii->g", h) / h.shape[-1]
-    out = h + scale[:, None, None] * np.eye(h.shape[-1])
-    zero = scale <= 0
-    out[zero] = np.eye(h.shape[-1])
-    return out
+def damp(h: np.ndarray, relative: float = DAMPING) -> np.ndarray:
+    """``H + relative * mean(diag H) * I`` per matrix (of a stack or one; an all-zero H becomes I)."""
+    scale = relative * np.einsum("...ii->...", h)[..., None, None] / h.shape[-1]
+    return np.where(scale > 0, h + scale * np.eye(h.shape[-1]), np.eye(h.shape[-1]))
 
 
 def cholesky(g: np.ndarray) -> np.ndarray:
-    """Lower Cholesky factors of a stack of symmetric PSD matrices, damped (:func:`damp`) where
-    one is singular; KernelpackError when even that fails (H was not a second moment)."""
+    """Lower Cholesky factors of a stack of symmetric PSD matrices, with a RIDGE (:func:`damp`)
+    where one is singular; KernelpackError when even that fails (H was not a second moment)."""
     try:
         return np.linalg.cholesky(g)
     except np.linalg.LinAlgError:
         pass
     try:
-        return np.linalg.cholesky(damp(g))
+        return np.linalg.cholesky(damp(g, RIDGE))
     except np.linalg.LinAlgError:
         raise KernelpackError("is not positive semi-definite (not a second moment E[x x^T])",
                               field="hessian") from None

@@ -174,8 +174,7 @@ def weighted_coefficients(w: np.ndarray, h: np.ndarray, axes: tuple[int, ...], k
     shape, groups = w.shape, len(h)
 
     def weighted(x: np.ndarray) -> np.ndarray:  # rows of each group times H_g
-        rows = x.reshape(groups, -1, h.shape[-1])
-        return np.einsum("grk,gkl->grl", rows, h).reshape(shape)
+        return (x.reshape(groups, -1, h.shape[-1]) @ h).reshape(shape)
 
     def operator(c: np.ndarray) -> np.ndarray:
         spectrum = np.zeros(shape)

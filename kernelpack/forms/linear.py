@@ -178,8 +178,8 @@ class Linear(Quantisable):
         low-rank A1 A2 is the truncation optimal under the mean metric of the secondaries
         (exact for one group), rounded to nearest."""
         p, s = wp.shape[0], ws.shape[0]
-        projected = np.einsum("pk,gkl->gpl", wp, h)  # W_p H_g
-        gram = np.einsum("gpl,ql->gpq", projected, wp)  # G_g = W_p H_g W_p^T
+        projected = wp @ h  # W_p H_g, (groups, p, K)
+        gram = projected @ wp.T  # G_g = W_p H_g W_p^T
         a = np.zeros((p, s))
         for g in np.unique(groups):
             mine = groups == g

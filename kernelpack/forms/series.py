@@ -207,10 +207,10 @@ def weighted_coefficients(w: np.ndarray, h: np.ndarray, block: np.ndarray) -> tu
     rows, groups = w.shape[0], len(h)
     f, n = block.shape
     m = math.prod(w.shape[1:]) // f
-    half = (h.reshape(groups, m, f, m, f) @ block)  # H B, per (group, i, f1, j, b)
-    gram = np.einsum("fa,gifjb->giajb", block, half).reshape(groups, m * n, m * n)
+    half = h.reshape(groups, m, f, m, f) @ block  # H B: (group, i, f1, j, b)
+    gram = (half.transpose(0, 1, 3, 4, 2) @ block).transpose(0, 1, 4, 2, 3).reshape(groups, m * n, m * n)
     per_group = w.reshape(groups, rows // groups, m * f)
-    rhs = (np.einsum("grk,gkl->grl", per_group, h).reshape(groups, -1, m, f) @ block).reshape(groups, -1, m * n)
+    rhs = ((per_group @ h).reshape(groups, -1, m, f) @ block).reshape(groups, -1, m * n)
     coefficients = spd_solve(gram, rhs.transpose(0, 2, 1)).transpose(0, 2, 1)
     return coefficients.reshape(rows, m * n), gram
 
