@@ -451,8 +451,11 @@ def collect_onnx(model: Any, inputs: Mapping[str, np.ndarray] | Iterable[Mapping
     uses = _onnx_uses(graph.graph, weights, max_k, skipped)
     initializers = {t.name for t in graph.graph.initializer}
     feeds = [i.name for i in graph.graph.input if i.name not in initializers]
-    session = _session(graph, weights, sorted({u.data for u in uses} - set(feeds)
-                                              - {o.name for o in graph.graph.output}))
+    try:
+        session = _session(graph, weights, sorted({u.data for u in uses} - set(feeds)
+                                                  - {o.name for o in graph.graph.output}))
+    except KernelpackError as exc:
+        raise exc.located(path=path) from None
     accumulators = {u.weight: _Accumulator(u.layout, weights[u.weight].shape, u.groups, u.k) for u in uses}
     names = [o.name for o in session.get_outputs()]
     with _one_blas_thread():
