@@ -28,6 +28,8 @@ _HOMES = {
     "DenseWeight": "dense",
     "convsim_loss": "convsim", "convsim_penalty": "convsim", "convsim_init_": "convsim",
     "fine_tune": "train", "accuracy": "train",
+    "collect_onnx": "calibration", "collect_torch": "calibration", "load_inputs": "calibration",
+    "split": "calibration", "LayerStats": "calibration",
 }
 
 __all__ = sorted(_HOMES)
