@@ -12,19 +12,27 @@ canonical decode:
   were not);
 * ``right_inverse`` initialises the fields with the form's own closed-form encoder
   (``kernelpack.forms``), so there is one home for each fit.
+
+Everything else the forward pass depends on is in ``state_dict`` too, so that a plain torch
+checkpoint (``torch.save(model.state_dict())``) restores the very forward pass: banks,
+indices and orders are persistent buffers; the quantisation steps (and the dct boundary)
+are the parametrisation's extra state (``get_extra_state``), plain lists of floats, ints
+and None, which ``torch.load(weights_only=True)`` reads without unpickling any object.
+Derived tables (from shape and config) are non-persistent buffers, rebuilt by ``compress_``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from kernelpack.errors import KernelpackError
 from kernelpack.forms import Encoded
-from kernelpack.forms._base import Stored, quantise, to_stored
+from kernelpack.forms._base import Stored, as_step, quantise, shown, to_stored
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -71,6 +79,21 @@ class FormWeight(nn.Module, ABC):
 
     #: Names of the trainable fields, in the order ``right_inverse`` returns them.
     field_names: tuple[str, ...] = ()
+    #: The step of each stored number array (None: not quantised), fixed by ``right_inverse``
+    #: from the fit; the forward pass quantises with them.
+    steps: tuple[float | None, ...] = ()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What ``state_dict`` saves besides tensors: ``{"steps": [float or None, ...]}``."""
+        return {"steps": list(self.steps)}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore :meth:`get_extra_state` from a checkpoint, checked against this config: the
+        same keys, and a step exactly where this config quantises (field ``extra_state``)."""
+        if not isinstance(state, Mapping) or set(state) != set(self.get_extra_state()):
+            raise KernelpackError(f"{type(self).__name__} takes a dict with keys "
+                                  f"{sorted(self.get_extra_state())}, got {shown(state)}", field="extra_state")
+        self.steps = checked_steps(state["steps"], self.steps)
 
     @abstractmethod
     def to_encoded(self, *fields: torch.Tensor) -> Encoded:
@@ -81,6 +104,18 @@ class FormWeight(nn.Module, ABC):
 
     def settings(self) -> dict[str, Any]:
         return {}
+
+
+def checked_steps(saved: Any, current: tuple[float | None, ...]) -> tuple[float | None, ...]:
+    """A checkpoint's steps: as many as ``current``, None where it is None, else a valid float32 step."""
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(current):
+        raise KernelpackError(f"steps must be a list of {len(current)} entries, got {shown(saved)}",
+                              field="extra_state.steps")
+    if [s is None for s in saved] != [s is None for s in current]:
+        raise KernelpackError(f"steps {list(saved)} do not match this config's quantisation "
+                              f"{['quantised' if s is not None else None for s in current]}",
+                              field="extra_state.steps")
+    return tuple(None if s is None else as_step(s, "extra_state.steps") for s in saved)
 
 
 def form_weights(model: nn.Module, kind: type[FormWeight] = FormWeight) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class BasisWeight(FormWeight):
         self.shape = tuple(int(d) for d in shape)
         self.config, self.dtype = config, config.dtype
         self.steps: tuple[float | None, ...] = (None, None, None)  # bank, a, b: set by right_inverse
+        # The gradient summed since the last reassign_ (not in state_dict: a restored model
+        # starts a new sum, as after a reassign_).
         self.pull: torch.Tensor | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -54,6 +56,21 @@ class BasisWeight(FormWeight):
         if weight.requires_grad:
             weight.register_hook(self._accumulate)
         return weight
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A checkpoint's bank may hold another number of filters than this model's own fit
+        found (k-means of other weights can find fewer): take its size, then load as usual."""
+        bank = state_dict.get(prefix + "bank")
+        if isinstance(bank, torch.Tensor) and bank.shape[1:] == self.bank.shape[1:]:
+            self.register_buffer("bank", torch.empty(bank.shape, dtype=self.bank.dtype, device=self.bank.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_extra_state(self, state: Any) -> None:
+        """The steps, after the buffers: the restored indices must pick filters of the restored bank."""
+        super().set_extra_state(state)
+        if len(self.index) and not 0 <= int(self.index.min()) <= int(self.index.max()) < len(self.bank):
+            raise KernelpackError(f"a checkpoint's index picks filters outside its bank of {len(self.bank)}",
+                                  field="index")
 
     def _accumulate(self, grad: torch.Tensor) -> None:
         """Sum the gradients of the dense weight since the last re-assignment."""

@@ -34,6 +34,7 @@ from kernelpack._exact import dct_table, zigzag_positions
 from kernelpack.converters._common import FormWeight, as_numpy64, as_stored, form_weights, stored
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT
+from kernelpack.forms._base import shown
 from kernelpack.forms.dct import DCTTensor, check_axes
 
 
@@ -47,7 +48,7 @@ class DCTWeight(FormWeight):
         self.shape = tuple(int(d) for d in shape)
         self.axes = check_axes(tuple(range(len(self.shape))) if config.axes is None
                                else sorted(a % len(self.shape) for a in config.axes), self.shape)
-        self.config, self.dtype, self.step = config, config.dtype, None
+        self.config, self.dtype, self.steps = config, config.dtype, (None,)
         size = math.prod(self.shape)
         order = zigzag_positions(self.shape, self.axes, size)
         rank = np.empty(self.shape, dtype=np.int64)
@@ -76,6 +77,17 @@ class DCTWeight(FormWeight):
     def settings(self) -> dict[str, Any]:
         return {"axes": self.axes, "boundary": self.boundary, "dtype": self.dtype}
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The steps and the boundary (which ``TailDropout`` moves during training)."""
+        return {**super().get_extra_state(), "boundary": self.boundary}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        boundary = state["boundary"]
+        if not isinstance(boundary, int) or isinstance(boundary, bool):
+            raise KernelpackError(f"boundary must be an int, got {shown(boundary)}", field="extra_state.boundary")
+        self.boundary = boundary
+
     def _transform(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
         for a in self.axes:
             table = getattr(self, f"table{a}").to(x.dtype)
@@ -85,20 +97,20 @@ class DCTWeight(FormWeight):
         return x
 
     def forward(self, spectrum: torch.Tensor) -> torch.Tensor:
-        kept = as_stored(spectrum, self.dtype, self.step) * (self.rank < self.boundary)
+        kept = as_stored(spectrum, self.dtype, self.steps[0]) * (self.rank < self.boundary)
         return self._transform(kept, inverse=True)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
         """The full spectrum of ``weight`` (the mask applies in ``forward``); a quantised
         config's step is the one its fit of ``weight`` chooses, fixed from then on."""
         if self.config.quantised:
-            self.step = self.config.encode(as_numpy64(weight)).coefficients.step
+            self.steps = (self.config.encode(as_numpy64(weight)).coefficients.step,)
         return (self._transform(weight.detach(), inverse=False),)
 
     def to_encoded(self, spectrum: torch.Tensor) -> DCTTensor:
         positions = zigzag_positions(self.shape, self.axes, self.boundary)
         kept = spectrum.detach()[tuple(torch.from_numpy(positions.T).to(spectrum.device))]
-        return DCTTensor(self.shape, self.axes, stored(kept, self.dtype, self.step))
+        return DCTTensor(self.shape, self.axes, stored(kept, self.dtype, self.steps[0]))
 
 
 def allocate(sizes: Mapping[str, int], budget: int, floor: int | Mapping[str, int] = 32,

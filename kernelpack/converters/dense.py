@@ -19,17 +19,17 @@ class DenseWeight(FormWeight):
     def __init__(self, shape: Sequence[int], config: Dense) -> None:
         super().__init__()
         self.shape, self.dtype = tuple(int(d) for d in shape), config.dtype
-        self.config, self.step = config, None
+        self.config, self.steps = config, (None,)
 
     def settings(self) -> dict[str, Any]:
         return {"dtype": self.dtype}
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        return as_stored(values, self.dtype, self.step)
+        return as_stored(values, self.dtype, self.steps[0])
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
-        self.step = self.config.step_for(as_numpy64(weight))
+        self.steps = (self.config.step_for(as_numpy64(weight)),)
         return (weight.detach().clone(),)
 
     def to_encoded(self, values: torch.Tensor) -> DenseTensor:
-        return DenseTensor(stored(values, self.dtype, self.step), "float32")
+        return DenseTensor(stored(values, self.dtype, self.steps[0]), "float32")

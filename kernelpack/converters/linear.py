@@ -4,6 +4,9 @@
 secondary filters are A^T W_p. Layers converted after training keep the form's
 ``order`` (the pivoted-QR choice of primaries); layers trained from scratch
 (``compress_`` on an untrained model) have the primaries first and no order.
+The order is always a buffer (the identity when the fit keeps the rows as they are, and
+then not stored), so that a checkpoint restores into any fresh ``compress_`` of the config,
+whichever rows that model's own fit picked.
 :func:`correlation_loss` is the paper's Algorithm 1.
 """
 
@@ -41,20 +44,20 @@ class LinearWeight(FormWeight):
         a = [as_stored(c, self.dtype, step) for c, step in zip(coefficients, self.steps[1:])]
         coeff = a[0] @ a[1] if len(a) == 2 else a[0]
         rows = torch.cat([wp, coeff.T @ wp])
-        if self.order is not None:
-            rows = rows[torch.argsort(self.order)]
-        return rows.reshape(self.shape)
+        return rows[torch.argsort(self.order)].reshape(self.shape)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoded = self.config.encode(as_numpy64(weight))
-        order = None if encoded.order is None else torch.from_numpy(encoded.order.data.astype(np.int64))
-        self.register_buffer("order", None if order is None else order.to(weight.device))
+        order = (torch.arange(self.shape[0]) if encoded.order is None
+                 else torch.from_numpy(encoded.order.data.astype(np.int64)))
+        self.register_buffer("order", order.to(weight.device))
         fitted = (encoded.primaries, *encoded.coefficients)
         self.steps = tuple(s.step for s in fitted)  # a quantised config's steps, fixed from the fit
         return tuple(as_param(s.values(), weight) for s in fitted)
 
     def to_encoded(self, primaries: torch.Tensor, *coefficients: torch.Tensor) -> LinearTensor:
-        order = None if self.order is None else to_stored(self.order.cpu().numpy(), "int32")
+        order = self.order.cpu().numpy()
+        order = None if np.array_equal(order, np.arange(len(order))) else to_stored(order, "int32")
         return LinearTensor(self.shape, stored(primaries, self.dtype, self.steps[0]),
                             tuple(stored(c, self.dtype, s) for c, s in zip(coefficients, self.steps[1:])), order)
 

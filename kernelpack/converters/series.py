@@ -29,7 +29,7 @@ class SeriesWeight(FormWeight):
         # The form's encoder validates the settings and fixes the points and tables.
         probe = config.encode(torch.zeros(self.shape, dtype=torch.float64).numpy())
         self.family, self.points, self.dtype = probe.family, probe.points, config.dtype
-        self.step: float | None = None  # set by right_inverse
+        self.steps: tuple[float | None] = (None,)  # set by right_inverse
         table_x, table_y = probe.tables()
         self.register_buffer("table_x", torch.tensor(table_x, dtype=torch.float32), persistent=False)
         self.register_buffer("table_y", torch.tensor(table_y, dtype=torch.float32), persistent=False)
@@ -39,14 +39,14 @@ class SeriesWeight(FormWeight):
                 "dtype": self.dtype}
 
     def forward(self, coefficients: torch.Tensor) -> torch.Tensor:
-        c = as_stored(coefficients, self.dtype, self.step)
+        c = as_stored(coefficients, self.dtype, self.steps[0])
         tx, ty = self.table_x.to(c.dtype), self.table_y.to(c.dtype)
         return tx.T @ c @ ty
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
         encoded = self.config.encode(as_numpy64(weight))
-        self.step = encoded.coefficients.step  # a quantised config's step, fixed from the fit
+        self.steps = (encoded.coefficients.step,)  # a quantised config's step, fixed from the fit
         return (as_param(encoded.coefficients.values(), weight),)
 
     def to_encoded(self, coefficients: torch.Tensor) -> SeriesTensor:
-        return SeriesTensor(self.shape, self.family, self.points, stored(coefficients, self.dtype, self.step))
+        return SeriesTensor(self.shape, self.family, self.points, stored(coefficients, self.dtype, self.steps[0]))
