@@ -7,7 +7,7 @@ Two tables, one run:
   cached by a first decode, BLAS on one thread) divided by its declared work. Every case is
   timed ``--repeats`` times, the cases interleaved round-robin so that a change in the
   machine's load hits all of them, and the median taken. The default work bound,
-  ``2**32 + 2**16`` per file byte, is only meaningful if this stays below about 1 ns.
+  ``2**32 + 2**17`` per file byte, is only meaningful if this stays below about 1 ns.
 * **models**: whole state dicts (ResNet-18/50 and VGG-16 shapes) packed with every weight of
   rank >= 2 in one form; their total declared work against the default bound of their own
   file (packed for real, so the file size is real).

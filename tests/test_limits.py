@@ -68,7 +68,7 @@ def test_a_small_file_with_a_huge_decode_is_refused_before_it_runs(tmp_path: Pat
 def test_the_default_work_bound_grows_with_the_file() -> None:
     """A real model's work grows with its stored bytes; a small file gets 2**32 units."""
     limits = Limits()
-    assert limits.work(0) == 1 << 32 and limits.work(10 * MiB) == (1 << 32) + (10 * MiB << 16)
+    assert limits.work(0) == 1 << 32 and limits.work(10 * MiB) == (1 << 32) + (10 * MiB << 17)
     assert Limits(max_work=5).work(1 << 30) == 5
     assert limits.total_bytes(0) == 4 << 30 and limits.total_bytes(2 << 30) == 8 << 30
 
