@@ -129,13 +129,15 @@ def output_error(w: np.ndarray, approx: np.ndarray, hessian: Any) -> float:
 
 def feedback_codes(w: np.ndarray, h: np.ndarray, step: float, limit: int) -> np.ndarray:
     """GPTQ codes (float64 integers in [-limit, limit]) of the rows ``w`` (n, K) for one H."""
-    from scipy.linalg import cho_solve
+    from scipy.linalg import solve_triangular
 
     order = np.argsort(-np.diag(h), kind="stable")
     h = h[np.ix_(order, order)]
     k = h.shape[0]
-    inverse = cho_solve((cholesky(h), True), np.eye(k))
-    u = np.linalg.cholesky(0.5 * (inverse + inverse.T)).T  # upper: H^-1 = U^T U
+    # Upper U with H^-1 = U^T U, without forming H^-1: with P the reversal and P H P = L L^T,
+    # U = P L^-1 P (one Cholesky and one triangular inverse).
+    low = cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    u = solve_triangular(low, np.eye(k), lower=True)[::-1, ::-1]
     x = np.array(w[:, order], dtype=np.float64) / step  # in units of the step
     codes = np.empty_like(x)
     for lo in range(0, k, BLOCK):
