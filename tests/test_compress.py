@@ -15,6 +15,7 @@ import kernelpack
 from kernelpack import DCT, Basis, Dense, Linear, Series
 from kernelpack._backend import NumpyOps
 from kernelpack.converters import compress_, encoded_state, finalize_, rule_for
+from kernelpack.converters._common import form_weights
 from kernelpack.converters.examples import LeNet5, ResNetS
 
 
@@ -26,6 +27,84 @@ def test_rules_exact_names_first_then_the_first_matching_pattern() -> None:
     assert rule_for(rules, "fc2") == Linear()
     assert rule_for(DCT(), "anything") == DCT()
     assert rule_for({"conv1": DCT()}, "fc3") is None
+
+
+def test_rules_address_parameters_exact_parameter_then_module_then_patterns_in_order() -> None:
+    rules = {"rnn.weight_hh_l0": None, "rnn": DCT(keep=0.5), "*_reverse": Linear(), "*weight_ih*": Series()}
+    assert rule_for(rules, "rnn", "weight_hh_l0") is None
+    assert rule_for(rules, "rnn", "weight_ih_l0") == DCT(keep=0.5)  # the module's name before patterns
+    assert rule_for(rules, "enc.rnn", "weight_ih_l0_reverse") == Linear()  # the first matching pattern
+    assert rule_for(rules, "enc.rnn", "weight_ih_l1") == Series()
+    assert rule_for(rules, "enc.rnn", "bias_ih_l1") is None
+
+
+class Layers(nn.Module):
+    """One of each layer whose weights are not a Conv/Linear ``weight``, and a bare parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        self.rnn = nn.LSTM(6, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(8, 4, batch_first=True)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
+        self.grouped = nn.Conv2d(6, 4, 3, groups=2)
+        self.depthwise = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.scale = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = self.gru(self.rnn(self.embed(tokens))[0])[0]
+        seq = self.attn(seq, seq, seq, need_weights=False)[0]
+        maps = seq.transpose(1, 2)[..., None] * seq.transpose(1, 2)[:, :, None]  # (N, 4, T, T)
+        return self.depthwise(self.grouped(self.up(maps))) * self.scale
+
+
+#: Which parametrised weights each rule reaches, and the form its file stores.
+LAYER_RULES = {
+    "embed": (Linear(alpha=0.5), {"embed.weight": "linear"}),
+    "rnn": (DCT(keep=0.5), {f"rnn.weight_{k}_l{i}{r}": "dct" for k in ("ih", "hh") for i in (0, 1)
+                             for r in ("", "_reverse")}),
+    "gru.weight_hh_l0": (Dense(rel_step=0.05), {"gru.weight_hh_l0": "dense"}),
+    "attn*": (Linear(alpha=0.5, rank=1), {"attn.in_proj_weight": "linear", "attn.out_proj.weight": "linear"}),
+    "up": (Basis(bank=4), {"up.weight": "basis"}),
+    "grouped": (Series(harmonics=2), {"grouped.weight": "series"}),
+    "depthwise.weight": (DCT(keep=0.6, rel_step=0.05), {"depthwise.weight": "dct"}),
+    "scale": (Dense(dtype="float16"), {"scale": "dense"}),
+}
+
+
+@pytest.mark.parametrize("rule", LAYER_RULES)
+def test_every_weight_of_rank_two_or_more_takes_a_form_packs_and_loads_into_the_plain_model(
+        rule: str, tmp_path: Path) -> None:
+    config, reached = LAYER_RULES[rule]
+    torch.manual_seed(0)
+    net = compress_(Layers(), {rule: config})
+    tokens = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1))
+    assert set(form_weights(net)) == set(reached)
+    net.eval()
+    with torch.no_grad():
+        out = net(tokens)
+        weights = {n: getattr(net.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in reached}
+    path = tmp_path / "layers.kpk"
+    kernelpack.save(net, path)
+    with kernelpack.open(path) as c:
+        assert {n: c.info(n).form for n in reached} == reached
+    torch.manual_seed(3)
+    plain = Layers().eval()
+    kernelpack.load_model(plain, path)
+    decoded = kernelpack.load(path)
+    with torch.no_grad():
+        for name in reached:  # the plain model holds exactly the canonical decode ...
+            assert torch.equal(dict(plain.named_parameters())[name], decoded[name])
+            # ... which the training-time forward computes up to float32 rounding
+            torch.testing.assert_close(decoded[name], weights[name], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(plain(tokens), out, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rule_that_matches_no_parameter_is_a_warning_naming_it() -> None:
+    with pytest.warns(UserWarning, match="'nosuch'.*'\\*.bias'"):
+        compress_(Layers(), {"nosuch": DCT(), "*.bias": DCT(), "rnn": Dense(dtype="float16")})
+    assert parametrize.is_parametrized(compress_(LeNet5(), {"conv1": Series()}).conv1, "weight")
 
 
 def test_lenet_layers_get_their_forms_and_start_at_the_closed_form_fit() -> None:

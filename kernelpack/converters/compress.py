@@ -6,18 +6,34 @@ unchanged. Each chosen weight gets the parametrisation of its form
 closed-form fit; ``kernelpack.save(model, path)`` then packs the trained fields as
 they are (no re-fit).
 
-A config is one form config (for every conv and linear weight), or a mapping from
-names to form configs (or ``None``: leave alone). A key is an exact name or an
-``fnmatch`` pattern, matched against the module's name (``features.3``) and the
-weight's name (``features.3.weight``); an exact name wins, then the first matching
-pattern, so ``{"conv1": Series(harmonics=4), "*": Basis(bank=8)}`` gives conv1 a
-series and every other layer a bank. ``kernelpack.plan`` returns such a mapping.
+Every parameter of rank >= 2 can take a form, whatever its module: conv and linear
+weights, ``nn.LSTM``/``nn.GRU``'s ``weight_ih_l0``/``weight_hh_l0`` (and ``_reverse``),
+embeddings, ``ConvTranspose``, grouped and depthwise convs, ``nn.MultiheadAttention``'s
+``in_proj_weight`` and its ``out_proj`` linear, a bare ``nn.Parameter``: the form is a
+parametrisation of that parameter (torch's ``parametrize`` takes any name). Biases, norms
+and other rank-1 parameters stay as they are.
+
+A form reads the parameter as torch lays it out: dim 0 holds the rows (LinearConv's
+filters and primaries), the last two dims a kernel (series, basis). For ``ConvTranspose``
+(C_in, C_out/groups, kh, kw) the rows are therefore the *input* channels; for an RNN
+weight (4H or 3H, in) they are the gate rows; for an embedding, the tokens.
+
+A config is one form config (the default for every such parameter), or a mapping from
+names to form configs (or ``None``: leave alone). A key is an exact name or an ``fnmatch``
+pattern, matched against the parameter's name (``rnn.weight_ih_l0``, ``features.3.weight``)
+and its module's name (``rnn``, ``features.3``). Precedence: the exact parameter name, then
+the exact module name, then the first matching pattern; a parameter no key matches is left
+alone. So ``{"conv1": Series(harmonics=4), "rnn.weight_hh_l0": None, "*": Basis(bank=8)}``
+gives conv1 a series, leaves one LSTM matrix dense and gives every other weight a bank.
+A key that matches no parameter of rank >= 2 is a warning (a typo would otherwise leave
+the model silently uncompressed). ``kernelpack.plan`` returns such a mapping.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Mapping
+import warnings
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -36,17 +52,15 @@ from kernelpack.forms._base import key_shown, shown
 #: The training-time parametrisation of each form's config.
 PARAMETRISATIONS: dict[type, type[FormWeight]] = {
     DCT: DCTWeight, Series: SeriesWeight, Basis: BasisWeight, Linear: LinearWeight, Dense: DenseWeight}
-#: Layers whose ``weight`` compress_ considers.
-LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-
 Rules = Config | Mapping[str, Config | None]
 
 
-def rule_for(config: Rules, module_name: str) -> Config | None:
-    """The config a layer gets: exact module or weight name, else the first matching pattern."""
+def rule_for(config: Rules, module_name: str, tensor: str = "weight") -> Config | None:
+    """The config parameter ``tensor`` of module ``module_name`` gets: its exact parameter name,
+    else its exact module name, else the first pattern matching either, else None."""
     if hasattr(config, "encode"):
         return config  # type: ignore[return-value]
-    names = (module_name, f"{module_name}.weight")
+    names = (_join(module_name, tensor), module_name)
     for name in names:
         if name in config:  # type: ignore[operator]
             return config[name]  # type: ignore[index]
@@ -54,6 +68,23 @@ def rule_for(config: Rules, module_name: str) -> Config | None:
         if any(fnmatch.fnmatchcase(name, pattern) for name in names):
             return value
     return None
+
+
+def targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of every parameter of rank >= 2 that can take a form,
+    and of every parametrised one (so that a rule naming it is refused, not ignored); the
+    trained fields inside parametrisations are not targets themselves."""
+    inside = {id(m) for module in model.modules() if parametrize.is_parametrized(module)
+              for m in module.parametrizations.modules()}
+    for module_name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        for tensor, param in module.named_parameters(recurse=False):
+            if param.ndim >= 2:
+                yield module_name, module, tensor
+        if parametrize.is_parametrized(module):
+            for tensor in module.parametrizations:
+                yield module_name, module, tensor
 
 
 def check_rules(model: Any, config: Any) -> None:
@@ -75,30 +106,40 @@ def check_rules(model: Any, config: Any) -> None:
 
 
 def compress_(model: nn.Module, config: Rules) -> nn.Module:
-    """Parametrise every conv/linear weight the config names with its form; returns ``model``.
+    """Parametrise every parameter of rank >= 2 the config names with its form; returns ``model``.
 
-    Dense configs without a narrower dtype leave the weight alone. Errors name the weight; the
-    model and every rule are checked first (a rule no layer matches is still checked).
+    Dense configs without a narrower dtype leave the weight alone. Errors name the parameter;
+    the model and every rule are checked first (a rule no parameter matches is still checked,
+    and a warning).
     """
     check_rules(model, config)
-    for module_name, module in list(model.named_modules()):
-        if not isinstance(module, LAYERS):
-            continue
-        chosen = rule_for(config, module_name)
+    chosen_for = [(m, module, t, rule_for(config, m, t)) for m, module, t in targets(model)]
+    _warn_unmatched(config, [_join(m, t) for m, _, t, _ in chosen_for] + [m for m, _, _, _ in chosen_for])
+    for module_name, module, tensor, chosen in chosen_for:
         if chosen is None or (isinstance(chosen, Dense) and chosen.dtype in (None, "float32")
                               and not chosen.quantised):
             continue
-        name = f"{module_name}.weight"
         try:
-            if parametrize.is_parametrized(module, "weight"):
-                raise KernelpackError("is already parametrised", field="weight")
+            if parametrize.is_parametrized(module, tensor):
+                raise KernelpackError("is already parametrised", field=tensor)
             if type(chosen) not in PARAMETRISATIONS:
                 raise KernelpackError(f"{chosen!r} is not a form config", field="config")
-            form = PARAMETRISATIONS[type(chosen)](module.weight.shape, chosen)
-            parametrize.register_parametrization(module, "weight", form)
+            form = PARAMETRISATIONS[type(chosen)](getattr(module, tensor).shape, chosen)
+            parametrize.register_parametrization(module, tensor, form)
         except KernelpackError as exc:
-            raise exc.located(tensor=name) from None
+            raise exc.located(tensor=_join(module_name, tensor)) from None
     return model
+
+
+def _warn_unmatched(config: Rules, names: list[str]) -> None:
+    """Warn once per mapping key that names or matches none of ``names``."""
+    if not isinstance(config, Mapping):
+        return
+    present = set(names)
+    lost = [k for k in config if k not in present and not any(fnmatch.fnmatchcase(n, k) for n in present)]
+    if lost:
+        warnings.warn(f"compress_: {len(lost)} rule(s) match no parameter of rank >= 2 and do nothing: "
+                      f"{', '.join(repr(key_shown(k)) for k in lost[:8])}", stacklevel=3)
 
 
 def encoded_state(model: nn.Module) -> dict[str, Any]:
