@@ -1,35 +1,60 @@
-"""``plan(model, max_bytes=..., max_error=...)``: a per-tensor form config meeting a budget.
+"""``plan(model, calibration, max_output_error=... | max_bytes=... | max_error=...)``: a form
+per tensor, chosen for the bytes it costs and the error it makes.
 
 Every candidate form is fitted in closed form (the forms' own encoders) and decoded
-canonically with numpy, so a plan costs seconds and needs no torch for numpy input
-(ONNX models). Per-layer and anisotropic orders (Nx != Ny), which the ApproxConv
-paper leaves to future work, are just more candidates.
+canonically with numpy, so a plan costs seconds and needs no torch for numpy input or
+ONNX models.
 
 Decisions:
 
-* **Error** of a tensor is its relative RMS error ||W - W'|| / ||W|| (0 for a zero
-  tensor). ``max_error`` caps it for every planned tensor.
-* **Bytes** are the stored arrays' raw bytes (banks included; zstd may save a few
-  per cent more; the header is not counted). ``max_bytes`` caps their total over all
-  planned tensors.
-* **Choice.** With only ``max_error``, each tensor takes its smallest candidate within
-  the cap. With ``max_bytes``, the plan minimises the sum of the tensors' squared
-  relative errors (every layer counts alike) under the cap, greedily along each
-  tensor's lower convex hull of (bytes, error^2) - the classic Lagrangian
-  bit-allocation. Both caps may be given.
-* **Which tensors.** Floating tensors of rank >= 2 with at least ``min_size`` elements;
-  the rest (biases, norms, small tensors) stay dense as they are. Each is planned as the
-  float32 tensor of its numbers (what ``Dense()`` counts, whatever its own dtype).
-* **Refused candidates.** A candidate whose encoder refuses a tensor (a ``KernelpackError``:
-  float16 overflow, a shape the form cannot take) is skipped, never silently: the plan
-  lists it with the reason (``Plan.skipped``, ``Plan.table()``) and warns once. A tensor
-  for which every candidate is refused raises (field ``candidates``).
+* **What is planned.** Floating tensors of rank >= 2 with at least ``min_size`` elements
+  (a module's or a mapping's), or an ONNX model's weights read only as Conv/ConvTranspose
+  weights or Gemm/MatMul operands (:func:`kernelpack.onnx_io.weight_roles`); the rest
+  stays dense as it is. Each is planned as the float32 tensor of its numbers. Tensors that
+  ``forms`` names keep that config (not planned) but take part in every measurement.
+* **Bytes** of a candidate are its stored arrays and banks compressed as the writer does
+  (the smallest of raw, zstd and zstd-shuffle per array) at zstd level 3 rather than the
+  writer's default 19: level 3 is ~20x faster, and on model weights level 19 saves only a
+  few per cent more, about alike for every candidate, so the choice does not change (the
+  header is not counted). ``max_bytes`` caps their total over the planned tensors.
+* **Weight error** of a tensor is ||W - W'|| / ||W|| (0 for a zero tensor); ``max_error``
+  caps it for every planned tensor.
+* **Estimated output error** of a tensor, with calibration statistics (H = E[x x^T] of its
+  layer's inputs, :mod:`kernelpack.converters.calibration`), is the relative layer output
+  error sqrt(trace(dW H dW^T) / trace(W H W^T)); the fits are then output-aware (the
+  forms' ``encode(..., hessian=H)``) where :func:`fits_with_h` allows. Without statistics it
+  is the weight error (H = I). The plan's estimate is sqrt(sum over tensors of their
+  squares): every layer's relative output noise counts alike, the HAWQ-style trade-off
+  without per-layer sensitivities (the measurement below corrects its scale).
+* **Allocation.** Each tensor keeps the lower convex hull of its candidates' (bytes,
+  squared estimated error); a plan is a point of the Lagrangian path: starting from every
+  tensor's smallest candidate, upgrades in order of steepest error reduction per byte.
+  ``max_bytes`` alone: the longest prefix within the cap. ``max_error`` alone: each
+  tensor's smallest candidate within the cap.
+* **Measured output error** (``max_output_error``, needs calibration inputs and a graph
+  to run: a module or an ONNX model): ||y' - y|| / ||y|| over all outputs concatenated, on
+  the calibration inputs, y from the original weights and y' from the decoded plan (ONNX
+  Runtime for ONNX models, the module's forward otherwise), or ``metric(y_ref, y_new)``
+  (lists of output arrays, concatenated over batches). The path point is found by
+  searching the estimate's target: start at ``max_output_error``, correct it by the ratio
+  target / measured (the estimate's scale error), keep a bracket, at most
+  :data:`MAX_EVALUATIONS` runs of the model; the smallest plan that measured within the
+  target wins. No plan within it (the most accurate candidate of every tensor included) is
+  a refusal that says the best reached.
+* **Refused candidates.** A candidate whose encoder refuses a tensor is skipped, never
+  silently: ``Plan.skipped``, ``Plan.table()`` and one warning list them. A tensor for
+  which every candidate is refused raises (field ``candidates``).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import dataclasses
+import fnmatch
+import json
+import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -38,36 +63,67 @@ import numpy as np
 
 from kernelpack._backend import NumpyOps, bfloat16_bits_to_float32
 from kernelpack.errors import KernelpackError
-from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series
+from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series, config_from_dict
 from kernelpack.forms._base import need, shown
-from kernelpack.pack import as_numpy, encode, state_of
+from kernelpack.pack import as_numpy, encode, match, state_of
 
 Candidates = Callable[[str, tuple[int, ...]], Iterable[Config]]
+Metric = Callable[[list, list], float]
+
+#: zstd level of the byte estimate (see the module doc).
+BYTES_LEVEL = 3
+#: End-to-end evaluations of the model at most per plan.
+MAX_EVALUATIONS = 8
+#: Largest K (row length of W) for which candidates are fitted with H: above it one
+#: Cholesky of H costs seconds per candidate on 2 cores; those fits stay weight-only and
+#: only their error is estimated under H.
+MAX_FIT_K = 2304
+#: Multiply-adds allowed for an output-aware DCT fit (32 conjugate-gradient steps, each a
+#: product with H); larger ones are fitted weight-only.
+DCT_FIT_WORK = 1 << 33
+#: Multiply-adds allowed per candidate for the estimate trace(dW H dW^T): larger tensors use
+#: a fixed subset of W's rows (the same for every candidate of the tensor), scaled up.
+ESTIMATE_WORK = 1 << 28
+#: Tensors with more elements get a shorter candidate list (see default_candidates).
+LARGE = 1 << 20
 
 
 def default_candidates(name: str, shape: tuple[int, ...]) -> list[Config]:
-    """Dense float16 plus, by shape: series of every (Nx, Ny) below the kernel size, banks of
-    4..64 filters and DCT for kernels; DCT and low-rank linear for every tensor of rank >= 2."""
-    out: list[Config] = [Dense(dtype="float16")]
+    """Lossless dense, dense float16, quantised dense (int8/int16 codes, GPTQ with H) at six
+    relative steps; DCT and low-rank linear for every tensor of rank >= 2; for kernels, series
+    of every (Nx, Ny) below the kernel size and banks of 4..64 filters; float16 and quantised
+    (rel_step 0.1) variants of the structured forms. Tensors over :data:`LARGE` elements get
+    fewer keeps, alphas and banks."""
+    large = math.prod(shape) > LARGE
+    out: list[Config] = [Dense(), Dense(dtype="float16")]
+    out += [Dense(rel_step=s) for s in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)]
     c_out = shape[0]
-    out += [DCT(keep=k) for k in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)]
-    out += [Linear(alpha=a) for a in (0.25, 0.5, 0.75) if 1 <= round(a * c_out) < c_out]
+    keeps = (0.1, 0.25, 0.5) if large else (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
+    structured: list[Config] = [DCT(keep=k) for k in keeps]
+    alphas = (0.5,) if large else (0.25, 0.5, 0.75)
+    structured += [Linear(alpha=a) for a in alphas if 1 <= round(a * c_out) < c_out]
     if len(shape) >= 3 and shape[-1] * shape[-2] > 1:
         kh, kw = shape[-2:]
-        out += [Series(harmonics=(nx, ny)) for nx in range(1, min(kh, 8) + 1)
-                for ny in range(1, min(kw, 8) + 1) if (nx, ny) != (kh, kw)]
+        structured += [Series(harmonics=(nx, ny)) for nx in range(1, min(kh, 8) + 1)
+                       for ny in range(1, min(kw, 8) + 1) if (nx, ny) != (kh, kw)]
         slices = math.prod(shape[:-2])
-        out += [Basis(bank=n) for n in (4, 8, 16, 32, 64) if n < slices]
-    return out
+        structured += [Basis(bank=n) for n in ((16, 64) if large else (4, 8, 16, 32, 64)) if n < slices]
+    return out + structured + [dataclasses.replace(c, rel_step=0.1) for c in structured]
 
 
 @dataclass
 class Option:
-    """One candidate for one tensor: its config, stored bytes and relative RMS error."""
+    """One candidate for one tensor: its config, stored bytes (zstd level 3 estimate), weight
+    error and estimated relative output error of its layer (None where not known)."""
 
     config: Config
-    bytes: int
-    error: float
+    bytes: int | None
+    error: float | None
+    output_error: float | None = None
+
+    @property
+    def estimate(self) -> float:
+        return self.error if self.output_error is None else self.output_error
 
 
 #: A candidate an encoder refused for one tensor, and the refusal's reason.
@@ -75,28 +131,111 @@ Skipped = tuple[Config, str]
 
 
 class Plan(dict):
-    """A mapping tensor name -> form config (pass it to ``save`` or ``compress_``), with
-    the chosen options' bytes and errors, and the candidates skipped per tensor, for a report."""
+    """A mapping tensor name -> form config (pass it to ``save``, ``compress_`` or
+    ``pack_onnx``), with the chosen options, the candidates skipped per tensor, and the
+    measured end-to-end output error on the calibration inputs (``measured``, None when
+    not measured) and the estimated one (``estimated``)."""
 
-    def __init__(self, options: Mapping[str, Option],
-                 skipped: Mapping[str, list[Skipped]] | None = None) -> None:
+    def __init__(self, options: Mapping[str, Option], skipped: Mapping[str, list[Skipped]] | None = None,
+                 measured: float | None = None, evaluations: int = 0) -> None:
         super().__init__({name: option.config for name, option in options.items()})
         self.options = dict(options)
         self.skipped = {name: list(s) for name, s in (skipped or {}).items() if s}
+        self.measured = measured
+        self.evaluations = evaluations
 
     @property
     def bytes(self) -> int:
-        return sum(o.bytes for o in self.options.values())
+        return sum(o.bytes or 0 for o in self.options.values())
+
+    @property
+    def estimated(self) -> float | None:
+        if any(o.error is None for o in self.options.values()):
+            return None
+        return math.sqrt(sum(o.estimate ** 2 for o in self.options.values()))
+
+    @property
+    def worst_error(self) -> float | None:
+        errors = [o.error for o in self.options.values() if o.error is not None]
+        return max(errors, default=None)
 
     def table(self) -> str:
-        """A plain-text report: one row per planned tensor."""
-        rows = [f"{'tensor':40} {'config':44} {'bytes':>10} {'rel. error':>10}"]
-        rows += [f"{n:40} {_short(o.config):44} {o.bytes:>10} {o.error:>10.4f}" for n, o in self.options.items()]
+        """A plain-text report: one row per planned tensor, then totals and errors."""
+        rows = [f"{'tensor':40} {'config':44} {'bytes':>10} {'weight err':>10} {'output err':>10}"]
+        rows += [f"{n:40} {_short(o.config):44} {_num(o.bytes, 'd'):>10} {_num(o.error, '.4f'):>10} "
+                 f"{_num(o.output_error, '.4f'):>10}" for n, o in self.options.items()]
         rows.append(f"{'total':85} {self.bytes:>10}")
+        rows.append(f"estimated output error {_num(self.estimated, '.4f')}, measured end to end "
+                    f"{_num(self.measured, '.4f')} ({self.evaluations} evaluation(s) on the calibration inputs)")
         if self.skipped:
             rows.append("skipped (the encoder refused them):")
             rows += [f"{n:40} {_short(c):44} {reason}" for n, s in self.skipped.items() for c, reason in s]
         return "\n".join(rows)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the plan as the form config that ``kernelpack pack --config`` reads: one rule
+        per tensor whose pattern matches exactly that name, no default."""
+        rules = [{"pattern": _exact_pattern(name), **config_to_dict(config)} for name, config in self.items()]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"default": None, "rules": rules}, f, indent=1)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Plan":
+        """A plan written by :meth:`to_json` (configs only: bytes and errors are not stored)."""
+        from kernelpack.cli import read_config
+
+        rules, default = read_config(os.fspath(path))
+        need(default is None and all(_exact_name(p) is not None for p, _ in rules), "rules",
+             f"{os.fspath(path)} is a form config of patterns, not a plan (one exact name per rule)")
+        return cls({_exact_name(p): Option(c, None, None) for p, c in rules})
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """``Series(harmonics=(3, 3))`` -> ``{"form": "series", "harmonics": [3, 3]}`` (the inverse of
+    ``config_from_dict``): the settings that differ from the defaults, tuples as lists."""
+    from kernelpack.forms import CONFIGS
+
+    form = next(n for n, c in CONFIGS.items() if type(config) is c)
+    out: dict[str, Any] = {"form": form}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if _is_default(value, f.default):
+            continue
+        if hasattr(value, "shape"):
+            value = np.asarray(value).tolist()
+        out[f.name] = _listed(value)
+    return out
+
+
+def _listed(value: Any) -> Any:
+    return [_listed(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+_SPECIAL = "*?["
+
+
+def _exact_pattern(name: str) -> str:
+    """An fnmatch pattern matching exactly ``name`` (each special character in brackets)."""
+    return "".join(f"[{c}]" if c in _SPECIAL else c for c in name)
+
+
+def _exact_name(pattern: str) -> str | None:
+    """The one name an :func:`_exact_pattern` matches, or None for any other pattern."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "[" and i + 2 < len(pattern) and pattern[i + 2] == "]" and pattern[i + 1] in _SPECIAL:
+            out.append(pattern[i + 1])
+            i += 3
+        elif pattern[i] in _SPECIAL:
+            return None
+        else:
+            out.append(pattern[i])
+            i += 1
+    return "".join(out)
+
+
+def _num(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _short(config: Config) -> str:
@@ -114,70 +253,405 @@ def _is_default(value: Any, default: Any) -> bool:
     return value is default or (isinstance(value, (int, float, str, tuple)) and value == default)
 
 
-def stored_bytes(encoded: Encoded) -> int:
-    """Raw bytes of a tensor's stored arrays and banks."""
-    arrays = list(encoded.arrays().values()) + list(encoded.banks().values())
-    return sum(a.data.nbytes for a in arrays)
+def stored_bytes(encoded: Encoded, level: int = BYTES_LEVEL) -> int:
+    """Bytes of a tensor's stored arrays and banks as the writer compresses them (at ``level``)."""
+    from kernelpack._backend import NUMPY_DTYPES
+    from kernelpack.container import CODECS, _compress
+
+    total = 0
+    for stored in list(encoded.arrays().values()) + list(encoded.banks().values()):
+        dtype = NUMPY_DTYPES[stored.dtype]
+        raw = np.asarray(stored.data, dtype=dtype, order="C").tobytes()
+        total += len(_compress(raw, dtype, level, CODECS)[1])
+    return total
 
 
-def measure(array: np.ndarray, config: Config, name: str | None = None) -> Option:
-    """Fit ``config`` to ``array`` (as a float32 tensor), decode canonically, measure bytes and
-    relative RMS error against ``array``. A refusal is a KernelpackError naming tensor ``name``."""
-    encoded = encode(name, np.asarray(array, np.float32), config)
+def measure(array: np.ndarray, config: Config, name: str | None = None, hessian: Any = None) -> Option:
+    """Fit ``config`` to ``array`` (as a float32 tensor; output-aware under ``hessian``), decode
+    canonically, measure bytes and weight error. A refusal is a KernelpackError naming ``name``."""
+    return _measured(np.asarray(array, np.float32), config, name, hessian)[0]
+
+
+def _measured(array32: np.ndarray, config: Config, name: str | None, hessian: Any,
+              estimator: "_Estimator | None" = None, array64: np.ndarray | None = None
+              ) -> tuple[Option, np.ndarray]:
+    """The option and the decoded tensor (float64) of one candidate. ``array64`` (the same
+    numbers in float64) goes to the structured forms: one array for all candidates, so that
+    factorisations keyed by it are reused (:func:`kernelpack.forms._weighted.reuse_factors`)."""
+    if hessian is None and (array64 is None or isinstance(config, Dense)):
+        encoded = encode(name, array32, config)
+    else:
+        given = array32 if isinstance(config, Dense) else array64
+        try:
+            encoded = config.encode(given, "float32", hessian=hessian)
+        except KernelpackError as exc:
+            raise exc.located(tensor=name) from None
     decoded = encoded.decode(NumpyOps()).astype(np.float64)
-    norm = float(np.linalg.norm(array))
-    error = float(np.linalg.norm(decoded - array)) / norm if norm > 0 else 0.0
-    return Option(config, stored_bytes(encoded), error)
+    norm = float(np.linalg.norm(array32))
+    error = float(np.linalg.norm(decoded - array32)) / norm if norm > 0 else 0.0
+    out_error = None if estimator is None else estimator.relative(decoded)
+    return Option(config, stored_bytes(encoded), error, out_error), decoded
+
+
+class _Estimator:
+    """sqrt(trace(dW H dW^T) / trace(W H W^T)) of one tensor, on a fixed subset of W's rows when
+    the full product would exceed ESTIMATE_WORK multiply-adds."""
+
+    def __init__(self, weight: np.ndarray, stats: Any) -> None:
+        self.stats = stats
+        h = np.asarray(stats.h if hasattr(stats, "h") else stats, np.float64)
+        self.h = h[None] if h.ndim == 2 else h
+        matrix = self._matrix(weight)
+        rows_per_group = matrix.shape[1]
+        k = self.h.shape[-1]
+        keep = max(1, min(rows_per_group, ESTIMATE_WORK // max(1, self.h.shape[0] * k * k)))
+        self.rows = np.sort(np.random.default_rng(0).choice(rows_per_group, keep, replace=False))
+        self.weight = weight
+        self.reference = self._energy(matrix)
+
+    def _matrix(self, tensor: np.ndarray) -> np.ndarray:
+        if hasattr(self.stats, "matrix"):
+            return self.stats.matrix(tensor)
+        return tensor.reshape(self.h.shape[0], -1, self.h.shape[-1])
+
+    def _energy(self, matrix: np.ndarray) -> float:
+        m = matrix[:, self.rows]
+        return float(np.einsum("grk,grk->", m @ self.h, m))
+
+    def relative(self, decoded: np.ndarray) -> float:
+        if self.reference <= 0:
+            return 0.0
+        return math.sqrt(max(self._energy(self._matrix(decoded - self.weight)), 0.0) / self.reference)
+
+
+def fits_with_h(config: Config, stats: Any, shape: tuple[int, ...]) -> bool:
+    """Whether a candidate is fitted output-aware: statistics exist, K <= MAX_FIT_K, and the
+    form takes their layout (dense any; the structured forms only W's rows = the tensor's)."""
+    if stats is None:
+        return False
+    k = np.shape(stats.h if hasattr(stats, "h") else stats)[-1]
+    if k > MAX_FIT_K:
+        return False
+    if isinstance(config, Dense):
+        return config.quantised  # float storage rounds to nearest whatever H is
+    if getattr(stats, "layout", "rows") != "rows":
+        return False
+    if isinstance(config, DCT):  # CG_ITERATIONS products with H
+        return 32 * shape[0] * k * k <= DCT_FIT_WORK
+    return isinstance(config, Linear) or len(shape) >= 3  # series and basis fit kernels inside W's rows
 
 
 def plannable(array: np.ndarray, min_size: int) -> bool:
     return array.dtype.kind == "f" and array.ndim >= 2 and array.size >= min_size
 
 
-def plan(model: Any, *, max_bytes: int | None = None, max_error: float | None = None,
-         candidates: Candidates | Sequence[Config] | None = None, min_size: int = 64,
-         progress: bool = False) -> Plan:
-    """Propose a form per tensor of a model or a mapping of names to arrays (see module doc).
+# --- the model: tensors, statistics, evaluation ----------------------------------------------------
+def _is_onnx(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike, bytes, bytearray)) or (
+        hasattr(model, "graph") and hasattr(model, "SerializeToString"))
+
+
+def _is_module(model: Any) -> bool:
+    return hasattr(model, "state_dict") and hasattr(model, "named_modules")
+
+
+class _Model:
+    """What the planner needs of a model: its tensors, which to plan, calibration statistics,
+    and (for modules and ONNX models with calibration inputs) an end-to-end evaluation."""
+
+    def __init__(self, model: Any, calibration: Any, min_size: int, metric: Metric | None) -> None:
+        self.model, self.calibration, self.metric = model, calibration, metric
+        self.evaluations = 0
+        if _is_onnx(model):
+            from kernelpack.onnx_io import read_model, take_out, weight_roles
+
+            self.proto = read_model(model)
+            self.graph, weights = take_out(self.proto)
+            roles = weight_roles(self.graph.graph)
+            self.tensors = {n: np.asarray(a) for n, a in weights.items()}
+            self.planned = [n for n, a in weights.items() if n in roles and a.dtype in (np.float16, np.float32)
+                            and np.isfinite(a).all()]
+            self.kind = "onnx"
+        else:
+            self.tensors = _arrays(model)
+            self.planned = [n for n, a in self.tensors.items() if plannable(a, min_size)]
+            self.kind = "module" if _is_module(model) else "mapping"
+        if calibration is not None and self.kind == "mapping":
+            raise KernelpackError("calibration inputs need a model to run (an nn.Module or an ONNX model); "
+                                  "a state dict has no graph, so its plans are weight-only: drop calibration",
+                                  field="calibration")
+        self._reference: list | None = None
+
+    def stats(self) -> dict[str, Any]:
+        if self.calibration is None:
+            return {}
+        from kernelpack.converters import calibration as cal
+
+        if self.kind == "onnx":
+            return cal.collect_onnx(self.proto, self.calibration)
+        return cal.collect_torch(self.model, self.calibration)
+
+    @property
+    def can_run(self) -> bool:
+        return self.calibration is not None and self.kind in ("onnx", "module")
+
+    def error(self, weights: Mapping[str, np.ndarray]) -> float:
+        """The end-to-end output error with ``weights`` (decoded, by name) replacing the originals."""
+        if self._reference is None:
+            self._reference = self._run({})
+        outputs = self._run(weights)
+        self.evaluations += 1
+        if self.metric is not None:
+            return float(self.metric(self._reference, outputs))
+        num = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2)) for a, b in zip(outputs, self._reference))
+        den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in self._reference)
+        return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+    def _run(self, weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self._run_onnx(weights) if self.kind == "onnx" else self._run_torch(weights)
+
+    def _run_onnx(self, weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        from kernelpack.converters.calibration import _onnx_batches, _session, BATCH_SIZE
+
+        full = {n: (np.asarray(weights[n], a.dtype) if n in weights else a) for n, a in self.tensors.items()}
+        graph = type(self.graph)()
+        graph.CopyFrom(self.graph)
+        session = _session(graph, full, [])
+        names = [o.name for o in session.get_outputs()]
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        try:
+            for batch in _onnx_batches(self.calibration, BATCH_SIZE):
+                for i, y in enumerate(session.run(names, {k: np.asarray(v) for k, v in batch.items()})):
+                    parts[i].append(np.asarray(y))
+        except KernelpackError:
+            raise
+        except Exception as exc:  # ORT raises its own types: report as one
+            raise KernelpackError(f"onnxruntime cannot run the calibration inputs: {exc}", field="calibration") from None
+        return [np.concatenate(p) if p and p[0].ndim else np.asarray(p) for p in parts]
+
+    def _run_torch(self, weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        from kernelpack.converters.calibration import BATCH_SIZE, _torch_batches
+
+        state = self.model.state_dict()
+        saved = {n: state[n].detach().clone() for n in weights}
+        training = self.model.training
+        self.model.eval()
+        parts: list[list[np.ndarray]] = []
+        try:
+            with torch.no_grad():
+                for n, w in weights.items():
+                    state[n].copy_(torch.as_tensor(np.asarray(w), dtype=state[n].dtype))
+                for args, kwargs in _torch_batches(torch, self.calibration, BATCH_SIZE):
+                    flat = _flatten(self.model(*args, **kwargs))
+                    parts = parts or [[] for _ in flat]
+                    for i, y in enumerate(flat):
+                        parts[i].append(y.detach().cpu().double().numpy())
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    state[n].copy_(w)
+            self.model.train(training)
+        return [np.concatenate(p) for p in parts]
+
+
+def _flatten(y: Any) -> list:
+    if isinstance(y, (tuple, list)):
+        return [t for v in y for t in _flatten(v)]
+    if isinstance(y, Mapping):
+        return [t for v in y.values() for t in _flatten(v)]
+    return [y]
+
+
+# --- the plan ------------------------------------------------------------------------------------
+def plan(model: Any, calibration: Any = None, *, max_output_error: float | None = None,
+         max_bytes: int | None = None, max_error: float | None = None, metric: Metric | None = None,
+         candidates: Candidates | Sequence[Config] | None = None, progress: bool | None = None,
+         min_size: int = 64, forms: Any = None, stats: Mapping[str, Any] | None = None,
+         output_aware: bool = True) -> Plan:
+    """Propose a form per tensor of ``model`` (see the module doc).
+
+    ``model``: an nn.Module, a mapping of names to arrays (weight-only: no graph to run), or
+    an ONNX model (path, bytes or ModelProto). ``calibration``: model inputs by name (first
+    axis = samples) or an iterable of such batches; a module also takes a tensor. ``stats``:
+    precomputed statistics by tensor name (``LayerStats`` or H for the tensor's rows) instead
+    of collecting them. ``output_aware=False`` ignores the statistics (weight-only fits and
+    estimates) but still measures. ``forms``: configs fixed beforehand (as for ``save``).
+    ``progress``: a tqdm bar (default: when stderr is a terminal).
 
     Raises :class:`KernelpackError` (field ``budget``) when no choice meets the budgets, and
     (field ``candidates``) when every candidate's encoder refuses a tensor.
     """
-    _check_budgets(max_bytes, max_error, min_size)
-    tensors = _arrays(model)
+    _check_budgets(max_bytes, max_error, max_output_error, min_size)
+    if metric is not None and not callable(metric):
+        raise KernelpackError(f"must be a function (y_ref, y_new) -> float, got {shown(metric)}", field="metric")
+    subject = _Model(model, calibration, min_size, metric)
+    if max_output_error is not None and not subject.can_run and stats is None:
+        raise KernelpackError("max_output_error needs calibration inputs and a model to run (an nn.Module or "
+                              "an ONNX model); for a state dict give max_error or max_bytes", field="calibration")
+    fixed = {n: c for n in subject.tensors if (c := match(forms, n, subject.tensors[n])) is not None}
+    names = [n for n in subject.planned if n not in fixed]
+    layer_stats = dict(stats) if stats is not None else (subject.stats() if names else {})
+    if not output_aware:
+        layer_stats = {}
     choose = _candidate_fn(candidates)
-    names = [n for n, a in tensors.items() if plannable(a, min_size)]
     options: dict[str, list[Option]] = {}
+    decoded: dict[str, dict[int, np.ndarray]] = {}
     skipped: dict[str, list[Skipped]] = {}
+    keep_decoded = subject.can_run
     for name in _progress(names, progress):
-        measured, skipped[name] = _measure_all(name, tensors[name], _configs(choose, name, tensors[name].shape))
+        array = subject.tensors[name]
+        measured, skipped[name], outs = _measure_all(name, array, _configs(choose, name, array.shape),
+                                                      layer_stats.get(name))
         if max_error is not None:
-            measured = [o for o in measured if o.error <= max_error]
-            if not measured:
+            within = [i for i, o in enumerate(measured) if o.error <= max_error]
+            if not within:
                 raise KernelpackError(f"no candidate form is within max_error={max_error}"
                                       f"{_skipped_note(skipped[name])}", tensor=name, field="budget")
-        options[name] = _hull(measured)
-    picked = {n: opts[0] for n, opts in options.items()}  # the smallest of each tensor
-    if max_bytes is not None:
-        picked = _fill(options, max_bytes)
-    result = Plan({n: picked[n] for n in names}, skipped)
-    if result.skipped:
-        count = sum(map(len, result.skipped.values()))
-        name, ((config, reason), *_) = next(iter(result.skipped.items()))
-        warnings.warn(f"plan skipped {count} candidate(s) whose encoder refused a tensor, e.g. {_short(config)} "
-                      f"for tensor '{name}': {reason} (all listed in Plan.skipped and Plan.table())", stacklevel=2)
+            measured, outs = [measured[i] for i in within], [outs[i] for i in within]
+        hull = _hull(measured)
+        options[name] = hull
+        if keep_decoded:
+            by_id = {id(o): out for o, out in zip(measured, outs)}
+            decoded[name] = {id(o): by_id[id(o)] for o in hull}
+    path = _Path(options)
+    fixed_weights = _fixed_decoded(subject, fixed) if keep_decoded else {}
+
+    def evaluate(point: dict[str, Option]) -> float:
+        weights = {**fixed_weights, **{n: decoded[n][id(o)] for n, o in point.items()}}
+        return subject.error(weights)
+
+    measured_error = None
+    if max_output_error is not None and subject.can_run:
+        picked, measured_error = _search(path, evaluate, max_output_error, max_bytes)
+    elif max_output_error is not None:  # statistics without a graph: the estimate only
+        picked = path.within_estimate(max_output_error)
+        if picked is None or (max_bytes is not None and _total(picked) > max_bytes):
+            raise KernelpackError(f"no plan has an estimated output error <= {max_output_error} within the "
+                                  f"budget; the best estimate is {path.estimate(path.point(len(path))):.4g}",
+                                  field="budget")
+    elif max_bytes is not None:
+        picked = path.within_bytes(max_bytes)
+        if subject.can_run:
+            measured_error = evaluate(picked)
+    else:
+        picked = path.point(0)  # the smallest of each tensor (within max_error)
+        if subject.can_run and names:
+            measured_error = evaluate(picked)
+    result = Plan({n: picked[n] for n in names}, skipped, measured_error, subject.evaluations)
+    _warn_skipped(result)
     return result
 
 
-def _check_budgets(max_bytes: Any, max_error: Any, min_size: Any) -> None:
+def _fixed_decoded(subject: _Model, fixed: Mapping[str, Config]) -> dict[str, np.ndarray]:
+    """The decoded values of the tensors ``forms`` fixed (lossy ones take part in measurements)."""
+    return {n: encode(n, subject.tensors[n], c).decode(NumpyOps()) for n, c in fixed.items()}
+
+
+def _total(point: Mapping[str, Option]) -> int:
+    return sum(o.bytes for o in point.values())
+
+
+class _Path:
+    """The Lagrangian path of plans: point i is the smallest candidate of every tensor after the
+    first i hull upgrades in order of steepest error reduction per byte."""
+
+    def __init__(self, options: Mapping[str, list[Option]]) -> None:
+        self.options = options
+        steps = [(_slope(opts[i], opts[i + 1]), name, i + 1) for name, opts in options.items()
+                 for i in range(len(opts) - 1)]
+        steps.sort(key=lambda s: (s[0], s[1], s[2]))  # hull slopes increase along a tensor: order kept
+        self.steps = [(name, level) for _, name, level in steps]
+        self.bytes = np.cumsum([_total(self.point(0))] + [
+            options[n][lv].bytes - options[n][lv - 1].bytes for n, lv in self.steps])
+        squares = [sum(o[0].estimate ** 2 for o in options.values())]
+        for n, lv in self.steps:
+            squares.append(squares[-1] + options[n][lv].estimate ** 2 - options[n][lv - 1].estimate ** 2)
+        self.squares = np.maximum(np.array(squares), 0.0)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def point(self, i: int) -> dict[str, Option]:
+        level = {n: 0 for n in self.options}
+        for n, lv in self.steps[:i]:
+            level[n] = lv
+        return {n: opts[level[n]] for n, opts in self.options.items()}
+
+    def estimate(self, point: Mapping[str, Option]) -> float:
+        return math.sqrt(sum(o.estimate ** 2 for o in point.values()))
+
+    def index_within_estimate(self, target: float) -> int | None:
+        ok = np.nonzero(np.sqrt(self.squares) <= target)[0]
+        return int(ok[0]) if len(ok) else None
+
+    def within_estimate(self, target: float) -> dict[str, Option] | None:
+        i = self.index_within_estimate(target)
+        return None if i is None else self.point(i)
+
+    def last_within_bytes(self, max_bytes: int) -> int:
+        i = int(np.searchsorted(self.bytes, max_bytes, side="right")) - 1
+        if i < 0:
+            raise KernelpackError(f"max_bytes={max_bytes} is below the smallest plan ({int(self.bytes[0])} bytes)",
+                                  field="budget")
+        return i
+
+    def within_bytes(self, max_bytes: int) -> dict[str, Option]:
+        return self.point(self.last_within_bytes(max_bytes))
+
+
+def _search(path: _Path, evaluate: Callable[[dict[str, Option]], float], target: float,
+            max_bytes: int | None) -> tuple[dict[str, Option], float]:
+    """The smallest path point that measures within ``target`` (module doc, "Measured")."""
+    top = len(path) if max_bytes is None else path.last_within_bytes(max_bytes)
+    results: dict[int, float] = {}
+
+    def measured(i: int) -> float:
+        if i not in results:
+            results[i] = evaluate(path.point(i))
+        return results[i]
+
+    low, high = -1, None  # indices known too inaccurate / within the target
+    goal = target
+    while len(results) < MAX_EVALUATIONS:
+        i = path.index_within_estimate(goal)
+        i = top if i is None else min(i, top)
+        if i <= low or (high is not None and i >= high):  # outside the bracket: its middle
+            if high is None:
+                i = top if low < top else None
+            else:
+                i = (low + high) // 2 if high - low > 1 else None
+            if i is None or i in results:
+                break
+        e = measured(i)
+        if e <= target:
+            high = i
+        else:
+            low = i
+        if high is not None and high - low <= 1:
+            break
+        goal = goal * min(max(target / e, 0.1), 10.0) if e > 0 else goal * 10.0
+    if high is None:
+        best = min(results.values())
+        raise KernelpackError(f"no plan meets max_output_error={target}: the most accurate plan tried measured "
+                              f"{best:.4g} on the calibration inputs ({int(path.bytes[min(results, key=results.get)])} "
+                              "bytes)" + (f" within max_bytes={max_bytes}" if max_bytes is not None else ""),
+                              field="budget")
+    return path.point(high), results[high]
+
+
+def _check_budgets(max_bytes: Any, max_error: Any, max_output_error: Any, min_size: Any) -> None:
     """The budgets are numbers (checked before any fit, which may take minutes)."""
-    need(max_bytes is not None or max_error is not None, "budget", "give max_bytes, max_error or both")
+    need(max_bytes is not None or max_error is not None or max_output_error is not None, "budget",
+         "give max_output_error, max_bytes, max_error or several")
     if max_bytes is not None:
         need(isinstance(max_bytes, (int, np.integer)) and not isinstance(max_bytes, bool) and max_bytes >= 0,
              "max_bytes", f"must be an integer >= 0, got {shown(max_bytes)}")
-    if max_error is not None:
-        need(isinstance(max_error, (int, float, np.integer, np.floating)) and not isinstance(max_error, bool)
-             and math.isfinite(max_error) and max_error >= 0, "max_error",
-             f"must be a finite number >= 0, got {shown(max_error)}")
+    for field, value in (("max_error", max_error), ("max_output_error", max_output_error)):
+        if value is not None:
+            need(isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+                 and math.isfinite(value) and value >= 0, field, f"must be a finite number >= 0, got {shown(value)}")
     need(isinstance(min_size, (int, np.integer)) and not isinstance(min_size, bool), "min_size",
          f"must be an integer, got {shown(min_size)}")
 
@@ -195,19 +669,39 @@ def _configs(choose: Candidates, name: str, shape: tuple[int, ...]) -> list[Conf
     return configs
 
 
-def _measure_all(name: str, array: np.ndarray, configs: list[Config]) -> tuple[list[Option], list[Skipped]]:
-    """Every candidate measured on one tensor, and those whose encoder refused it, with why;
-    refused by every candidate is an error."""
-    measured, skipped = [], []
-    for config in configs:
-        try:
-            measured.append(measure(array, config, name))
-        except KernelpackError as exc:
-            skipped.append((config, str(KernelpackError(exc.reason, field=exc.field))))  # the tensor is known
+def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any
+                 ) -> tuple[list[Option], list[Skipped], list[np.ndarray]]:
+    """Every candidate measured on one tensor (factorisations of its H shared by all of them),
+    those whose encoder refused it, with why, and the decoded tensors; refused by every
+    candidate is an error."""
+    from kernelpack.forms._weighted import reuse_factors
+
+    array32 = np.asarray(array, np.float32)
+    array64 = array32.astype(np.float64)
+    estimator = None if stats is None else _Estimator(array64, stats)
+    measured, skipped, outs = [], [], []
+    with reuse_factors():
+        for config in configs:
+            hessian = stats if fits_with_h(config, stats, array.shape) else None
+            try:
+                option, decoded = _measured(array32, config, name, hessian, estimator, array64)
+            except KernelpackError as exc:
+                skipped.append((config, str(KernelpackError(exc.reason, field=exc.field))))  # the tensor is known
+                continue
+            measured.append(option)
+            outs.append(decoded.astype(np.float32))
     if not measured:
         raise KernelpackError(f"no candidate form can encode it{_skipped_note(skipped)}", tensor=name,
                               field="candidates")
-    return measured, skipped
+    return measured, skipped, outs
+
+
+def _warn_skipped(result: Plan) -> None:
+    if result.skipped:
+        count = sum(map(len, result.skipped.values()))
+        name, ((config, reason), *_) = next(iter(result.skipped.items()))
+        warnings.warn(f"plan skipped {count} candidate(s) whose encoder refused a tensor, e.g. {_short(config)} "
+                      f"for tensor '{name}': {reason} (all listed in Plan.skipped and Plan.table())", stacklevel=3)
 
 
 def _skipped_note(skipped: list[Skipped]) -> str:
@@ -216,7 +710,7 @@ def _skipped_note(skipped: list[Skipped]) -> str:
 
 
 def _arrays(model: Any) -> dict[str, np.ndarray]:
-    """float64 numpy of every tensor of a model (its plain state) or of a mapping."""
+    """float64 numpy of every floating tensor of a model (its plain state) or of a mapping."""
     out = {}
     for name, value in state_of(model).items():
         if isinstance(value, Encoded):
@@ -242,7 +736,10 @@ def _candidate_fn(candidates: Candidates | Sequence[Config] | None) -> Candidate
     return lambda name, shape: fixed
 
 
-def _progress(names: list[str], enabled: bool) -> Iterable[str]:
+def _progress(names: list[str], enabled: bool | None) -> Iterable[str]:
+    """A tqdm bar over the tensors: by default only when stderr is a terminal."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
     if not enabled:
         return names
     from tqdm import tqdm
@@ -251,14 +748,14 @@ def _progress(names: list[str], enabled: bool) -> Iterable[str]:
 
 
 def _hull(options: list[Option]) -> list[Option]:
-    """The options on the lower convex hull of (bytes, error^2), by increasing bytes."""
+    """The options on the lower convex hull of (bytes, estimate^2), by increasing bytes."""
     best: dict[int, Option] = {}
     for o in options:  # per byte count the smallest error
-        if o.bytes not in best or o.error < best[o.bytes].error:
+        if o.bytes not in best or o.estimate < best[o.bytes].estimate:
             best[o.bytes] = o
     hull: list[Option] = []
     for o in sorted(best.values(), key=lambda o: o.bytes):
-        if hull and o.error >= hull[-1].error:
+        if hull and o.estimate >= hull[-1].estimate:
             continue  # more bytes, no better
         while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], o):
             hull.pop()  # hull[-1] lies above the chord: never the best at any trade-off
@@ -268,23 +765,4 @@ def _hull(options: list[Option]) -> list[Option]:
 
 def _slope(a: Option, b: Option) -> float:
     """Squared-error reduction per byte from a to b (negative: error falls)."""
-    return (b.error ** 2 - a.error ** 2) / (b.bytes - a.bytes)
-
-
-def _fill(options: Mapping[str, list[Option]], max_bytes: int) -> dict[str, Option]:
-    """Greedy upgrades by steepest error reduction per byte while within ``max_bytes``."""
-    level = {n: 0 for n in options}
-    total = sum(opts[0].bytes for opts in options.values())
-    if total > max_bytes:
-        raise KernelpackError(f"max_bytes={max_bytes} is below the smallest plan ({total} bytes)",
-                              field="budget")
-    while True:
-        steps = [(_slope(opts[level[n]], opts[level[n] + 1]), n) for n, opts in options.items()
-                 if level[n] + 1 < len(opts)]
-        steps = [(s, n) for s, n in steps
-                 if total + options[n][level[n] + 1].bytes - options[n][level[n]].bytes <= max_bytes]
-        if not steps:
-            return {n: opts[level[n]] for n, opts in options.items()}
-        _, name = min(steps)
-        total += options[name][level[name] + 1].bytes - options[name][level[name]].bytes
-        level[name] += 1
+    return (b.estimate ** 2 - a.estimate ** 2) / (b.bytes - a.bytes)

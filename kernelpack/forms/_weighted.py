@@ -36,8 +36,9 @@ Decisions (one home):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -61,9 +62,46 @@ def is_stats(hessian: Any) -> bool:
     return hasattr(hessian, "h") and hasattr(hessian, "layout")
 
 
+#: Factorisations kept while :func:`reuse_factors` is active (None: not kept).
+_FACTORS: dict | None = None
+
+
+@contextlib.contextmanager
+def reuse_factors() -> Iterator[None]:
+    """Within it, the damped H of one ``hessian`` object, Cholesky factors and GPTQ factors of
+    one matrix, and linear's pivots of one filter matrix are computed once: the planner fits
+    dozens of candidates of one tensor under one H. Keys are array identities (data address,
+    shape, strides, dtype) and object ids; the cache holds every keyed object, so no address
+    is reused while it lives. Process-wide (not for concurrent encoders); nests."""
+    global _FACTORS
+    outer = _FACTORS
+    _FACTORS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _FACTORS = outer
+
+
+def memo(kind: str, parts: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per ``kind`` and identical ``parts`` while :func:`reuse_factors` is active."""
+    if _FACTORS is None:
+        return compute()
+    key = (kind,) + tuple((a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+                          if isinstance(a, np.ndarray) else a if isinstance(a, (int, str, tuple)) else id(a)
+                          for a in parts)
+    if key not in _FACTORS:
+        _FACTORS[key] = (parts, compute())
+    return _FACTORS[key][1]
+
+
 def hessians(hessian: Any, shape: tuple[int, ...], form: str) -> np.ndarray:
     """The damped H per group, (groups, K, K) float64, for the rows layout of ``shape``;
-    KernelpackError (field ``hessian``) when it does not fit the tensor."""
+    KernelpackError (field ``hessian``) when it does not fit the tensor (checked on the first call
+    for one ``hessian`` and ``shape``; a refused one is not kept)."""
+    return memo("hessians", (hessian, tuple(shape)), lambda: _damped(hessian, shape, form))
+
+
+def _damped(hessian: Any, shape: tuple[int, ...], form: str) -> np.ndarray:
     if is_stats(hessian):
         need(hessian.layout == ROWS, "hessian", f"the {form} form fits H for a weight whose rows are the "
              f"tensor's rows (layout 'rows'), got statistics of layout {hessian.layout!r}")
@@ -89,6 +127,10 @@ def damp(h: np.ndarray, relative: float = DAMPING) -> np.ndarray:
 def cholesky(g: np.ndarray) -> np.ndarray:
     """Lower Cholesky factors of a stack of symmetric PSD matrices, with a RIDGE (:func:`damp`)
     where one is singular; KernelpackError when even that fails (H was not a second moment)."""
+    return memo("cholesky", (g,), lambda: _cholesky(g))
+
+
+def _cholesky(g: np.ndarray) -> np.ndarray:
     try:
         return np.linalg.cholesky(g)
     except np.linalg.LinAlgError:
@@ -129,15 +171,8 @@ def output_error(w: np.ndarray, approx: np.ndarray, hessian: Any) -> float:
 
 def feedback_codes(w: np.ndarray, h: np.ndarray, step: float, limit: int) -> np.ndarray:
     """GPTQ codes (float64 integers in [-limit, limit]) of the rows ``w`` (n, K) for one H."""
-    from scipy.linalg import solve_triangular
-
-    order = np.argsort(-np.diag(h), kind="stable")
-    h = h[np.ix_(order, order)]
+    order, u = memo("gptq", (h,), lambda: _feedback_factor(h))
     k = h.shape[0]
-    # Upper U with H^-1 = U^T U, without forming H^-1: with P the reversal and P H P = L L^T,
-    # U = P L^-1 P (one Cholesky and one triangular inverse).
-    low = cholesky(np.ascontiguousarray(h[::-1, ::-1]))
-    u = solve_triangular(low, np.eye(k), lower=True)[::-1, ::-1]
     x = np.array(w[:, order], dtype=np.float64) / step  # in units of the step
     codes = np.empty_like(x)
     for lo in range(0, k, BLOCK):
@@ -152,6 +187,18 @@ def feedback_codes(w: np.ndarray, h: np.ndarray, step: float, limit: int) -> np.
     out = np.empty_like(codes)
     out[:, order] = codes
     return out
+
+
+def _feedback_factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's column order (decreasing diag H) and the upper U with H^-1 = U^T U in that order."""
+    from scipy.linalg import solve_triangular
+
+    order = np.argsort(-np.diag(h), kind="stable")
+    h = h[np.ix_(order, order)]
+    # Upper U with H^-1 = U^T U, without forming H^-1: with P the reversal and P H P = L L^T,
+    # U = P L^-1 P (one Cholesky and one triangular inverse).
+    low = cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    return order, solve_triangular(low, np.eye(h.shape[0]), lower=True)[::-1, ::-1]
 
 
 def feedback_store(config: Quantisable, values: np.ndarray, h: np.ndarray, groups: np.ndarray,

@@ -37,7 +37,7 @@ from kernelpack._exact import MAX_REDUCTION, fixed_matmul
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, ArraySpec, Cost, Encoded, Quantisable, Stored,
                                     encoder_input, need,
                                     need_array, need_finite, need_int, need_only, read_work, to_stored)
-from kernelpack.forms._weighted import cholesky, feedback_store, hessians, row_groups, spd_solve
+from kernelpack.forms._weighted import cholesky, feedback_store, hessians, memo, row_groups, spd_solve
 
 NAME = "linear"
 
@@ -152,15 +152,15 @@ class Linear(Quantisable):
         h = None if hessian is None else hessians(hessian, w.shape, NAME)
         groups = None if h is None else row_groups(c_out, h.shape[0])
         if self.pivot:
-            scored = filters if h is None else _whitened(filters, h, groups)
-            _, _, pivots = qr(scored.T, mode="economic", pivoting=True)
+            pivots = memo("pivots", (filters, h), lambda: qr(
+                (filters if h is None else _whitened(filters, h, groups)).T, mode="r", pivoting=True)[1])
             chosen = np.concatenate([pivots[:p], np.sort(pivots[p:])])
         else:
             chosen = np.arange(c_out)
         if h is None:
             primaries = self.store(filters[chosen[:p]].reshape((p,) + w.shape[1:]))
             wp = primaries.values().astype(np.float64).reshape(p, -1)
-            a = np.linalg.lstsq(wp.T, filters[chosen[p:]].T, rcond=None)[0]  # (p, s)
+            a = spd_solve(wp @ wp.T, wp @ filters[chosen[p:]].T)  # (p, s): normal equations, Cholesky
             coefficients = self._factor(a)
         else:
             primaries = feedback_store(self, filters[chosen[:p]], h, groups[chosen[:p]], (p,) + w.shape[1:])
