@@ -19,7 +19,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import numpy as np
 
@@ -272,33 +272,88 @@ def error_stats(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float
 
 # --- commands -----------------------------------------------------------------------
 def cmd_pack(args: argparse.Namespace) -> int:
+    """Lossless unless asked: without --form, --config, --max-error, --max-output-error or
+    --max-bytes every tensor is stored exactly. A budget plans the weights (the planner's
+    module doc); the summary then names every tensor that is not stored exactly, its form and
+    weight error, the worst one, and the output error measured on the calibration inputs."""
     check_output(args.input, args.output)
     rules, default = read_config(args.config) if args.config else ([], None)
     plan = Plan([parse_form(r) for r in args.form] + rules, default)
     metadata = parse_metadata(args.metadata)
-    if args.input.lower().endswith(".onnx"):
-        from kernelpack.onnx_io import DEFAULT_MAX_ERROR, pack_onnx
+    onnx_input = args.input.lower().endswith(".onnx")
+    if onnx_input:
+        from kernelpack.onnx_io import read_model, take_out
 
-        max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
-        encoded = pack_onnx(args.input, args.output, forms=plan, max_error=max_error,
-                            metadata=metadata, level=args.level)
+        _, originals = take_out(read_model(args.input))
+        file_metadata: dict[str, str] = {}
     else:
-        if args.max_error is not None:
-            raise KernelpackError("--max-error plans the weights of an .onnx model; for other inputs "
-                                  "give --form rules")
-        tensors, file_metadata = read_tensors(args.input)
-        encoded = save(tensors, args.output, forms=plan, metadata={**file_metadata, **metadata},
+        originals, file_metadata = read_tensors(args.input)
+    planned = _budget_plan(args, args.input if onnx_input else originals, plan)
+    forms = plan if planned is None else (lambda name, value: plan(name, value) or planned.get(name))
+    if onnx_input:
+        from kernelpack.onnx_io import pack_onnx
+
+        encoded = pack_onnx(args.input, args.output, forms=forms, metadata=metadata, level=args.level)
+    else:
+        encoded = save(originals, args.output, forms=forms, metadata={**file_metadata, **metadata},
                        level=args.level)
+    if planned is not None and args.plan_out:
+        planned.to_json(args.plan_out)
     for pattern in plan.unused():
         print(f"kernelpack: warning: pattern {pattern!r} chose no tensor", file=sys.stderr)
     size = os.path.getsize(args.output)
     dense = sum(math.prod(t.shape) * 4 for t in encoded.values())
-    forms: dict[str, int] = {}
+    forms_count: dict[str, int] = {}
     for t in encoded.values():
-        forms[t.form] = forms.get(t.form, 0) + 1
-    print(f"{args.output}: {len(encoded)} tensors ({', '.join(f'{n} {f}' for f, n in forms.items())}), "
+        forms_count[t.form] = forms_count.get(t.form, 0) + 1
+    print(f"{args.output}: {len(encoded)} tensors ({', '.join(f'{n} {f}' for f, n in forms_count.items())}), "
           f"{size} bytes, ratio to float32 {fmt(ratio(dense, size), '.2f')}")
+    print(lossy_summary(encoded, originals, planned))
     return 0
+
+
+def _budget_plan(args: argparse.Namespace, model: Any, rules: Plan) -> Any:
+    """The planner's plan for --max-output-error / --max-error / --max-bytes (None without one)."""
+    if args.max_output_error is None and not args.max_error and args.max_bytes is None:
+        if args.calibration:
+            raise KernelpackError("--calibration is for a budget: give --max-output-error, --max-bytes or "
+                                  "--max-error")
+        return None
+    from kernelpack.converters.calibration import load_inputs
+    from kernelpack.converters.planner import plan
+
+    if args.calibration and not isinstance(model, str):
+        raise KernelpackError("--calibration needs a model to run (an .onnx model); a state dict has no graph, "
+                              "so its plans are weight-only: give --max-error or --max-bytes without "
+                              "--calibration", path=args.calibration)
+    calibration = load_inputs(args.calibration) if args.calibration else None
+    return plan(model, calibration, max_output_error=args.max_output_error, max_bytes=args.max_bytes,
+                max_error=args.max_error or None, forms=rules)
+
+
+def lossy_summary(encoded: Mapping[str, Any], originals: Mapping[str, Any], planned: Any) -> str:
+    """Which tensors do not decode to their input bits, their forms and weight errors, the worst,
+    and the measured output error (the plan's, on the calibration inputs), or 'lossless'."""
+    from kernelpack._backend import NumpyOps
+
+    rows = []
+    for name, tensor in encoded.items():
+        original, dtype = as_numpy(originals[name])
+        decoded = np.asarray(tensor.decode(NumpyOps()))
+        if decoded.dtype == original.dtype and np.array_equal(decoded.view(np.uint8), original.view(np.uint8)):
+            continue
+        ref = bfloat16_bits_to_float32(original) if dtype == "bfloat16" else original
+        rows.append((name, tensor.form, error_stats(decoded, ref)[1]))
+    if not rows:
+        return "lossless: every tensor decodes to its input bits"
+    errors = [e for _, _, e in rows if e is not None]
+    lines = [f"LOSSY: {len(rows)} of {len(encoded)} tensors are not stored exactly:"]
+    lines += [f"  {name}  {form}  weight error {fmt(e, '.4g')}" for name, form, e in rows]
+    lines.append(f"worst weight error (relative RMS) {fmt(max(errors, default=None), '.4g')}")
+    measured = None if planned is None else planned.measured
+    lines.append("output error on the calibration inputs: " + (
+        f"{measured:.4g} (measured)" if measured is not None else "not measured (no --calibration inputs)"))
+    return "\n".join(lines)
 
 
 def inspect_report(path: str, original: str | None) -> dict[str, Any]:
@@ -446,9 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                    help="a metadata entry (repeatable; .safetensors metadata is kept too)")
     p.add_argument("--max-error", type=float, metavar="E",
-                   help="for an .onnx model: the weights of Conv/ConvTranspose/Gemm/MatMul that no "
-                   "rule names get the smallest form whose relative RMS error is <= E (default "
-                   "0.01; 0 stores them exactly); the other weights stay exact, the graph is attached")
+                   help="plan the weights no rule names (an .onnx model's Conv/ConvTranspose/Gemm/MatMul "
+                   "weights; a state dict's floating tensors of rank >= 2): each gets the smallest form "
+                   "whose relative RMS weight error is <= E (0: exact); the other tensors stay exact")
+    p.add_argument("--max-output-error", type=float, metavar="E",
+                   help="for an .onnx model with --calibration: the smallest plan whose output error "
+                   "||y'-y||/||y|| over all outputs, measured on the calibration inputs, is <= E")
+    p.add_argument("--max-bytes", type=int, metavar="N",
+                   help="the most accurate plan whose planned tensors take at most N bytes (zstd level 3 "
+                   "estimate; measured output error reported with --calibration)")
+    p.add_argument("--calibration", metavar="INPUTS.npz",
+                   help="unlabeled model inputs, one array per model input (first axis = samples): fits "
+                   "and plans against the model's outputs (.onnx models only)")
+    p.add_argument("--plan-out", metavar="PLAN.json",
+                   help="write the plan as a --config file (one rule per planned tensor)")
     p.set_defaults(run=cmd_pack)
 
     p = sub.add_parser("inspect", help="list tensors, forms, sizes (and errors against an original)")

@@ -14,12 +14,14 @@
    container tensor of the same name, and its initializer a reference (see
    :mod:`kernelpack.ort` and spec/FORMAT.md section 10) that keeps name, type and dims.
 3. **Forms.** ``forms`` (as for ``kernelpack.save``: one config, a mapping of exact names
-   and patterns, or a callable) decides first. The other weights read only as the
-   weight of Conv/ConvTranspose (input 1: (C_out, C_in/g, kh, kw), resp.
-   (C_in, C_out/g, kh, kw)) or as a constant operand of Gemm/MatMul are planned by
-   :func:`kernelpack.converters.planner.plan` under ``max_error`` (each tensor's
+   and patterns, or a callable) decides first. Without a budget every other weight is
+   stored dense, exactly (the default: lossless, like every compressor). With one, the
+   other weights read only as the weight of Conv/ConvTranspose (input 1: (C_out, C_in/g,
+   kh, kw), resp. (C_in, C_out/g, kh, kw)) or as a constant operand of Gemm/MatMul are
+   planned by :func:`kernelpack.converters.planner.plan` under ``max_output_error`` (the
+   model's output error measured on ``calibration`` inputs), ``max_error`` (each tensor's
    relative RMS error ||W' - W|| / ||W||) and/or ``max_bytes``; candidates are the
-   planner's (by shape) plus lossless dense, so a plan always exists. MatMul weights are
+   planner's (by shape) plus lossless dense, so a weight-error plan always exists. MatMul weights are
    (in, out), the transpose of Gemm's transB=1 (out, in): ``dct`` does not care,
    ``linear`` then picks primary input rows rather than output filters. Every other
    weight (biases, norms, double tensors, weights holding NaN or infinity) is stored
@@ -50,8 +52,6 @@ from kernelpack.pack import FormPlan, as_numpy, match, save, state_of
 
 #: Fewer elements than this: a constant of the graph (a scale, a bound), not a weight.
 MIN_ELEMENTS = 16
-#: Default error budget of ``kernelpack pack model.onnx``: relative RMS error per weight.
-DEFAULT_MAX_ERROR = 0.01
 #: (op type, input index) -> role of a constant read there; only these are planned.
 WEIGHT_INPUTS = {("Conv", 1): "conv", ("ConvTranspose", 1): "conv", ("Gemm", 0): "matrix",
                  ("Gemm", 1): "matrix", ("MatMul", 0): "matrix", ("MatMul", 1): "matrix"}
@@ -187,36 +187,36 @@ def weight_roles(graph: Any) -> dict[str, str]:
 
 
 # --- forms ---------------------------------------------------------------------------------
-def weight_configs(weights: Mapping[str, np.ndarray], roles: Mapping[str, str], forms: FormPlan = None,
-                   max_error: float | None = None, max_bytes: int | None = None,
-                   candidates: Any = None) -> dict[str, Config]:
-    """A form per weight: ``forms`` first, then the budget plan for conv/matrix weights, else dense.
-    A weight holding NaN or infinity is not planned (its relative error means nothing): dense, exact."""
+def weight_configs(model: Any, weights: Mapping[str, np.ndarray], forms: FormPlan = None,
+                   candidates: Any = None, **budget: Any) -> dict[str, Config]:
+    """A form per weight: ``forms`` first, then the budget plan (``plan``'s max_output_error,
+    max_error, max_bytes, calibration, metric, progress) for conv/matrix weights, else dense.
+    A weight holding NaN or infinity is not planned (its relative error means nothing): dense,
+    exact. Without a budget (max_error 0 counts as none: exact) nothing is planned."""
     from kernelpack.converters.planner import default_candidates, plan
 
-    chosen: dict[str, Config] = {}
-    planned = {}
-    for name, array in weights.items():
-        config = match(forms, name, array)
-        if config is not None:
-            chosen[name] = config
-        elif name in roles and array.dtype in (np.float16, np.float32) and np.isfinite(array).all():
-            planned[name] = array
-    if planned and (max_error or max_bytes is not None):  # max_error 0: exact, nothing to plan
-        lossless = candidates or (lambda name, shape: [*default_candidates(name, shape), Dense()])
-        chosen.update(plan(planned, max_error=max_error, max_bytes=max_bytes, candidates=lossless))
-    return {name: chosen.get(name, Dense()) for name in weights}
+    planned: Mapping[str, Config] = {}
+    if budget.get("max_error") or budget.get("max_bytes") is not None or budget.get("max_output_error") is not None:
+        budget["max_error"] = budget.get("max_error") or None
+        lossless = candidates and (lambda name, shape: [*_listed(candidates, name, shape), Dense()])
+        planned = plan(model, forms=forms, candidates=lossless or default_candidates, **budget)
+    return {name: match(forms, name, array) or planned.get(name) or Dense() for name, array in weights.items()}
+
+
+def _listed(candidates: Any, name: str, shape: tuple[int, ...]) -> list[Config]:
+    return list(candidates(name, shape) if callable(candidates) else candidates)
 
 
 def pack_onnx(src: Any, path: str | os.PathLike, forms: FormPlan = None, *,
-              max_error: float | None = DEFAULT_MAX_ERROR, max_bytes: int | None = None,
+              max_error: float | None = None, max_bytes: int | None = None,
+              max_output_error: float | None = None, calibration: Any = None, metric: Any = None,
               candidates: Any = None, metadata: Mapping[str, str] | None = None,
-              level: int = 19) -> dict[str, Encoded]:
+              level: int = 19, progress: bool | None = None) -> dict[str, Encoded]:
     """Pack an ONNX model (path, bytes or ModelProto): weights as tensors, the rest as ``onnx.graph``.
 
-    See the module doc for what counts as a weight and which form it gets; with
-    ``max_error`` 0 or None and no ``max_bytes`` every weight ``forms`` does not name is
-    stored dense, exactly. Returns the encoded tensors (what was written).
+    See the module doc for what counts as a weight and which form it gets; without a
+    budget (``max_output_error``, ``max_error`` > 0 or ``max_bytes``) every weight ``forms``
+    does not name is stored dense, exactly. Returns the encoded tensors (what was written).
     """
     model = read_model(src)
     try:
@@ -225,7 +225,9 @@ def pack_onnx(src: Any, path: str | os.PathLike, forms: FormPlan = None, *,
         raise exc.located(path=source_name(src)) from None
     attached = graph.SerializeToString()
     checked(attached, weights, source_name(src))
-    configs = weight_configs(weights, weight_roles(graph.graph), forms, max_error, max_bytes, candidates)
+    configs = weight_configs(model, weights, forms, candidates, max_error=max_error, max_bytes=max_bytes,
+                             max_output_error=max_output_error, calibration=calibration, metric=metric,
+                             progress=progress)
     return save(weights, path, forms=configs, metadata=metadata, level=level, attachments={GRAPH: attached})
 
 

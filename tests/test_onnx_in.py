@@ -229,8 +229,9 @@ def test_bad_onnx_input_is_one_line_naming_the_file(tmp_path, capsys):
     with pytest.raises(KernelpackError, match="no such file"):
         pack_onnx(tmp_path / "missing.onnx", tmp_path / "o.kpk")
     np.savez(tmp_path / "w.npz", w=np.ones(3, np.float32))
-    assert main(["pack", str(tmp_path / "w.npz"), str(tmp_path / "o.kpk"), "--max-error", "0.1"]) == 2
-    assert "--max-error" in capsys.readouterr().err
+    assert main(["pack", str(tmp_path / "w.npz"), str(tmp_path / "o.kpk"), "--calibration",
+                 str(tmp_path / "w.npz"), "--max-error", "0.1"]) == 2  # a state dict has no graph to run
+    assert "--calibration" in capsys.readouterr().err
 
 
 def test_a_graph_that_does_not_fit_its_tensors_is_refused_naming_tensor_and_field(tmp_path):

@@ -369,11 +369,12 @@ class _Model:
             self.graph, weights = take_out(self.proto)
             roles = weight_roles(self.graph.graph)
             self.tensors = {n: np.asarray(a) for n, a in weights.items()}
+            self.dtypes = {n: a.dtype.name for n, a in weights.items()}
             self.planned = [n for n, a in weights.items() if n in roles and a.dtype in (np.float16, np.float32)
                             and np.isfinite(a).all()]
             self.kind = "onnx"
         else:
-            self.tensors = _arrays(model)
+            self.tensors, self.dtypes = _arrays(model)
             self.planned = [n for n, a in self.tensors.items() if plannable(a, min_size)]
             self.kind = "module" if _is_module(model) else "mapping"
         if calibration is not None and self.kind == "mapping":
@@ -502,8 +503,11 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     keep_decoded = subject.can_run
     for name in _progress(names, progress):
         array = subject.tensors[name]
-        measured, skipped[name], outs = _measure_all(name, array, _configs(choose, name, array.shape),
-                                                      layer_stats.get(name))
+        configs = _configs(choose, name, array.shape)
+        if subject.dtypes[name] != "float32" and choose is default_candidates:  # codes stand for float32
+            configs = [c for c in configs if not (isinstance(c, Dense) and c.quantised)]
+        measured, skipped[name], outs = _measure_all(name, array, configs, layer_stats.get(name),
+                                                      subject.dtypes[name])
         if max_error is not None:
             within = [i for i, o in enumerate(measured) if o.error <= max_error]
             if not within:
@@ -669,7 +673,7 @@ def _configs(choose: Candidates, name: str, shape: tuple[int, ...]) -> list[Conf
     return configs
 
 
-def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any
+def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any, dtype: str = "float32"
                  ) -> tuple[list[Option], list[Skipped], list[np.ndarray]]:
     """Every candidate measured on one tensor (factorisations of its H shared by all of them),
     those whose encoder refused it, with why, and the decoded tensors; refused by every
@@ -684,7 +688,9 @@ def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any
         for config in configs:
             hessian = stats if fits_with_h(config, stats, array.shape) else None
             try:
-                option, decoded = _measured(array32, config, name, hessian, estimator, array64)
+                own = isinstance(config, Dense) and not config.quantised and dtype in ("float16", "float32")
+                option, decoded = (_measured(array.astype(dtype), config, name, None, estimator) if own else
+                                   _measured(array32, config, name, hessian, estimator, array64))
             except KernelpackError as exc:
                 skipped.append((config, str(KernelpackError(exc.reason, field=exc.field))))  # the tensor is known
                 continue
@@ -709,9 +715,10 @@ def _skipped_note(skipped: list[Skipped]) -> str:
     return f" ({len(skipped)} refused, e.g. {_short(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
 
 
-def _arrays(model: Any) -> dict[str, np.ndarray]:
-    """float64 numpy of every floating tensor of a model (its plain state) or of a mapping."""
-    out = {}
+def _arrays(model: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """float64 numpy of every floating tensor of a model (its plain state) or of a mapping,
+    and the tensors' own dtypes."""
+    out, dtypes = {}, {}
     for name, value in state_of(model).items():
         if isinstance(value, Encoded):
             continue  # already in a stored form (trained in place)
@@ -722,7 +729,8 @@ def _arrays(model: Any) -> dict[str, np.ndarray]:
         if dtype in ("float16", "bfloat16", "float32", "float64"):
             array = bfloat16_bits_to_float32(array) if dtype == "bfloat16" else array
             out[name] = np.asarray(array, dtype=np.float64)
-    return out
+            dtypes[name] = dtype
+    return out, dtypes
 
 
 def _candidate_fn(candidates: Candidates | Sequence[Config] | None) -> Candidates:
