@@ -117,3 +117,139 @@ def test_no_candidate_possible_still_raises() -> None:
     with pytest.raises(kernelpack.KernelpackError, match="no candidate form can encode it") as caught:
         kernelpack.plan(tensors, max_bytes=10_000, candidates=[kernelpack.Dense(dtype="float16")])
     assert (caught.value.tensor, caught.value.field) == ("big", "candidates")
+
+
+# --- calibrated plans (issue 12) -----------------------------------------------------------------
+class DigitsNet(torch.nn.Module):
+    """A small CNN on scikit-learn's 8x8 digits: two convolutions and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[DigitsNet, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The net trained 4 epochs (about a second), 200 calibration digits, 297 held-out ones."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    data = load_digits()
+    x = torch.tensor(data.images[:, None] / 16.0, dtype=torch.float32)
+    y = torch.tensor(data.target)
+    net = DigitsNet()
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(4):
+        for i in range(0, 1500, 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    return net.eval(), {"x": x[:200].numpy()}, {"x": x[1500:].numpy()}
+
+
+def onnx_bytes(net: torch.nn.Module) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(net, torch.zeros(1, 1, 8, 8), buffer, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return buffer.getvalue()
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_a_calibrated_plan_meets_its_output_target_held_out_and_beats_the_weight_only_plan(digits, tmp_path):
+    net, calibration, held_out = digits
+    target = 0.03
+    chosen = kernelpack.plan(net, calibration["x"], max_output_error=target)
+    weight_only = kernelpack.plan(net, calibration["x"], max_output_error=target, output_aware=False)
+    assert chosen.measured <= target and weight_only.measured <= target
+    assert chosen.bytes < weight_only.bytes
+    assert all(o.output_error is not None for o in chosen.options.values())
+    kernelpack.save(net, tmp_path / "p.kpk", forms=chosen)
+    planned = DigitsNet()
+    planned.load_state_dict({k: torch.as_tensor(v) for k, v in kernelpack.load_numpy(tmp_path / "p.kpk").items()})
+    x = torch.as_tensor(held_out["x"])
+    with torch.no_grad():
+        assert relative(planned(x).numpy(), net(x).numpy()) <= 2 * target  # held out: within a tolerance
+
+
+def test_an_onnx_model_is_planned_and_measured_with_onnx_runtime(digits, tmp_path):
+    from kernelpack.onnx_io import pack_onnx
+
+    net, calibration, held_out = digits
+    model = onnx_bytes(net)
+    target = 0.03
+    chosen = kernelpack.plan(model, calibration, max_output_error=target)
+    assert set(chosen) == {"c1.weight", "c2.weight", "fc.weight"} and chosen.measured <= target
+    pack_onnx(model, tmp_path / "m.kpk", forms=chosen)
+    out = kernelpack.ort_session(tmp_path / "m.kpk", ["CPUExecutionProvider"]).run(None, held_out)[0]
+    with torch.no_grad():
+        assert relative(out, net(torch.as_tensor(held_out["x"])).numpy()) <= 2 * target
+
+
+def test_a_byte_budget_plan_is_measured_and_a_metric_overrides_the_error(digits):
+    net, calibration, _ = digits
+    small = kernelpack.plan(net, calibration["x"], max_bytes=4000)
+    assert small.bytes <= 4000 and small.measured is not None and small.measured > 0
+    calls = []
+
+    def disagreement(ref: list, new: list) -> float:
+        calls.append(len(ref))
+        return float(np.mean(ref[0].argmax(1) != new[0].argmax(1)))
+
+    agreeing = kernelpack.plan(net, calibration["x"], max_output_error=0.01, metric=disagreement)
+    assert calls and agreeing.measured <= 0.01 and agreeing.evaluations == len(calls)
+
+
+def test_an_unreachable_output_target_says_the_best_reached(digits):
+    net, calibration, _ = digits
+    with pytest.raises(kernelpack.KernelpackError, match=r"no plan meets max_output_error=1e-09.*measured") as caught:
+        kernelpack.plan(net, calibration["x"], max_output_error=1e-9, candidates=[kernelpack.Dense(rel_step=0.5)])
+    assert caught.value.field == "budget"
+
+
+def test_output_targets_need_a_graph_and_calibration_inputs(digits):
+    net, calibration, _ = digits
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    with pytest.raises(kernelpack.KernelpackError, match="state dict has no graph") as caught:
+        kernelpack.plan(state, calibration, max_error=0.1)
+    assert caught.value.field == "calibration"
+    with pytest.raises(kernelpack.KernelpackError, match="needs calibration inputs"):
+        kernelpack.plan(net, max_output_error=0.1)
+
+
+def test_a_plan_round_trips_through_the_json_config_that_pack_reads(tmp_path):
+    from kernelpack.cli import read_config
+    from kernelpack.converters.planner import Plan
+
+    rng = np.random.default_rng(3)
+    tensors = {"a[0]*?.weight": rng.standard_normal((16, 8, 3, 3)), "fc.weight": rng.standard_normal((32, 64))}
+    chosen = kernelpack.plan(tensors, max_error=0.2)
+    chosen.to_json(tmp_path / "plan.json")
+    rules, default = read_config(str(tmp_path / "plan.json"))
+    assert default is None and len(rules) == 2
+    assert {n: c for n in tensors for p, c in rules if __import__("fnmatch").fnmatchcase(n, p)} == dict(chosen)
+    again = Plan.from_json(tmp_path / "plan.json")
+    assert dict(again) == dict(chosen)
+    again.to_json(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == (tmp_path / "plan.json").read_text()
+
+
+def test_synthetic_statistics_plan_a_state_dict_on_the_estimate() -> None:
+    """Precomputed H (``stats``): output-aware fits and the estimated error, no graph to run."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((32, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal((72, 8))
+    chosen = kernelpack.plan({"w": w}, max_output_error=0.05, stats={"w": b @ b.T / 8})
+    assert chosen.measured is None and chosen.estimated <= 0.05
+    assert chosen.options["w"].output_error <= 0.05 < chosen.options["w"].error  # H's null space is free

@@ -493,7 +493,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
                               "an ONNX model); for a state dict give max_error or max_bytes", field="calibration")
     fixed = {n: c for n in subject.tensors if (c := match(forms, n, subject.tensors[n])) is not None}
     names = [n for n in subject.planned if n not in fixed]
-    layer_stats = dict(stats) if stats is not None else (subject.stats() if names else {})
+    layer_stats = stats if stats is not None else (subject.stats() if names else {})
     if not output_aware:
         layer_stats = {}
     choose = _candidate_fn(candidates)
