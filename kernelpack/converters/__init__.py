@@ -28,6 +28,7 @@ _HOMES = {
     "DenseWeight": "dense",
     "convsim_loss": "convsim", "convsim_penalty": "convsim", "convsim_init_": "convsim",
     "fine_tune": "train", "accuracy": "train",
+    "distill": "distillation", "DistillResult": "distillation",
     "collect_onnx": "calibration", "collect_torch": "calibration", "load_inputs": "calibration",
     "split": "calibration", "LayerStats": "calibration",
 }

@@ -1,6 +1,9 @@
 """A small fine-tuning loop with a progress bar, for the demo, the tests and the reproduction.
 
-Any training loop works with ``compress_``-ed models; this one only saves writing it:
+For labelled (N, C) classification with fixed-size tensors. Any other model, output or input
+(unlabeled, sequences, maps, dict batches) distils from the original with
+:func:`kernelpack.converters.distill`. Any training loop works with ``compress_``-ed models;
+this one only saves writing it:
 Adam, shuffled mini-batches from a seeded generator, optional random affine augmentation
 of image batches, optional distillation from a teacher (the dense model a compressed one
 came from), an optional regulariser added to the loss (e.g.
@@ -66,10 +69,11 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
 
 
 def _soft_loss(logits: torch.Tensor, teacher: nn.Module, inputs: torch.Tensor, t: float) -> torch.Tensor:
+    from kernelpack.converters.distillation import kl_loss
+
     with torch.no_grad():
-        target = nn.functional.log_softmax(teacher.eval()(inputs) / t, dim=1)
-    mine = nn.functional.log_softmax(logits / t, dim=1)
-    return t * t * nn.functional.kl_div(mine, target, reduction="batchmean", log_target=True)
+        target = teacher.eval()(inputs)
+    return kl_loss(logits, target, t)
 
 
 def jitter(images: torch.Tensor, generator: torch.Generator, shift: float = 2.0,
