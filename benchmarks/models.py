@@ -33,7 +33,6 @@ Inputs: :func:`inputs.input_sets`. Task metrics, decoded weights against the ori
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import math
 import os

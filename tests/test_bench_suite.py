@@ -7,6 +7,7 @@ cannot reach the report unnoticed.
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,7 +36,7 @@ def tiny_model() -> SimpleNamespace:
         return lambda: x @ w["fc.weight"].T
 
     return SimpleNamespace(name="tiny", weights=weights, score=score, runner=runner, metric="label agreement",
-                           task_data=None)
+                           task_data=None, calibration_desc="")
 
 
 def test_kernelpack_methods_round_trip_and_measure(suite, tmp_path):
@@ -80,3 +81,47 @@ def test_smallest_at_level_ignores_worse_scores(suite):
 def test_pareto_front_keeps_only_undominated_points(suite):
     points = [(100, 0.5), (200, 0.9), (150, 0.4), (300, 0.85), (400, 0.95), (200, 0.7)]
     assert suite.pareto(points) == [(100, 0.5), (200, 0.9), (400, 0.95)]
+
+
+def test_bracket_finds_where_the_score_crosses_a_level(suite):
+    scores = {-50: 1.0, -44: 0.999, -38: 0.995, -32: 0.97, -26: 0.9}
+    assert suite.bracket(sorted(scores), scores, 0.99) == [(-38, -32)]
+    assert suite.bracket(sorted(scores), scores, 0.999) == [(-44, -38)]
+    assert suite.bracket(sorted(scores), scores, 0.5) == []  # never crossed: nothing to refine
+
+
+def test_issue12_table_takes_the_smallest_reaching_each_level(suite):
+    model = tiny_model()
+    model.calibration_desc = "8 inputs"
+    rows = [result(suite, "nncodec qp-44", "NNCodec", 900, 0.9995), result(suite, "nncodec qp-38", "NNCodec", 600, 0.992),
+            result(suite, "nncodec qp-32", "NNCodec", 400, 0.95), result(suite, "kpk calibrated 0.01", suite.CALIBRATED, 300, 0.991),
+            result(suite, "int8/ch + zstd", "int8/ch + zstd", 700, 0.99)]
+    rows[3].forms = "dense+series"
+    for r in rows:
+        r.model = "tiny"
+    text = "\n".join(suite.issue12([model], rows, None))
+    assert "| tiny | label agreement | 600 | 300 | 2.00 | kpk calibrated 0.01: 300 | 2.00 | yes | series |" in text
+    assert "| NNCodec at 99.9% | nncodec qp-44 | 900 |" in text
+    assert "kpk calibrated 0.01 | 300 | 0.9910 (best; none reaches 99.9%)" in text
+    assert "not available" in "\n".join(suite.issue12([model], rows, "kernelpack.plan has no calibration parameter"))
+
+
+def test_quick_run_writes_the_report_and_figures(suite, tmp_path, monkeypatch):
+    """The --quick CLI end to end on the smallest real model, the calibrated entry replaced by
+    its 'not available' line (its plans take a minute; tests/test_plan covers them)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("matplotlib")
+    for package in ("rapidocr_onnxruntime", "skimage", "zipnn", "nncodec"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"needs {package}")
+    monkeypatch.setattr(suite, "calibrated_missing", lambda: "skipped in this test")
+    methods = suite.kernelpack_methods
+    monkeypatch.setattr(suite, "kernelpack_methods", lambda quick: methods(quick)[:3])  # dense f32, f16, plan
+    out = tmp_path / "BENCHMARKS.md"
+    suite.main(["--quick", "--models", "PP-OCR cls", "--no-load-to-ready", "--repeats", "1",
+                "--out", str(out), "--figures", str(tmp_path / "figures")])
+    text = out.read_text()
+    assert "**Calibrated plan: not available** (skipped in this test)" in text
+    assert "| PP-OCR cls | label agreement |" in text and "nncodec qp-38" in text and "int8/ch + zstd" in text
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {
+        "agreement_vs_bytes.png", "agreement_vs_bytes_99.png", "decode_throughput.png"}
