@@ -401,3 +401,54 @@ def test_the_installed_command_prints_no_traceback(packed, tmp_path, argv):
     result = subprocess.run([sys.executable, "-m", "kernelpack", *[names.get(a, a) for a in argv]],
                             capture_output=True, text=True)
     assert_one_error_line(result.returncode, result.stderr, "kernelpack: error: ")
+
+
+# --- honest by default, planned on request (issue 12) --------------------------------------------
+@pytest.mark.parametrize("kind", ["npz", "onnx"])
+def test_pack_without_a_budget_or_rule_is_lossless(tmp_path, capsys, kind):
+    from test_plan import DigitsNet, onnx_bytes
+
+    if kind == "onnx":
+        src = tmp_path / "m.onnx"
+        src.write_bytes(onnx_bytes(DigitsNet()))
+        from kernelpack.onnx_io import read_model, take_out
+
+        original = take_out(read_model(str(src)))[1]
+    else:
+        src = write_input(str(tmp_path), "npz")
+        original = state()
+    assert main(["pack", str(src), str(tmp_path / "o.kpk")]) == 0
+    assert "lossless: every tensor decodes to its input bits" in capsys.readouterr().out
+    for name, value in kernelpack.load_numpy(tmp_path / "o.kpk").items():
+        assert value.dtype == original[name].dtype and value.tobytes() == original[name].tobytes()
+
+
+def test_a_calibrated_onnx_pack_says_what_is_lossy_and_writes_its_plan(tmp_path, capsys):
+    from test_plan import DigitsNet, onnx_bytes
+
+    torch.manual_seed(0)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(onnx_bytes(DigitsNet()))
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32))
+    assert main(["pack", str(src), str(tmp_path / "o.kpk"), "--calibration", str(tmp_path / "cal.npz"),
+                 "--max-output-error", "0.05", "--plan-out", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "LOSSY" in out and "c2.weight" in out and "worst weight error" in out
+    measured = float(out.split("output error on the calibration inputs: ")[1].split()[0])
+    assert measured <= 0.05
+    # the plan file is a --config that gives the same forms
+    assert main(["pack", str(src), str(tmp_path / "again.kpk"), "--config", str(tmp_path / "plan.json")]) == 0
+    assert "not measured" in capsys.readouterr().out
+    with kernelpack.open(tmp_path / "o.kpk") as a, kernelpack.open(tmp_path / "again.kpk") as b:
+        assert [a.info(n).form for n in a.keys()] == [b.info(n).form for n in a.keys()]
+
+
+def test_max_error_and_max_bytes_plan_a_state_dict(tmp_path, capsys):
+    src = write_input(str(tmp_path), "npz")
+    assert main(["pack", src, str(tmp_path / "e.kpk"), "--max-error", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "LOSSY" in out and "not measured" in out
+    worst = float(out.split("worst weight error (relative RMS) ")[1].split()[0])
+    assert worst <= 0.05
+    assert main(["pack", src, str(tmp_path / "b.kpk"), "--max-bytes", "10"]) == 2
+    assert "max_bytes=10 is below the smallest plan" in capsys.readouterr().err
