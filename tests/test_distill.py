@@ -4,6 +4,7 @@ logits, CTC-like sequence logits and dense maps; budgets, early stop and the bes
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,14 @@ def test_labels_add_the_task_loss_and_one_shot_iterators_serve_one_epoch() -> No
     with pytest.raises(kernelpack.KernelpackError) as caught:
         distill(student, teacher, batches(1, IMAGES, 1), features=["nosuch"])
     assert caught.value.field == "features"
+
+
+def test_the_readme_distillation_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Distilling from the original model, without labels", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    before, after = map(float, capsys.readouterr().out.split("agreement")[1].split("->"))
+    assert after >= before and (tmp_path / "digits.kpk").exists()
