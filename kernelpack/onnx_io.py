@@ -200,7 +200,25 @@ def weight_configs(model: Any, weights: Mapping[str, np.ndarray], forms: FormPla
         budget["max_error"] = budget.get("max_error") or None
         lossless = candidates and (lambda name, shape: [*_listed(candidates, name, shape), Dense()])
         planned = plan(model, forms=forms, candidates=lossless or default_candidates, **budget)
-    return {name: match(forms, name, array) or planned.get(name) or Dense() for name, array in weights.items()}
+    configs = {name: match(forms, name, array) or planned.get(name) or Dense() for name, array in weights.items()}
+    return _with_hessians(configs, forms, planned)
+
+
+class _Configs(dict):
+    """Configs by weight name, carrying the calibration statistics of a calibrated plan's
+    output-aware choices (``Plan.hessians``) on to ``save``, so that the file holds the
+    tensors the plan measured."""
+
+    hessians: dict[str, Any]
+
+
+def _with_hessians(configs: dict[str, Config], *plans: Any) -> dict[str, Config]:
+    """``configs`` with the statistics of every calibrated plan among ``plans`` for the tensors
+    whose config came from that plan."""
+    out = _Configs(configs)
+    out.hessians = {n: h for p in plans if isinstance(p, Mapping) for n, h in getattr(p, "hessians", {}).items()
+                    if n in configs and configs[n] is p.get(n)}
+    return out
 
 
 def _listed(candidates: Any, name: str, shape: tuple[int, ...]) -> list[Config]:

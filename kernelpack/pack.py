@@ -78,8 +78,9 @@ def match(forms: FormPlan, name: str, value: Any) -> Config | None:
     return None
 
 
-def encode(name: str, value: Any, config: Config) -> Encoded:
-    """One tensor in the form ``config`` asks for; errors name the tensor."""
+def encode(name: str, value: Any, config: Config, hessian: Any = None) -> Encoded:
+    """One tensor in the form ``config`` asks for (fitted output-aware under ``hessian``, the
+    calibration statistics of its layer, when given); errors name the tensor."""
     if isinstance(value, Encoded):
         return value
     try:
@@ -90,7 +91,7 @@ def encode(name: str, value: Any, config: Config) -> Encoded:
             if dtype == "bfloat16":
                 array = bfloat16_bits_to_float32(array)
         try:
-            return config.encode(array, dtype)
+            return config.encode(array, dtype) if hessian is None else config.encode(array, dtype, hessian=hessian)
         except KernelpackError:
             raise
         except (TypeError, ValueError) as exc:  # a setting of the wrong type or value
@@ -120,11 +121,14 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     Each payload takes the smallest of ``codecs``; ``codecs=codecs_of(1)`` leaves out
     ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
     by 1.1 readers. ``level`` is zstd's, 1..22. Returns the encoded tensors (what was written).
+    ``forms`` may be a calibrated ``kernelpack.plan``: its tensors are then fitted under the
+    plan's calibration statistics (``Plan.hessians``), exactly as the plan measured them.
     The write is atomic; ``path`` is checked before any tensor is encoded.
     """
     need_output(path)
+    hessians = getattr(forms, "hessians", None) or {}  # a calibrated Plan's statistics
     try:
-        encoded = {name: encode(name, value, choose(forms, name, value))
+        encoded = {name: encode(name, value, choose(forms, name, value), hessians.get(name))
                    for name, value in state_of(obj).items()}
         write(path, encoded, metadata, level, attachments, codecs)
     except KernelpackError as exc:  # a refusal names the file it was writing

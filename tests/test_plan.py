@@ -179,8 +179,12 @@ def test_a_calibrated_plan_meets_its_output_target_held_out_and_beats_the_weight
     planned = DigitsNet()
     planned.load_state_dict({k: torch.as_tensor(v) for k, v in kernelpack.load_numpy(tmp_path / "p.kpk").items()})
     x = torch.as_tensor(held_out["x"])
+    seen = torch.as_tensor(calibration["x"])
     with torch.no_grad():
         assert relative(planned(x).numpy(), net(x).numpy()) <= 2 * target  # held out: within a tolerance
+        # the file holds the output-aware fits the plan measured, not a re-fit to the weights
+        assert chosen.hessians and relative(planned(seen).numpy(), net(seen).numpy()) == pytest.approx(
+            chosen.measured, rel=1e-4)
 
 
 def test_an_onnx_model_is_planned_and_measured_with_onnx_runtime(digits, tmp_path):
@@ -192,9 +196,12 @@ def test_an_onnx_model_is_planned_and_measured_with_onnx_runtime(digits, tmp_pat
     chosen = kernelpack.plan(model, calibration, max_output_error=target)
     assert set(chosen) == {"c1.weight", "c2.weight", "fc.weight"} and chosen.measured <= target
     pack_onnx(model, tmp_path / "m.kpk", forms=chosen)
-    out = kernelpack.ort_session(tmp_path / "m.kpk", ["CPUExecutionProvider"]).run(None, held_out)[0]
+    session = kernelpack.ort_session(tmp_path / "m.kpk", ["CPUExecutionProvider"])
+    out = session.run(None, held_out)[0]
     with torch.no_grad():
         assert relative(out, net(torch.as_tensor(held_out["x"])).numpy()) <= 2 * target
+        seen = net(torch.as_tensor(calibration["x"])).numpy()
+    assert relative(session.run(None, calibration)[0], seen) == pytest.approx(chosen.measured, rel=1e-3)
 
 
 def test_a_byte_budget_plan_is_measured_and_a_metric_overrides_the_error(digits):

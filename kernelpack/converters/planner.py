@@ -135,12 +135,20 @@ class Plan(dict):
     """A mapping tensor name -> form config (pass it to ``save``, ``compress_`` or
     ``pack_onnx``), with the chosen options, the candidates skipped per tensor, and the
     measured end-to-end output error on the calibration inputs (``measured``, None when
-    not measured) and the estimated one (``estimated``)."""
+    not measured) and the estimated one (``estimated``).
+
+    ``hessians`` holds the calibration statistics of the tensors whose chosen config was
+    fitted output-aware: ``save(..., forms=plan)`` and ``pack_onnx`` fit those tensors under
+    the same statistics, so the file holds exactly the tensors the plan measured. A plan
+    read back from JSON has none (its configs are re-fitted to the weights alone, unless
+    ``hessians`` are given again)."""
 
     def __init__(self, options: Mapping[str, Option], skipped: Mapping[str, list[Skipped]] | None = None,
-                 measured: float | None = None, evaluations: int = 0) -> None:
+                 measured: float | None = None, evaluations: int = 0,
+                 hessians: Mapping[str, Any] | None = None) -> None:
         super().__init__({name: option.config for name, option in options.items()})
         self.options = dict(options)
+        self.hessians = dict(hessians or {})
         self.skipped = {name: list(s) for name, s in (skipped or {}).items() if s}
         self.measured = measured
         self.evaluations = evaluations
@@ -544,7 +552,9 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
         picked = path.point(0)  # the smallest of each tensor (within max_error)
         if subject.can_run and names:
             measured_error = evaluate(picked)
-    result = Plan({n: picked[n] for n in names}, skipped, measured_error, subject.evaluations)
+    hessians = {n: layer_stats[n] for n in names
+                if fits_with_h(picked[n].config, layer_stats.get(n), subject.tensors[n].shape)}
+    result = Plan({n: picked[n] for n in names}, skipped, measured_error, subject.evaluations, hessians)
     _warn_skipped(result)
     return result
 
