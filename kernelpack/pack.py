@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection, Mapping
 import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES, bfloat16_bits_to_float32
-from kernelpack.container import CODECS, need_output, write
+from kernelpack.container import DEFAULT_CODECS, need_output, write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need, shown
@@ -114,7 +114,7 @@ def state_of(obj: Any) -> Mapping[str, Any]:
 
 def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
          metadata: Mapping[str, str] | None = None, level: int = 19,
-         attachments: Mapping[str, bytes] | None = None, codecs: Collection[str] = CODECS) -> dict[str, Encoded]:
+         attachments: Mapping[str, bytes] | None = None, codecs: Collection[str] = DEFAULT_CODECS) -> dict[str, Encoded]:
     """Pack a model (its state_dict) or a dict of tensors into a container at ``path``.
 
     ``attachments`` are named byte strings stored alongside (e.g. ``onnx.graph``).

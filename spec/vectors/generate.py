@@ -17,6 +17,7 @@ the header and a torch CPU decode before the manifest is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import hashlib
 import json
@@ -24,10 +25,11 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from kernelpack import container, entropy
 from kernelpack._backend import NUMPY_DTYPES
 from kernelpack.container import CODECS, Container, codecs_of, digest, write
 from kernelpack.forms import (DCT, FORMS, Basis, BasisTensor, Config, DCTTensor, Dense, DenseTensor,
@@ -243,6 +245,58 @@ def shuffle_file() -> dict[str, Entry]:
     }
 
 
+def laplace_codes(seed: int, size: int, scale: float, dtype: str) -> np.ndarray:
+    """Integer codes of a Laplacian of ``scale`` (weights quantised at a step), clipped to ``dtype``."""
+    info = np.iinfo(dtype)
+    values = np.rint(np.random.default_rng(seed).laplace(0.0, scale, size))
+    return np.clip(values, info.min, info.max).astype(dtype)
+
+
+def dense_codes(values: np.ndarray, step: float | None = None) -> DenseTensor:
+    """A dense tensor of integer elements, or of quantised numbers when ``step`` is given."""
+    dtype = str(values.dtype)
+    return DenseTensor(Stored(values, dtype, step), "float32" if step is not None else dtype)
+
+
+def rans_file() -> dict[str, Entry]:
+    """Format 1.3, codec ``rans`` (FORMAT.md 2.1) on every array of int8, int16, uint8 and
+    uint16 (forced, even where another codec is smaller): quantised Laplacian codes of several
+    widths (scales 0.3 to 300), all zeros, a single nonzero symbol, uniform uint8 and uint16
+    values, escapes (int16 codes with outliers at -32768 and 32767, a uint8 array with 255s),
+    tiny arrays of 1 and 2 elements, one lane and many lanes, dct coefficients and a basis
+    index."""
+    outliers = laplace_codes(1206, 1500, 3.0, "int16")
+    outliers[[10, 700, 1499]] = [-32768, 32767, 12345]
+    return {
+        "laplace_int8": dense_codes(laplace_codes(1201, 2000, 4.0, "int8"), 2.0 ** -7),
+        "laplace_int8_peaked": dense_codes(laplace_codes(1202, 3000, 0.3, "int8"), 2.0 ** -6),
+        "laplace_int16_wide": dense_codes(laplace_codes(1203, 1200, 300.0, "int16"), 2.0 ** -12),
+        "laplace_int16_narrow": dense_codes(laplace_codes(1204, 1024, 1.5, "int16"), 0.375),
+        "int16_outliers": dense_codes(outliers, 2.0 ** -10),
+        "zeros_int16": dense_codes(np.zeros((40, 50), np.int16), 0.5),
+        "single_symbol_int8": dense_codes(np.full(700, -7, np.int8), 0.25),
+        "uniform_uint8": dense_codes(np.random.default_rng(1207).integers(0, 256, 1024).astype(np.uint8)),
+        "uint8_with_255": dense_codes(np.resize(np.array([0, 1, 1, 2, 255], np.uint8), 600)),
+        "uniform_uint16": dense_codes(np.random.default_rng(1208).integers(0, 1000, 512).astype(np.uint16)),
+        "tiny_int8_1": dense_codes(np.array([-3], np.int8), 0.5),
+        "tiny_int16_2": dense_codes(np.array([-32768, 32767], np.int16), 2.0 ** -15),
+        "tiny_uint8_2": dense_codes(np.array([7, 7], np.uint8)),
+        "tiny_uint16_1": dense_codes(np.array([65535], np.uint16)),
+        "dct_codes": (normal(1209, (8, 8, 3, 3)), DCT(keep=0.3, rel_step=0.02)),
+        "basis_index": (normal(1210, (16, 4, 3, 3)), Basis(8, bank_name="rans_bank", seed=0)),
+    }
+
+
+def rans_large_file() -> dict[str, Entry]:
+    """Format 1.3, codec ``rans`` on arrays of 100k+ elements (about a hundred lanes): peaked int8
+    codes of a Laplacian of scale 0.25 (120,000) and uint16 zeros (100,003: the last step
+    has fewer lanes than the others)."""
+    return {
+        "large_laplace_int8": dense_codes(laplace_codes(1301, 120_000, 0.25, "int8"), 2.0 ** -8),
+        "large_zeros_uint16": dense_codes(np.zeros(100_003, np.uint16)),
+    }
+
+
 #: NaNs of the 2-byte float dtypes, both signs, signalling (quiet bit clear) and quiet, several
 #: payloads, then +-inf and 1.0: 15 patterns, a "short" array (fewer than 16 elements).
 NAN_PATTERNS = {
@@ -315,6 +369,9 @@ class VectorFile:
     #: The minor format version the file is written for: the writer may use its codecs only
     #: (so a file of 1.0 stays 1.0, not 1.2 because zstd-shuffle saved a few bytes).
     minor: int = 0
+    #: A codec written on every array that takes it, even where another is smaller (so that
+    #: the vectors of a codec cover arrays it would lose on: tiny and uniform ones).
+    force: str | None = None
 
 
 FILES = (
@@ -331,7 +388,30 @@ FILES = (
     VectorFile("quant.kpk", quant_file.__doc__ or "", quant_file, minor=2),
     VectorFile("shuffle.kpk", shuffle_file.__doc__ or "", shuffle_file, minor=2),
     VectorFile("nan.kpk", nan_file.__doc__ or "", nan_file),
+    VectorFile("rans.kpk", rans_file.__doc__ or "", rans_file, minor=3, force="rans"),
+    VectorFile("rans_large.kpk", rans_large_file.__doc__ or "", rans_large_file, minor=3, force="rans"),
 )
+
+
+@contextlib.contextmanager
+def forced(codec: str | None) -> Iterator[None]:
+    """The writer with ``codec`` on every array whose stored dtype it takes (``rans`` only)."""
+    if codec is None:
+        yield
+        return
+    assert codec == "rans"
+    choose = container._compress
+
+    def compress(raw: bytes, dtype: np.dtype, level: int, codecs: Any, name: str | None = None) -> tuple[str, bytes]:
+        if raw and name in entropy.DTYPES:
+            return codec, entropy.encode(np.frombuffer(raw, dtype=dtype))
+        return choose(raw, dtype, level, codecs, name)
+
+    container._compress = compress
+    try:
+        yield
+    finally:
+        container._compress = choose
 
 
 # --- writing and recording ----------------------------------------------------------------
@@ -464,24 +544,56 @@ def check_nans(folder: str) -> None:
                 raise AssertionError(f"nan.kpk: float32_as_{dtype}: NaNs not narrowed as FORMAT.md 3 says")
 
 
+def rans_fields(body: bytes) -> tuple[int, int, int, int]:
+    """precision, symbols K, lanes N and escapes E of a rans payload (FORMAT.md 2.1)."""
+    reader = entropy._Reader(body)
+    precision = reader.take(1, "precision")[0]
+    return (precision, reader.varint("symbols", 0, 1 << 16), reader.varint("lanes", 1, 1 << 31),
+            reader.varint("escapes", 0, 1 << 31))
+
+
+def check_rans(folder: str) -> None:
+    """The rans vectors hold what they promise: every int8/int16/uint8/uint16 array is rans,
+    every such dtype occurs, with escapes, with one lane and with hundreds, at several
+    precisions, in arrays of 1, 2 and 100,000+ elements."""
+    fields, dtypes, sizes = [], set(), set()
+    for name in ("rans.kpk", "rans_large.kpk"):
+        with Container(os.path.join(folder, name)) as c:
+            refs = [r for n in c.keys() for r in c.info(n).arrays.values()] + list(c.bank_info().values())
+            for ref in refs:
+                if ref.spec.dtype not in entropy.DTYPES:
+                    continue
+                if ref.codec != "rans":
+                    raise AssertionError(f"{name}: a {ref.spec.dtype} array is {ref.codec}, not rans")
+                fields.append(rans_fields(c._read(ref.length, c._data_start + ref.offset)))
+                dtypes.add(ref.spec.dtype)
+                sizes.add(ref.spec.size)
+    precisions, lanes = {f[0] for f in fields}, {f[2] for f in fields}
+    if not (dtypes == entropy.DTYPES and any(f[3] for f in fields) and 1 in lanes and max(lanes) >= 64
+            and len(precisions) >= 3 and {1, 2} <= sizes and max(sizes) >= 100_000):
+        raise AssertionError(f"the rans vectors no longer cover their promises: {dtypes} {fields}")
+
+
 def generate(folder: str) -> dict[str, Any]:
     """Write every vector file and manifest.json into ``folder``; return the manifest."""
     os.makedirs(folder, exist_ok=True)
     files: dict[str, Any] = {}
     for vector in FILES:
         path = os.path.join(folder, vector.name)
-        write(path, build(vector), dict(vector.metadata), level=LEVEL, codecs=codecs_of(vector.minor))
+        with forced(vector.force):
+            write(path, build(vector), dict(vector.metadata), level=LEVEL, codecs=codecs_of(vector.minor))
         files[vector.name] = record(path, " ".join(vector.description.split()))
         if files[vector.name]["size"] > MAX_FILE_BYTES:
             raise AssertionError(f"{vector.name} is {files[vector.name]['size']} bytes; keep vectors small")
     total = sum(f["size"] for f in files.values())
     if total > MAX_TOTAL_BYTES:
         raise AssertionError(f"the vectors take {total} bytes; the limit is {MAX_TOTAL_BYTES}")
-    manifest = {"format_version": [1, 2], "generator": "spec/vectors/generate.py", "files": files}
+    manifest = {"format_version": [1, 3], "generator": "spec/vectors/generate.py", "files": files}
     check_coverage(manifest)
     check_uint16_indices(folder)
     check_signed_zeros(folder)
     check_nans(folder)
+    check_rans(folder)
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")

@@ -99,6 +99,29 @@ def byte_planes() -> dict[str, Encoded]:
     }
 
 
+def entropy_coded() -> dict[str, Encoded]:
+    """Format 1.3 by its codec alone: peaked integer codes (a Laplacian made from a fixed
+    integer hash, no random generator) that ``rans`` packs smallest, int8 and int16 quantised,
+    uint8 and uint16 plain, and a float16 array beside them, which ``rans`` never takes."""
+    ramp = np.arange(4096, dtype=np.int64)
+    z = ramp.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # splitmix64 finaliser: fixed, well mixed
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    uniform = (((z ^ (z >> np.uint64(31))) >> np.uint64(11)).astype(np.float64) + 0.5) / 2 ** 53  # in (0, 1)
+    laplace = np.rint(np.log(uniform) * 3 * np.where(ramp % 2, 1, -1)).astype(np.int64)
+
+    def dense(values: np.ndarray, dtype: str, step: float | None = None) -> DenseTensor:
+        return DenseTensor(Stored(values.astype(dtype), dtype, step), "float32" if step else dtype)
+
+    return {
+        "int8": dense(np.clip(laplace, -127, 127), "int8", 2.0 ** -7),
+        "int16": dense(laplace * 40 // 7, "int16", 2.0 ** -12),
+        "uint8": dense(np.abs(laplace) % 256, "uint8"),
+        "uint16": dense(np.abs(laplace) + 1000, "uint16"),
+        "float16": dense(ramp / 1024, "float16"),
+    }
+
+
 # --- hand edits: a new preamble and header over the same payloads -----------------------
 def rewrite(path: str, major: int, minor: int, change: Callable[[dict[str, Any]], None]) -> None:
     """Give a file another version and header; the payloads (offsets relative to the data
@@ -171,6 +194,13 @@ def shuffled(path: str) -> None:
                       "bytes": "zstd"}, codecs
 
 
+def entropy(path: str) -> None:
+    write(path, entropy_coded(), metadata={"corpus": "1.3 rans"})
+    with Container(path) as c:  # the codec really is in the file
+        codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
+    assert codecs == {**dict.fromkeys(["int8", "int16", "uint8", "uint16"], "rans"), "float16": "zstd-shuffle"}, codecs
+
+
 def edited(base: Callable[[str], None], major: int, minor: int,
            change: Callable[[dict[str, Any]], None]) -> Callable[[str], None]:
     def make(path: str) -> None:
@@ -195,6 +225,10 @@ FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
         "tensors", "bytes", "arrays", "data", "codec", value="zstd-shuffle")), {
         "expect": "refuse", "tensor": "bytes", "field": "arrays.data.codec",
         "message": "zstd-shuffle is only for elements of more than one byte"}),
+    "v1.3-rans.kpk": (entropy, LOAD),
+    "v1.2-rans.kpk": (edited(entropy, 1, 2, keep), {
+        "expect": "refuse", "tensor": "int8", "field": "arrays.data.codec",
+        "message": "in a version 1.2 file, got 'rans'"}),
     "v1.future-unknown-keys.kpk": (edited(with_attachments, 1, FUTURE_MINOR, future_keys), {
         "expect": "load", "decode_errors": {"hyper": {"field": "form", "message": "needs a newer kernelpack"}}}),
     "v1.future-unknown-codec.kpk": (edited(plain, 1, FUTURE_MINOR, unknown(
