@@ -139,13 +139,13 @@ def int_arrays(draw: st.DrawFn) -> np.ndarray:
     return values
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(values=int_arrays())
 def test_every_array_round_trips_and_the_spec_decoder_agrees(values: np.ndarray) -> None:
     body = entropy.encode(values)
     decoded = entropy.decode(body, values.dtype, values.size)
     assert decoded.dtype == values.dtype and np.array_equal(decoded, values)
-    if values.size <= 600:
+    if values.size <= 200:
         assert spec_decode(body, str(values.dtype), values.size) == values.tolist()
 
 
