@@ -1,4 +1,4 @@
-"""The ``kernelpack`` command line: pack, inspect, verify, unpack, demo.
+"""The ``kernelpack`` command line: pack, inspect, verify, unpack, demo, serve, triton-config.
 
 Imports stay light (numpy, msgpack): torch loads only to read .pt files, to write
 bfloat16 tensors, to decode with the torch backend, and for the demo. Every
@@ -472,6 +472,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kernelpack.serve import serve
+
+    return serve(args.file, args.host, args.port, args.device, args.threads, args.name, args.limit, args.set)
+
+
+def cmd_triton_config(args: argparse.Namespace) -> int:
+    from kernelpack.triton_backend import write_model_dir
+
+    folder = write_model_dir(args.file, args.repository, args.name, args.kind, args.count)
+    print(f"{folder}: Triton Python-backend model (config.pbtxt, 1/model.py, 1/model.kpk)")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     """argparse, its errors in the one-line form of every other error (subcommands inherit it)."""
@@ -547,6 +561,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR",
                    help="keep the containers and original.safetensors here (default: a temporary folder)")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve a container's ONNX graph over HTTP (JSON, binary tensors, KServe v2)",
+                       description="Load FILE (a container with its onnx.graph) into ONNX Runtime and serve it "
+                       "until SIGTERM/SIGINT (graceful: requests under way are answered, exit 0). Paths, "
+                       "bodies and bounds: the kernelpack.serve module docstring (README, Serving).")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference in all (default: all "
+                   "cores), split over min(4, N) concurrent runs")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="ONNX Runtime provider: cuda (refuses to start without it), cpu, or auto (default: "
+                   "CUDA if usable, else CPU)")
+    p.add_argument("--name", help="the model's name in /v2/models/NAME (default: FILE's name without .kpk)")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="a kernelpack.Limits field for reading FILE (default: kernelpack.serve.SERVICE_LIMITS)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a kernelpack.serve.Settings field: workers, timeouts, connection and body bounds")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("triton-config", help="write a Triton Python-backend model directory for a container",
+                       description="Write REPOSITORY/NAME/config.pbtxt (inputs, outputs and types from FILE's "
+                       "onnx.graph), REPOSITORY/NAME/1/model.py (kernelpack.triton_backend) and a copy of FILE "
+                       "as REPOSITORY/NAME/1/model.kpk.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("repository", metavar="REPOSITORY", help="the model repository folder (created if missing)")
+    p.add_argument("--name", help="the model's name (default: FILE's name without .kpk)")
+    p.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="instance kind (default cpu)")
+    p.add_argument("--count", type=int, default=1, help="instances per device (default 1)")
+    p.set_defaults(run=cmd_triton_config)
     return parser
 
 

@@ -1,18 +1,23 @@
-"""Serving: the HTTP service (a real process, real requests on loopback, and the same service
-started in-process with tight bounds to hold it against hostile clients) and the Triton Python
-backend model (run against a faithful stand-in for triton_python_backend_utils; Triton itself is
-not run) load a container at start and answer exactly what the ORT session answers."""
+"""Serving: ``kernelpack serve`` (a real process, real requests on loopback: JSON, binary
+tensors, KServe v2 paths, graceful shutdown; and the same service started in-process with tight
+bounds to hold it against hostile clients) and the Triton Python-backend model written by
+``kernelpack triton-config`` (run here against a faithful stand-in for triton_python_backend_utils;
+tests/test_triton.py runs it in a real Triton server) load a container at start and answer
+exactly what the ORT session answers."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import importlib.util
+import io
 import json
 import os
 import re
 import select
-import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -26,30 +31,19 @@ import pytest
 from ocr_inputs import CLS, cls_batch, ppocr_model
 
 import kernelpack
+from kernelpack import serve
+from kernelpack.cli import main as cli
 from kernelpack.ort import ort_session
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from kernelpack.onnx_io import pack_onnx  # noqa: E402
+from kernelpack.triton_backend import MODEL_PY, write_model_dir  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVING = os.path.join(ROOT, "serving")
-TRITON_MODEL = os.path.join(SERVING, "triton", "ppocr_cls")
 CPU = ["CPUExecutionProvider"]
+OUT = "save_infer_model/scale_0.tmp_1"
+SERVE = [sys.executable, "-m", "kernelpack", "serve"]
 
-
-def _service_module() -> Any:
-    """serving/http_service.py loaded from its path. Not by putting serving/ on sys.path:
-    its folder triton/ would then shadow the triton package torch looks for (torch's
-    compiler imports it, and fails on the namespace package it finds)."""
-    spec = importlib.util.spec_from_file_location("http_service", os.path.join(SERVING, "http_service.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["http_service"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-http_service = _service_module()
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory) -> str:
@@ -63,22 +57,27 @@ def expected(container: str, x: np.ndarray) -> np.ndarray:
 
 
 # --- HTTP: the command line, real process --------------------------------------------------
+def start(container: str, *extra: str) -> tuple[subprocess.Popen, int]:
+    """``kernelpack serve CONTAINER --port 0 --device cpu`` and the port its start line names."""
+    process = subprocess.Popen([*SERVE, container, "--port", "0", "--device", "cpu", *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    found = re.match(r"serving .* as 'cls' on http://127\.0\.0\.1:(\d+) with CPUExecutionProvider", line)
+    if not found:
+        process.kill()
+        raise AssertionError((line, process.communicate(timeout=30)))
+    return process, int(found.group(1))
+
+
 @pytest.fixture(scope="module")
 def service(container: str):
-    """``python serving/http_service.py cls.kpk --port 0 --cpu``, until the module's tests end."""
-    process = subprocess.Popen([sys.executable, os.path.join(SERVING, "http_service.py"), container,
-                                "--port", "0", "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    """``kernelpack serve cls.kpk --port 0 --device cpu``, until the module's tests end."""
+    process, port = start(container)
     try:
-        line = process.stdout.readline()
-        found = re.match(r"serving .* on http://127\.0\.0\.1:(\d+) with CPUExecutionProvider", line)
-        assert found, (line, process.stderr.read() if process.poll() is not None else "")
-        yield int(found.group(1))
+        yield port
     finally:
         process.kill()
-        process.wait(timeout=30)
-        process.stdout.close()
-        process.stderr.close()
+        process.communicate(timeout=30)
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,
@@ -144,24 +143,119 @@ def test_a_container_the_reader_refuses_stops_the_start_with_one_line(container,
     not_a_container.write_bytes(os.urandom(4096))
     for argv in ([container, "--limit", "max_decoded_bytes=1000"], [container, "--limit", "max_work=1000"],
                  [str(not_a_container)]):
-        done = subprocess.run([sys.executable, os.path.join(SERVING, "http_service.py"), *argv, "--port", "0",
-                               "--cpu"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*SERVE, *argv, "--port", "0", "--device", "cpu"], capture_output=True, text=True,
+                              timeout=120)
         assert done.returncode == 2 and done.stdout == "", done
-        assert re.fullmatch(r"http_service: error: file '[^']+'.*\n", done.stderr), done.stderr
+        assert re.fullmatch(r"kernelpack: error: file '[^']+'.*\n", done.stderr), done.stderr
     with pytest.raises(kernelpack.KernelpackError, match="max_decoded_bytes"):
-        http_service.start_service(container, limits=kernelpack.Limits(max_decoded_bytes=1000))
+        serve.start_service(container, limits=kernelpack.Limits(max_decoded_bytes=1000))
+
+
+def test_metadata_names_the_signature_and_the_containers_header_checksum(service, container):
+    status, meta = request(service, "GET", "/metadata")
+    with open(container, "rb") as f:
+        raw = f.read()
+    (length,) = struct.unpack("<I", raw[12:16])
+    assert status == 200 and meta["name"] == "cls" and meta["providers"] == CPU
+    assert meta["container"] == {"file": "cls.kpk", "bytes": len(raw), "format_version": "%d.%d" % struct.unpack(
+        "<HH", raw[8:12]), "header_sha256": hashlib.sha256(raw[:16] + raw[48:48 + length]).hexdigest()}
+    assert meta["inputs"] == [{"name": "x", "type": "tensor(float)", "dtype": "float32", "shape": [None, 3, "?", "?"]}]
+    assert [(o["name"], o["dtype"], o["shape"]) for o in meta["outputs"]] == [(OUT, "float32", [None, 2])]
+
+
+def npy(array: np.ndarray) -> bytes:
+    stream = io.BytesIO()
+    np.save(stream, array, allow_pickle=True)
+    return stream.getvalue()
+
+
+RAW = {"Content-Type": "application/octet-stream", "X-Dtype": "float32", "X-Shape": "2,3,48,192"}
+
+
+@pytest.mark.parametrize("body, headers", [
+    (lambda x: npy(x), {"Content-Type": "application/x-npy"}),
+    (lambda x: npy(np.asfortranarray(x)), {"Content-Type": "application/x-npy", "X-Input": "x"}),
+    (lambda x: x.tobytes(), RAW),
+], ids=["npy", "npy-fortran-order", "raw"])
+def test_binary_tensor_bodies_get_the_sessions_outputs_exactly(service, container, body, headers):
+    x = cls_batch(2, seed=3)
+    status, answer = request(service, "POST", "/predict", body(x), headers)
+    assert status == 200, answer
+    assert np.array_equal(np.float32(answer["outputs"][OUT]), expected(container, x))
+
+
+@pytest.mark.parametrize("body, headers, message", [
+    (npy(cls_batch(1).astype(np.float64)), {"Content-Type": "application/x-npy"}, "is float32; the body is float64"),
+    (npy(np.array([{"a": 1}], dtype=object)), {"Content-Type": "application/x-npy"}, "would need pickle"),
+    (npy(cls_batch(1))[:-4], {"Content-Type": "application/x-npy"}, "the body holds"),
+    (b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'" + b" " * 16, {"Content-Type": "application/x-npy"}, "not a .npy"),
+    (npy(cls_batch(1)), {"Content-Type": "application/x-npy", "X-Input": "y"}, "exactly ['x']"),
+    (cls_batch(1).tobytes(), {**RAW, "X-Shape": "1,3,48,191"}, "the body holds"),
+    (cls_batch(1).tobytes(), {**RAW, "X-Shape": "1;3"}, "comma-separated"),
+    (cls_batch(1).tobytes(), {**RAW, "X-Dtype": "complex64"}, "is not one of"),
+    (cls_batch(1).tobytes(), {"Content-Type": "application/octet-stream"}, "needs X-Dtype"),
+    (b"x", {"Content-Type": "text/plain"}, "is not application/json"),
+], ids=["wrong-dtype", "object", "short", "bad-header", "wrong-name", "wrong-size", "bad-shape", "bad-dtype",
+        "no-headers", "content-type"])
+def test_bad_binary_bodies_get_400_and_a_reason(service, body, headers, message):
+    status, answer = request(service, "POST", "/predict", body, headers)
+    assert status == 400 and message in answer["error"], answer
+
+
+def test_kserve_v2_paths_answer_health_metadata_and_inference(service, container):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/cls/ready"):
+        assert request(service, "GET", path)[0] == 200
+    status, meta = request(service, "GET", "/v2/models/cls")
+    assert status == 200 and meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
+    assert meta["outputs"] == [{"name": OUT, "datatype": "FP32", "shape": [-1, 2]}]
+    x = cls_batch(3, seed=4)
+    body = {"id": "r1", "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                    "data": x.ravel().tolist()}]}
+    status, answer = request(service, "POST", "/v2/models/cls/infer", json.dumps(body).encode())
+    assert status == 200 and answer["id"] == "r1" and answer["model_name"] == "cls"
+    (out,) = answer["outputs"]
+    assert (out["name"], out["datatype"], out["shape"]) == (OUT, "FP32", [3, 2])
+    assert np.array_equal(np.float32(out["data"]).reshape(3, 2), expected(container, x))
+    body["inputs"][0]["datatype"] = "FP64"
+    status, answer = request(service, "POST", "/v2/models/cls/infer", json.dumps(body).encode())
+    assert status == 400 and "has datatype FP32" in answer["error"]
+    assert request(service, "GET", "/v2/models/other")[0] == 404
+
+
+def test_sigterm_answers_the_request_under_way_closes_idle_connections_and_exits_0(container):
+    process, port = start(container)
+    try:
+        x = cls_batch(1, seed=5)
+        body = npy(x)
+        with connect(port) as idle, connect(port) as busy:
+            busy.sendall(f"POST /predict HTTP/1.1\r\nContent-Type: application/x-npy\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+            time.sleep(0.5)  # the request is admitted and its body under way
+            process.send_signal(signal.SIGTERM)
+            assert until_closed(idle) == b""  # the idle connection is closed at once
+            busy.sendall(body[100:])
+            response = until_closed(busy)
+        assert status_of(response) == 200 and b"Connection: close" in response
+        answer = json.loads(response.split(b"\r\n\r\n", 1)[1])
+        assert np.array_equal(np.float32(answer["outputs"][OUT]), expected(container, x))
+        assert process.wait(timeout=WAIT) == 0
+        with pytest.raises(OSError):
+            connect(port).close()
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
 
 
 # --- HTTP: hostile clients, against the service in-process with tight bounds -----------------
-TIGHT = http_service.Settings(workers=4, max_body_bytes=4 << 20, max_inflight_bytes=6 << 20,
+TIGHT = serve.Settings(workers=4, max_body_bytes=4 << 20, max_inflight_bytes=6 << 20,
                               max_json_values=200_000, idle_timeout=2.0, header_timeout=2.0,
                               transfer_timeout=3.0)
 WAIT = 60.0  # seconds: the most any step below waits before the test fails
 
 
 @pytest.fixture(scope="module")
-def tight(container: str) -> Iterator[http_service.Service]:
-    with http_service.start_service(container, settings=TIGHT, providers=CPU) as running:
+def tight(container: str) -> Iterator[serve.Service]:
+    with serve.start_service(container, settings=TIGHT, providers=CPU) as running:
         yield running
 
 
@@ -300,9 +394,9 @@ def test_predictions_run_in_parallel_up_to_the_workers(tight, container):
 
 
 def test_connections_and_predictions_beyond_their_bounds_get_503(container):
-    settings = http_service.Settings(max_connections=2, max_requests=1, idle_timeout=30.0,
+    settings = serve.Settings(max_connections=2, max_requests=1, idle_timeout=30.0,
                                      transfer_timeout=30.0)
-    with http_service.start_service(container, settings=settings, providers=CPU) as running, \
+    with serve.start_service(container, settings=settings, providers=CPU) as running, \
             connect(running.port) as holder:
         holder.sendall(head(100))  # admitted, its body pending
         eventually(lambda: running.load.now["requests"] == 1)
@@ -414,49 +508,56 @@ def pbtxt(text: str) -> dict[str, Any]:
 
 @pytest.fixture
 def triton_model(container, tmp_path, monkeypatch) -> tuple[Any, dict, types.ModuleType]:
-    """serving/triton/ppocr_cls copied into a model repository with the container, its model.py
-    loaded against the stand-in pb_utils and initialized as Triton would (a CPU instance)."""
-    repository = tmp_path / "ppocr_cls"
-    shutil.copytree(TRITON_MODEL, repository)
-    with open(repository / "config.pbtxt", encoding="utf-8") as f:
+    """``kernelpack triton-config cls.kpk REPO``, its model.py loaded against the stand-in
+    pb_utils and initialized as Triton would (a CPU instance)."""
+    assert cli(["triton-config", container, str(tmp_path)]) == 0
+    folder = tmp_path / "cls"
+    with open(folder / "config.pbtxt", encoding="utf-8") as f:
         config = pbtxt(f.read())
-    shutil.copy(container, repository / "1" / config["parameters"]["container"]["string_value"])
     pb_utils = fake_pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
-    spec = importlib.util.spec_from_file_location("triton_ppocr_cls_model", repository / "1" / "model.py")
+    assert (folder / "1" / "model.py").read_text() == MODEL_PY
+    spec = importlib.util.spec_from_file_location("triton_cls_model", folder / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
-                      "model_instance_name": "ppocr_cls_0", "model_instance_device_id": "0",
-                      "model_repository": str(repository), "model_version": "1", "model_name": "ppocr_cls"})
+                      "model_instance_name": "cls_0", "model_instance_device_id": "0",
+                      "model_repository": str(folder), "model_version": "1", "model_name": "cls"})
     return model, config, pb_utils
 
 
-def test_triton_config_matches_the_model(triton_model):
+def test_triton_config_is_the_graphs_signature(triton_model, container):
     model, config, _ = triton_model
-    assert config["name"] == "ppocr_cls" and config["backend"] == "python"
+    assert config["name"] == "cls" and config["backend"] == "python" and config["max_batch_size"] == "0"
+    assert config["parameters"]["container"]["string_value"] == "model.kpk"
+    assert config["instance_group"] == [{"count": "1", "kind": "KIND_CPU"}]
     onnx_types = {"TYPE_FP32": "tensor(float)"}
-    for declared, actual in ((config["input"], model.session.get_inputs()),
-                             (config["output"], model.session.get_outputs())):
+    session = ort_session(container, CPU)
+    for declared, actual in ((config["input"], session.get_inputs()), (config["output"], session.get_outputs())):
         assert [(d["name"], onnx_types[d["data_type"]]) for d in declared] == [(a.name, a.type) for a in actual]
-        for d, a in zip(declared, actual):  # the config may fix what the model leaves free (48x192)
-            onnx_dims = [n if isinstance(n, int) else -1 for n in a.shape]
-            assert len(d["dims"]) == len(onnx_dims)
-            assert all(m == -1 or int(n) == m for n, m in zip(d["dims"], onnx_dims)), (d["dims"], a.shape)
+        assert [[int(n) for n in d["dims"]] for d in declared] == [
+            [n if isinstance(n, int) else -1 for n in a.shape] for a in actual]
+
+
+def test_triton_config_refuses_a_container_without_a_graph(tmp_path):
+    kernelpack.save({"w": np.ones((4, 4), np.float32)}, str(tmp_path / "w.kpk"))
+    with pytest.raises(kernelpack.KernelpackError, match="onnx.graph"):
+        write_model_dir(str(tmp_path / "w.kpk"), str(tmp_path / "repo"))
+    assert not (tmp_path / "repo").exists()
 
 
 def test_triton_model_answers_each_request_and_reports_a_bad_one(triton_model, container):
     model, _, pb_utils = triton_model
     batches = [cls_batch(2, seed=1), cls_batch(3, seed=2)]
-    requests = [pb_utils.InferenceRequest("ppocr_cls", [pb_utils.Tensor("x", x)], []) for x in batches]
-    requests.append(pb_utils.InferenceRequest("ppocr_cls", [pb_utils.Tensor("y", batches[0])], []))
+    requests = [pb_utils.InferenceRequest("cls", [pb_utils.Tensor("x", x)], []) for x in batches]
+    requests.append(pb_utils.InferenceRequest("cls", [pb_utils.Tensor("y", batches[0])], []))
     responses = model.execute(requests)
     assert len(responses) == 3
     for x, response in zip(batches, responses):
         assert not response.has_error()
         (tensor,) = response.output_tensors()
-        assert tensor.name() == "save_infer_model/scale_0.tmp_1" and tensor.as_numpy().dtype == np.float32
+        assert tensor.name() == OUT and tensor.as_numpy().dtype == np.float32
         assert np.array_equal(tensor.as_numpy(), expected(container, x))
     assert responses[2].has_error() and "missing input 'x'" in responses[2].error().message()
     model.finalize()
