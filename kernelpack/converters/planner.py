@@ -26,6 +26,19 @@ Decisions:
   is the weight error (H = I). The plan's estimate is sqrt(sum over tensors of their
   squares): every layer's relative output noise counts alike, the HAWQ-style trade-off
   without per-layer sensitivities (the measurement below corrects its scale).
+* **Pruning.** With statistics every candidate is first fitted weight-only (cheap) and its
+  output error estimated under H. An output-aware fit of the same config keeps its size
+  (bytes move by the compressibility of other numbers only) and lowers the estimate (the
+  least-squares forms' damped objective never rises; GPTQ almost always), so it matters only
+  for candidates that can then reach the lower hull of the tensor's candidates. Per family
+  (form, quantised or not) the most and the least accurate candidates are fitted with H
+  first: its probes, which measure the improvement ratio r = aware / weight-only on this
+  tensor (the smaller of the two: a structured form gains most where it has most freedom,
+  GPTQ where the step is coarsest). Every other candidate is fitted with H only if its
+  weight-only point, improved to r * REFIT_MARGIN of its estimate, lies on or below the hull of
+  the points known after the probes (later fits only lower that hull); the rest keep their
+  weight-only fit (``Option.aware`` False, and ``Plan.hessians`` only names tensors whose
+  chosen option was fitted with H, so the file holds exactly what was measured).
 * **Allocation.** Each tensor keeps the lower convex hull of its candidates' (bytes,
   squared estimated error); a plan is a point of the Lagrangian path: starting from every
   tensor's smallest candidate, upgrades in order of steepest error reduction per byte.
@@ -65,6 +78,7 @@ from kernelpack._backend import NumpyOps, bfloat16_bits_to_float32
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series, config_from_dict
 from kernelpack.forms._base import need, shown
+from kernelpack.forms.dct import CG_ITERATIONS
 from kernelpack.pack import as_numpy, encode, match, state_of
 
 Candidates = Callable[[str, tuple[int, ...]], Iterable[Config]]
@@ -78,20 +92,23 @@ MAX_EVALUATIONS = 8
 #: Cholesky of H costs seconds per candidate on 2 cores; those fits stay weight-only and
 #: only their error is estimated under H.
 MAX_FIT_K = 2304
-#: Multiply-adds allowed for an output-aware DCT fit (32 conjugate-gradient steps, each a
-#: product with H: ~0.45 s for a 10x512 fc, 62% of a small plan's time); larger ones are
-#: fitted weight-only.
+#: Multiply-adds allowed for an output-aware DCT fit (CG_ITERATIONS conjugate-gradient steps,
+#: each a product with H); larger ones are fitted weight-only.
 DCT_FIT_WORK = 1 << 26
 #: Multiply-adds allowed per candidate for the estimate trace(dW H dW^T): larger tensors use
 #: a fixed subset of W's rows (the same for every candidate of the tensor), scaled up.
 ESTIMATE_WORK = 1 << 28
+#: A candidate pruned from output-aware fitting must be unable to reach the hull even with this
+#: much more improvement than its family's probe showed (module doc, "Pruning"); 0 refits all.
+REFIT_MARGIN = 0.7
 #: Tensors with more elements get a shorter candidate list (see default_candidates).
 LARGE = 1 << 20
 
 
 def default_candidates(name: str, shape: tuple[int, ...]) -> list[Config]:
     """Lossless dense, dense float16, quantised dense (int8/int16 codes, GPTQ with H) at six
-    relative steps; DCT and low-rank linear for every tensor of rank >= 2; for kernels, series
+    relative steps; DCT for every tensor of rank >= 2, low-rank linear where its p primaries
+    are fewer than the row length K (else it stores at least as many numbers as dense); for kernels, series
     of every (Nx, Ny) below the kernel size and banks of 4..64 filters; float16 and quantised
     (rel_step 0.1) variants of the structured forms. Tensors over :data:`LARGE` elements get
     fewer keeps, alphas and banks."""
@@ -102,7 +119,8 @@ def default_candidates(name: str, shape: tuple[int, ...]) -> list[Config]:
     keeps = (0.1, 0.25, 0.5) if large else (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
     structured: list[Config] = [DCT(keep=k) for k in keeps]
     alphas = (0.5,) if large else (0.25, 0.5, 0.75)
-    structured += [Linear(alpha=a) for a in alphas if 1 <= round(a * c_out) < c_out]
+    row = math.prod(shape[1:])  # p primaries of row length K store p * K + p * (C_out - p) >= C_out * K
+    structured += [Linear(alpha=a) for a in alphas if 1 <= round(a * c_out) < min(c_out, row)]  # when p >= K
     if len(shape) >= 3 and shape[-1] * shape[-2] > 1:
         kh, kw = shape[-2:]
         structured += [Series(harmonics=(nx, ny)) for nx in range(1, min(kh, 8) + 1)
@@ -115,12 +133,15 @@ def default_candidates(name: str, shape: tuple[int, ...]) -> list[Config]:
 @dataclass
 class Option:
     """One candidate for one tensor: its config, stored bytes (zstd level 3 estimate), weight
-    error and estimated relative output error of its layer (None where not known)."""
+    error, estimated relative output error of its layer (None where not known) and whether it
+    was fitted under the layer's statistics (``aware``)."""
 
     config: Config
     bytes: int | None
     error: float | None
     output_error: float | None = None
+    #: Whether the candidate was fitted output-aware (under the tensor's statistics).
+    aware: bool = False
 
     @property
     def estimate(self) -> float:
@@ -299,7 +320,7 @@ def _measured(array32: np.ndarray, config: Config, name: str | None, hessian: An
     norm = float(np.linalg.norm(array32))
     error = float(np.linalg.norm(decoded - array32)) / norm if norm > 0 else 0.0
     out_error = None if estimator is None else estimator.relative(decoded)
-    return Option(config, stored_bytes(encoded), error, out_error), decoded
+    return Option(config, stored_bytes(encoded), error, out_error, hessian is not None), decoded
 
 
 class _Estimator:
@@ -346,7 +367,7 @@ def fits_with_h(config: Config, stats: Any, shape: tuple[int, ...]) -> bool:
     if getattr(stats, "layout", "rows") != "rows":
         return False
     if isinstance(config, DCT):  # CG_ITERATIONS products with H
-        return 32 * shape[0] * k * k <= DCT_FIT_WORK
+        return CG_ITERATIONS * shape[0] * k * k <= DCT_FIT_WORK
     return isinstance(config, Linear) or len(shape) >= 3  # series and basis fit kernels inside W's rows
 
 
@@ -510,7 +531,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     decoded: dict[str, dict[int, np.ndarray]] = {}
     skipped: dict[str, list[Skipped]] = {}
     keep_decoded = subject.can_run
-    for name in _progress(names, progress):
+    for name in _progress(names, progress, "plan", "tensor"):
         array = subject.tensors[name]
         configs = _configs(choose, name, array.shape)
         if subject.dtypes[name] != "float32" and choose is default_candidates:  # codes stand for float32
@@ -531,10 +552,32 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     path = _Path(options)
     fixed_weights = _fixed_decoded(subject, fixed) if keep_decoded else {}
 
+    bars: list[Any] = []  # the evaluations' bar, made on the first one
+
     def evaluate(point: dict[str, Option]) -> float:
         weights = {**fixed_weights, **{n: decoded[n][id(o)] for n, o in point.items()}}
-        return subject.error(weights)
+        if not bars:
+            bars.append(_progress(None, progress, "measure", "run", total=MAX_EVALUATIONS))
+        error = subject.error(weights)
+        bars[0].update()
+        bars[0].set_postfix(error=f"{error:.4g}", bytes=_total(point))
+        return error
 
+    try:
+        picked, measured_error = _choose(subject, path, evaluate, names, max_output_error, max_bytes)
+    finally:
+        for bar in bars:
+            bar.close()
+    hessians = {n: layer_stats[n] for n in names if picked[n].aware}
+    result = Plan({n: picked[n] for n in names}, skipped, measured_error, subject.evaluations, hessians)
+    _warn_skipped(result)
+    return result
+
+
+def _choose(subject: _Model, path: "_Path", evaluate: Callable[[dict[str, Option]], float], names: list[str],
+            max_output_error: float | None, max_bytes: int | None) -> tuple[dict[str, Option], float | None]:
+    """The path point the budgets pick (module doc, "Allocation" and "Measured"), and its
+    measured output error (None when not measured)."""
     measured_error = None
     if max_output_error is not None and subject.can_run:
         picked, measured_error = _search(path, evaluate, max_output_error, max_bytes)
@@ -552,11 +595,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
         picked = path.point(0)  # the smallest of each tensor (within max_error)
         if subject.can_run and names:
             measured_error = evaluate(picked)
-    hessians = {n: layer_stats[n] for n in names
-                if fits_with_h(picked[n].config, layer_stats.get(n), subject.tensors[n].shape)}
-    result = Plan({n: picked[n] for n in names}, skipped, measured_error, subject.evaluations, hessians)
-    _warn_skipped(result)
-    return result
+    return picked, measured_error
 
 
 def _fixed_decoded(subject: _Model, fixed: Mapping[str, Config]) -> dict[str, np.ndarray]:
@@ -688,29 +727,83 @@ def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any
                  ) -> tuple[list[Option], list[Skipped], list[np.ndarray]]:
     """Every candidate measured on one tensor (factorisations of its H shared by all of them),
     those whose encoder refused it, with why, and the decoded tensors; refused by every
-    candidate is an error."""
+    candidate is an error. With statistics, output-aware fits only where :func:`_worth_refit`
+    says they can matter (module doc, "Pruning")."""
     from kernelpack.forms._weighted import reuse_factors
 
     array32 = np.asarray(array, np.float32)
     array64 = array32.astype(np.float64)
     estimator = None if stats is None else _Estimator(array64, stats)
-    measured, skipped, outs = [], [], []
+    results: list[tuple[Option, np.ndarray] | None] = []
+    skipped: list[Skipped] = []
+
+    def fit(config: Config, hessian: Any) -> tuple[Option, np.ndarray] | None:
+        try:
+            own = isinstance(config, Dense) and not config.quantised and dtype in ("float16", "float32")
+            return (_measured(array.astype(dtype), config, name, None, estimator) if own else
+                    _measured(array32, config, name, hessian, estimator, array64))
+        except KernelpackError as exc:
+            skipped.append((config, str(KernelpackError(exc.reason, field=exc.field))))  # the tensor is known
+            return None
+
     with reuse_factors():
-        for config in configs:
-            hessian = stats if fits_with_h(config, stats, array.shape) else None
-            try:
-                own = isinstance(config, Dense) and not config.quantised and dtype in ("float16", "float32")
-                option, decoded = (_measured(array.astype(dtype), config, name, None, estimator) if own else
-                                   _measured(array32, config, name, hessian, estimator, array64))
-            except KernelpackError as exc:
-                skipped.append((config, str(KernelpackError(exc.reason, field=exc.field))))  # the tensor is known
-                continue
-            measured.append(option)
-            outs.append(decoded.astype(np.float32))
-    if not measured:
+        aware = [fits_with_h(c, stats, array.shape) for c in configs]
+        results = [fit(c, None) for c in configs]  # weight-only first: cheap, and an upper bound
+        if any(aware):
+            _refit(configs, results, aware, lambda i: fit(configs[i], stats))
+    kept = [r for r in results if r is not None]
+    if not kept:
         raise KernelpackError(f"no candidate form can encode it{_skipped_note(skipped)}", tensor=name,
                               field="candidates")
-    return measured, skipped, outs
+    return [o for o, _ in kept], skipped, [d.astype(np.float32) for _, d in kept]
+
+
+def _family(config: Config) -> tuple[type, bool]:
+    return type(config), config.quantised
+
+
+def _refit(configs: list[Config], results: list[tuple[Option, np.ndarray] | None], aware: list[bool],
+           fit: Callable[[int], tuple[Option, np.ndarray] | None]) -> None:
+    """Replace the weight-only results of the candidates worth an output-aware fit by that fit
+    (module doc, "Pruning"): first each family's most and least accurate candidates (its
+    probes, which measure how much H helps that form on this tensor), then every other
+    candidate that, improved by the probes' best ratio times REFIT_MARGIN, would lie on or
+    below the lower hull of the points known after the probes."""
+    todo = [i for i, r in enumerate(results) if aware[i] and r is not None]
+    families: dict[tuple[type, bool], list[int]] = {}
+    for i in todo:
+        families.setdefault(_family(configs[i]), []).append(i)
+    ratio, probes = {}, set()
+    for family, members in families.items():
+        by_estimate = sorted(members, key=lambda i: results[i][0].estimate)
+        ratio[family] = 1.0
+        for i in {by_estimate[0], by_estimate[-1]}:
+            before = results[i][0].estimate
+            results[i] = fit(i)
+            after = results[i][0].estimate if results[i] is not None else 0.0  # refused: fit (and list) all
+            ratio[family] = min(ratio[family], after / before if before > 0 else 1.0)
+            probes.add(i)
+    hull = _hull([r[0] for r in results if r is not None])
+    for i in todo:
+        if i in probes or results[i] is None:
+            continue
+        option = results[i][0]
+        hoped = ratio[_family(configs[i])] * REFIT_MARGIN * option.estimate
+        if _below_hull(hull, option.bytes, hoped ** 2):
+            results[i] = fit(i)
+
+
+def _below_hull(hull: list[Option], size: int, square: float) -> bool:
+    """Whether the point (size, square) lies on or below the lower convex hull ``hull`` (by
+    increasing bytes, decreasing error) of (bytes, estimate^2): a point there is a hull vertex."""
+    if not hull or size <= hull[0].bytes:
+        return True
+    if size >= hull[-1].bytes:
+        return square < hull[-1].estimate ** 2
+    right = next(j for j, o in enumerate(hull) if o.bytes >= size)
+    a, b = hull[right - 1], hull[right]
+    chord = a.estimate ** 2 + (b.estimate ** 2 - a.estimate ** 2) * (size - a.bytes) / (b.bytes - a.bytes)
+    return square <= chord
 
 
 def _warn_skipped(result: Plan) -> None:
@@ -755,15 +848,35 @@ def _candidate_fn(candidates: Candidates | Sequence[Config] | None) -> Candidate
     return lambda name, shape: fixed
 
 
-def _progress(names: list[str], enabled: bool | None) -> Iterable[str]:
-    """A tqdm bar over the tensors: by default only when stderr is a terminal."""
+class _Quiet:
+    """The part of a tqdm bar the planner uses, doing nothing (no bar)."""
+
+    def __init__(self, items: Iterable | None) -> None:
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(items: Iterable | None, enabled: bool | None, desc: str, unit: str, total: int | None = None) -> Any:
+    """A tqdm bar over ``items`` (or counting up to ``total``): by default only when stderr is a
+    terminal; ``enabled`` overrides."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
-        return names
+        return _Quiet(items)
     from tqdm import tqdm
 
-    return tqdm(names, desc="plan", unit="tensor")
+    return tqdm(items, desc=desc, unit=unit, total=total)
 
 
 def _hull(options: list[Option]) -> list[Option]:

@@ -143,16 +143,20 @@ def _cholesky(g: np.ndarray) -> np.ndarray:
 
 
 def spd_solve(g: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """``g^-1 rhs`` for a stack of symmetric PSD ``g`` (.., n, n) by Cholesky (no SVD)."""
-    from scipy.linalg import solve_triangular
-
+    """``g^-1 rhs`` for a stack of symmetric PSD ``g`` (.., n, n) by Cholesky (no SVD): one
+    scipy triangular solve pair with all right-hand sides for a single matrix, batched
+    triangular solves (numpy, one call) for a stack."""
     factors = cholesky(g)
-    out = np.empty(np.broadcast_shapes(g.shape[:-2], rhs.shape[:-2]) + rhs.shape[-2:])
-    for i in np.ndindex(out.shape[:-2]):
-        low = factors[i if factors.ndim > 2 else ()]
-        y = solve_triangular(low, rhs[i if rhs.ndim > 2 else ()], lower=True)
-        out[i] = solve_triangular(low, y, lower=True, trans="T")
-    return out
+    shape = np.broadcast_shapes(g.shape[:-2], rhs.shape[:-2]) + rhs.shape[-2:]
+    if len(shape) == 2 or math.prod(shape[:-2]) == 1:
+        from scipy.linalg import solve_triangular
+
+        low, b = factors.reshape(factors.shape[-2:]), rhs.reshape(rhs.shape[-2:])
+        y = solve_triangular(low, b, lower=True)
+        return solve_triangular(low, y, lower=True, trans="T").reshape(shape)
+    factors = np.broadcast_to(factors, shape[:-2] + factors.shape[-2:])
+    y = np.linalg.solve(factors, np.broadcast_to(rhs, shape))
+    return np.linalg.solve(np.swapaxes(factors, -1, -2), y)
 
 
 def row_groups(rows: int, groups: int) -> np.ndarray:
@@ -169,36 +173,48 @@ def output_error(w: np.ndarray, approx: np.ndarray, hessian: Any) -> float:
     return float(np.einsum("grk,gkl,grl->", delta, h, delta))
 
 
-def feedback_codes(w: np.ndarray, h: np.ndarray, step: float, limit: int) -> np.ndarray:
-    """GPTQ codes (float64 integers in [-limit, limit]) of the rows ``w`` (n, K) for one H."""
+def feedback_codes(w: np.ndarray, h: np.ndarray, steps: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """GPTQ codes (float64 integers) of the rows ``w`` (groups, n, K), group g under ``h[g]``,
+    row i rounded with ``steps[i]`` and clipped to [-limits[i], limits[i]] (rows are independent
+    in GPTQ: one pass serves every step). Every group advances column by column together, so
+    the Python loop runs K times per call, whatever the groups and rows."""
     order, u = memo("gptq", (h,), lambda: _feedback_factor(h))
-    k = h.shape[0]
-    x = np.array(w[:, order], dtype=np.float64) / step  # in units of the step
+    groups, k = h.shape[0], h.shape[-1]
+    x = np.take_along_axis(np.asarray(w, np.float64), order[:, None, :], axis=2) / steps[:, None]
+    diagonal = np.diagonal(u, axis1=1, axis2=2)[:, None, :]  # (groups, 1, K)
+    bound = np.asarray(limits, np.float64)[None, :]
     codes = np.empty_like(x)
     for lo in range(0, k, BLOCK):
         hi = min(lo + BLOCK, k)
-        errors = np.empty((x.shape[0], hi - lo))
+        errors = np.empty(x.shape[:2] + (hi - lo,))
         for j in range(lo, hi):
-            codes[:, j] = np.clip(np.rint(x[:, j]), -limit, limit)
-            err = (x[:, j] - codes[:, j]) / u[j, j]
-            x[:, j + 1:hi] -= np.outer(err, u[j, j + 1:hi])
-            errors[:, j - lo] = err
-        x[:, hi:] -= errors @ u[lo:hi, hi:]
+            codes[..., j] = np.clip(np.rint(x[..., j]), -bound, bound)
+            err = (x[..., j] - codes[..., j]) / diagonal[..., j]
+            if j + 1 < hi:
+                x[..., j + 1:hi] -= err[..., None] * u[:, None, j, j + 1:hi]
+            errors[..., j - lo] = err
+        if hi < k:
+            x[..., hi:] -= errors @ u[:, lo:hi, hi:]
     out = np.empty_like(codes)
-    out[:, order] = codes
+    np.put_along_axis(out, order[:, None, :], codes, axis=2)
     return out
 
 
 def _feedback_factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ's column order (decreasing diag H) and the upper U with H^-1 = U^T U in that order."""
-    from scipy.linalg import solve_triangular
-
-    order = np.argsort(-np.diag(h), kind="stable")
-    h = h[np.ix_(order, order)]
+    """GPTQ's column order per matrix of the stack ``h`` (decreasing diag H) and the upper U
+    with H^-1 = U^T U in that order."""
+    order = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")
+    permuted = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
     # Upper U with H^-1 = U^T U, without forming H^-1: with P the reversal and P H P = L L^T,
     # U = P L^-1 P (one Cholesky and one triangular inverse).
-    low = cholesky(np.ascontiguousarray(h[::-1, ::-1]))
-    return order, solve_triangular(low, np.eye(h.shape[0]), lower=True)[::-1, ::-1]
+    low = cholesky(np.ascontiguousarray(permuted[:, ::-1, ::-1]))
+    if len(h) == 1:
+        from scipy.linalg import solve_triangular
+
+        inverse = solve_triangular(low[0], np.eye(h.shape[-1]), lower=True)[None]
+    else:
+        inverse = np.linalg.solve(low, np.broadcast_to(np.eye(h.shape[-1]), low.shape))
+    return order, np.ascontiguousarray(inverse[:, ::-1, ::-1])
 
 
 def feedback_store(config: Quantisable, values: np.ndarray, h: np.ndarray, groups: np.ndarray,
@@ -212,8 +228,20 @@ def feedback_store(config: Quantisable, values: np.ndarray, h: np.ndarray, group
     if step is None:
         return to_stored(values.reshape(shape), getattr(config, "dtype"))
     limit = CODE_DTYPES[quantise(values, step).dtype] - 1  # refuses what RTN would refuse
-    codes = np.empty(values.shape)
-    for g in np.unique(groups):
-        mine = groups == g
-        codes[mine] = feedback_codes(values[mine], h[g], step, limit)
+    codes = grouped_rows(lambda stack: feedback_codes(stack, h, np.full(stack.shape[1], step),
+                                                      np.full(stack.shape[1], limit)), values, groups, len(h))
     return quantise((codes * step).reshape(shape), step)  # exact: integer codes, one step
+
+
+def grouped_rows(fit: Callable[[np.ndarray], np.ndarray], values: np.ndarray, groups: np.ndarray,
+                 count: int) -> np.ndarray:
+    """``fit`` applied to the rows of ``values`` (n, K) stacked by group, (count, m, K) with m the
+    largest group's row count (other groups padded with zero rows, which GPTQ rounds to zero on
+    their own), and its result scattered back to (n, K)."""
+    counts = np.bincount(groups, minlength=count)
+    order = np.argsort(groups, kind="stable")
+    within = np.empty(len(groups), np.intp)  # the position of each row inside its group
+    within[order] = np.arange(len(groups)) - np.repeat(np.cumsum(counts) - counts, counts)
+    stack = np.zeros((count, int(counts.max(initial=0)), values.shape[1]))
+    stack[groups, within] = values
+    return fit(stack)[groups, within]

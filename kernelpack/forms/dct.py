@@ -156,8 +156,9 @@ class DCT(Quantisable):
         return max(1, min(size, round(self.keep * size)))
 
 
-#: Conjugate-gradient iterations of the output-aware fit (fixed: the same numbers every run).
-CG_ITERATIONS = 32
+#: Conjugate-gradient iterations of the output-aware fit (fixed: the same numbers every run). On
+#: PP-OCR cls's layers 16 steps reach the 32-step output error to within 0.1% (8 within 3%).
+CG_ITERATIONS = 16
 
 
 def weighted_coefficients(w: np.ndarray, h: np.ndarray, axes: tuple[int, ...], kept: tuple[np.ndarray, ...],

@@ -37,7 +37,8 @@ from kernelpack._exact import MAX_REDUCTION, fixed_matmul
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, ArraySpec, Cost, Encoded, Quantisable, Stored,
                                     encoder_input, need,
                                     need_array, need_finite, need_int, need_only, read_work, to_stored)
-from kernelpack.forms._weighted import cholesky, feedback_store, hessians, memo, row_groups, spd_solve
+from kernelpack.forms._weighted import (cholesky, feedback_store, grouped_rows, hessians, memo, row_groups,
+                                        spd_solve)
 
 NAME = "linear"
 
@@ -180,10 +181,8 @@ class Linear(Quantisable):
         p, s = wp.shape[0], ws.shape[0]
         projected = wp @ h  # W_p H_g, (groups, p, K)
         gram = projected @ wp.T  # G_g = W_p H_g W_p^T
-        a = np.zeros((p, s))
-        for g in np.unique(groups):
-            mine = groups == g
-            a[:, mine] = spd_solve(gram[g], projected[g] @ ws[mine].T)
+        a = grouped_rows(lambda stack: np.swapaxes(spd_solve(gram, projected @ np.swapaxes(stack, 1, 2)), 1, 2),
+                         ws, groups, len(gram)).T  # every group's secondaries in one batched solve
         if self.rank is not None:
             counts = np.bincount(groups, minlength=len(gram))
             metric = np.einsum("g,gpq->pq", counts / max(s, 1), gram) if s else np.eye(p)
