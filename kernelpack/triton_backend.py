@@ -19,6 +19,12 @@ Why the Python backend: Triton's own ``onnxruntime`` backend would need a dense 
 on disk, and it is not in the ``nvidia-pytriton`` wheel the tests run Triton from (the wheel
 has the Python backend only). The backend's Python needs ``kernelpack[onnx]``.
 
+Tensors cross between Triton and numpy through DLPack (``np.from_dlpack(tensor)``,
+``pb_utils.Tensor.from_dlpack``): the backend stub of Triton 2.51 (nvidia-pytriton 0.7.0, built
+for numpy 1.x) gets numpy 2 wrong both ways: ``tensor.as_numpy()`` gave other values than the
+client sent, and ``pb_utils.Tensor(name, array)`` an empty tensor (Triton answers "output
+tensor shape does not match size of output"); DLPack does not depend on numpy's C structures.
+
 ``max_batch_size`` is 0 (Triton passes shapes as the client sends them); a dimension the graph
 leaves free is ``-1`` in the config.
 """
@@ -124,9 +130,9 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is None:
                     raise ValueError(f"missing input {name!r}")
-                feeds[name] = tensor.as_numpy()
+                feeds[name] = np.from_dlpack(tensor)
             results = self.session.run([name for name, _ in self.outputs], feeds)
-            tensors = [pb_utils.Tensor(name, result.astype(dtype, copy=False))
+            tensors = [pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(result, dtype))
                        for (name, dtype), result in zip(self.outputs, results)]
             return pb_utils.InferenceResponse(output_tensors=tensors)
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others in the batch

@@ -414,7 +414,7 @@ def test_connections_and_predictions_beyond_their_bounds_get_503(container):
 # --- Triton Python backend -------------------------------------------------------------------
 def fake_pb_utils() -> types.ModuleType:
     """The parts of triton_python_backend_utils that model.py uses, with the real signatures:
-    Tensor(name, array).as_numpy()/.name(), InferenceResponse(output_tensors, error=None),
+    Tensor(name, array).name(), DLPack both ways (Tensor.from_dlpack, __dlpack__), InferenceResponse(output_tensors, error=None),
     TritonError(message), get_input_tensor_by_name, triton_string_to_numpy."""
     module = types.ModuleType("triton_python_backend_utils")
 
@@ -427,6 +427,16 @@ def fake_pb_utils() -> types.ModuleType:
 
         def as_numpy(self) -> np.ndarray:
             return self._array
+
+        def __dlpack__(self, **kwargs: Any) -> Any:
+            return self._array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self) -> Any:
+            return self._array.__dlpack_device__()
+
+        @classmethod
+        def from_dlpack(cls, name: str, capsule: Any) -> Tensor:
+            return cls(name, np.from_dlpack(capsule))
 
     class InferenceRequest:
         def __init__(self, model_name: str, inputs: list, requested_output_names: list) -> None:
