@@ -8,6 +8,12 @@ measured on the *plain* LeNet-5 loaded from the written container (decode includ
 and every byte count is the container file's size. ``--quick`` runs a small version
 (the CI tests call the same functions with fewer epochs).
 
+    python -m kernelpack.converters.reproduce --fr-target [--budget N] [--validation]
+
+runs only issue 13's target, FR at 1000 stored weight numbers over 3 seeds with the recipe
+of :func:`fr_target_settings` (chosen on :func:`validation_split`), and writes
+``fr_target.md``; ``--validation`` scores on the validation digits instead of the test ones.
+
 Experiments (every training run with random affine augmentation): the dense baseline
 (float32 and float16 containers); frequency regularisation (FR) trained from scratch at
 several budgets with dynamic tail-dropout, distilled from the dense baseline;
@@ -26,7 +32,7 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -75,6 +81,7 @@ class Settings:
     fr_distill: float = 0.5
     fr_budgets: tuple[int, ...] = (500, 1000, 2000, 4000)
     fr_seeds: tuple[int, ...] = (1, 2)  # more runs at budget 1000, for the spread
+    fr_floor: int | dict[str, int] = 32  # TailDropout's per-tensor floor
     scratch_epochs: int = 30
     convsim_steps: int = 500
     convsim_beta: float = 1e-3
@@ -143,7 +150,7 @@ def frequency(d: Data, s: Settings, budget: int, teacher: nn.Module | None = Non
     """
     torch.manual_seed(seed)
     model = compress_(LeNet5(), DCT(keep=1.0))
-    schedule = TailDropout(model, budget, gamma=s.fr_gamma, epochs=s.fr_epochs)
+    schedule = TailDropout(model, budget, gamma=s.fr_gamma, epochs=s.fr_epochs, floor=s.fr_floor)
     fine_tune(model, d[0], d[1], epochs=s.fr_total, lr=s.fr_lr, lr_end=s.fr_lr / 100, seed=seed,
               epoch_end=[schedule.step], augment=True, teacher=teacher, distill=s.fr_distill, progress=False)
     return "FR (dct)", f"{budget} kept" + (f", seed {seed}" if seed else ""), model, None
@@ -221,6 +228,87 @@ def run(s: Settings, d: Data | None = None, log: Callable[[Row], None] = print) 
     return rows
 
 
+FR_TARGET = 1000  # issue 13: stored weight numbers (the kept DCT coefficients of every layer)
+FR_LINK = ("FR at 1000 stored numbers, 3 seeds, recipe chosen on a validation split (issue 13's target): "
+           "[fr_target.md](fr_target.md), made by `python -m kernelpack.converters.reproduce --fr-target`.")
+
+
+def fr_target_settings() -> Settings:
+    """The FR recipe for issue 13's target (>= 97.5% test accuracy with <= 1000 stored weight
+    numbers, mean of 3 seeds), chosen on :func:`validation_split`, never on the test digits.
+
+    The search (single runs at 1000 kept, 100 epochs, lr 2e-2 cosine to 2e-4, gamma 0.2 over 40
+    epochs, T = 4, augmentation, one torch thread; validation accuracy on the 500 digits):
+
+    ========================================================  ==========
+    variant                                                   validation
+    ========================================================  ==========
+    as :class:`Settings` (distill 0.5, floor 32, sqrt rule)   95.8%
+    floors conv 100/250, fc 350/200/100 (exact split)         95.8%
+    floors conv 150/200, fc 400/150/100 (exact split)         95.4%
+    distill 0.8 (teacher 40 epochs, 97.0% on validation)      **97.0%**
+    teacher 80 epochs (98.2% on validation), distill 0.7      96.2%
+    teacher 80 epochs, distill 0.9                            96.4%
+    teacher 80 epochs, distill 0.8                            94.8%
+    ========================================================  ==========
+
+    Chosen: the best, distill 0.8 with the 40-epoch teacher. Runs of one recipe differ by about
+    1 point here (compare the two distill-0.8 rows), more than most differences between
+    variants, so the choice is weak; 500 digits resolve 0.2 points at best (1 digit).
+
+    What counts: every stored number of the conv and linear weights (the kept DCT coefficients,
+    float16), as the FR paper counts (its 776 leave out biases). The 236 biases are stored dense
+    float32 beside them and are reported separately.
+    """
+    return replace(Settings(), fr_distill=0.8)
+
+
+def validation_split(d: Data) -> Data:
+    """(3500 training, 500 validation digits) carved from the 4000 training digits by a fixed
+    permutation (seed 123): the split the FR target's recipe was chosen on."""
+    order = torch.randperm(len(d[0]), generator=torch.Generator().manual_seed(123))
+    train, val = order[:3500], order[3500:]
+    return d[0][train], d[1][train], d[0][val], d[1][val]
+
+
+def fr_target(d: Data, s: Settings, seeds: tuple[int, ...] = (0, 1, 2), budget: int = FR_TARGET,
+              log: Callable[[Row], None] = print) -> list[Row]:
+    """The dense teacher (``s.base_epochs``, seed 0, one for all seeds), then FR from scratch at
+    ``budget`` kept numbers per seed, distilled from it; every row is measured on d's
+    evaluation split (the test digits, or the validation digits of :func:`validation_split`)."""
+    teacher = baseline(d, s)
+    rows = [timed(lambda: ("dense", f"float32, {s.base_epochs} epochs (teacher)", teacher, None), d)]
+    log(rows[-1])
+    for seed in seeds:
+        row = timed(lambda sd=seed: frequency(d, s, budget, teacher=teacher, seed=sd), d)
+        rows.append(replace(row, setting=f"{budget} kept, seed {seed}"))
+        log(rows[-1])
+    return rows
+
+
+def _fr_markdown(rows: list[Row], split: str, command: str, seconds: float) -> str:
+    fr = [r for r in rows if r.method != "dense"]
+    acc = torch.tensor([100 * r.accuracy for r in fr], dtype=torch.float64)
+    spread = f" ± {acc.std().item():.2f}" if len(fr) > 1 else ""  # sample deviation (n - 1)
+    numbers = max(r.numbers for r in fr)
+    lines = [f"# Frequency regularisation at {numbers:,} stored weight numbers (LeNet-5, MNIST-5000)", "",
+             f"Made by `{command}` in {seconds / 60:.1f} min on a 2-core CPU (torch {torch.__version__}).",
+             f"Evaluated on: {split}. The recipe (`fr_target_settings` in",
+             "`kernelpack/converters/reproduce.py`, where the search is listed) was chosen on 500",
+             "validation digits carved from the 4000 training digits; the test digits were used once",
+             "per seed, for this table. Accuracy: the plain LeNet-5 loaded from the container (decode",
+             "included). Numbers: the stored weight numbers (kept DCT coefficients, float16) of all five",
+             "layers, as the FR paper counts; the 236 biases are stored float32 besides.", "",
+             "| Method | Setting | Accuracy | Container bytes | Conv bytes | Weight numbers | Seconds |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.method} | {r.setting} | {100 * r.accuracy:.1f}% | {r.bytes:,} | {r.conv_bytes:,} | "
+              f"{r.numbers:,} | {r.seconds:.0f} |" for r in rows]
+    lines += ["", f"**FR, {len(fr)} seeds: {acc.mean().item():.2f}%{spread} (sample deviation) at {numbers:,} "
+              f"weight numbers, {max(r.bytes for r in fr):,} container bytes.** Issue 13's target: >= 97.5% at "
+              f"<= {FR_TARGET:,}.", ""]
+    return "\n".join(lines)
+
+
 def _markdown(rows: list[Row], command: str, seconds: float) -> str:
     lines = ["# Paper reproductions on MNIST-5000 (LeNet-5)", "",
              f"Made by `{command}` in {seconds / 60:.1f} min on a 2-core CPU (torch {torch.__version__}).",
@@ -232,7 +320,7 @@ def _markdown(rows: list[Row], command: str, seconds: float) -> str:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.method} | {r.setting} | {100 * r.accuracy:.1f}% | {r.bytes:,} | {r.conv_bytes:,} | "
               f"{r.numbers:,} | {r.seconds:.0f} |" for r in rows]
-    lines += ["", "![accuracy against container bytes](accuracy_vs_bytes.png)", ""]
+    lines += ["", "![accuracy against container bytes](accuracy_vs_bytes.png)", "", FR_LINK, ""]
     return "\n".join(lines)
 
 
@@ -266,8 +354,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/reproduction")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fr-target", action="store_true",
+                        help="only issue 13's target: FR at 1000 stored numbers, 3 seeds (fr_target.md)")
+    parser.add_argument("--budget", type=int, default=FR_TARGET, help="with --fr-target: kept numbers")
+    parser.add_argument("--validation", action="store_true",
+                        help="with --fr-target: train on 3500 training digits, score the other 500")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.fr_target:
+        _fr_main(args, start)
+        return
     rows = run(Settings.quick() if args.quick else Settings(), log=lambda r: print(asdict(r), flush=True))
     os.makedirs(args.out, exist_ok=True)
     command = "python -m kernelpack.converters.reproduce" + (" --quick" if args.quick else "") + \
@@ -275,6 +371,27 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(_markdown(rows, command, time.perf_counter() - start))
     _plot(rows, os.path.join(args.out, "accuracy_vs_bytes.png"))
+
+
+def _fr_main(args: argparse.Namespace, start: float) -> None:
+    torch.set_num_threads(1)  # batches of 64: a second thread only contends (and the search ran on one)
+    s = fr_target_settings()
+    if args.quick:
+        s = replace(s, base_epochs=2, fr_epochs=1, fr_total=2)
+    d = validation_split(data()) if args.validation else data()
+    split = ("500 validation digits (trained on the other 3500 training digits)" if args.validation
+             else "the 1000 test digits (trained on the 4000 training digits)")
+    rows = fr_target(d, s, seeds=(0,) if args.quick else (0, 1, 2), budget=args.budget,
+                     log=lambda r: print(asdict(r), flush=True))
+    os.makedirs(args.out, exist_ok=True)
+    name = "fr_target" + (f"_{args.budget}" if args.budget != FR_TARGET else "") + \
+        ("_validation" if args.validation else "") + ".md"
+    command = " ".join(["python -m kernelpack.converters.reproduce --fr-target"]
+                       + [f"--budget {args.budget}"] * (args.budget != FR_TARGET)
+                       + ["--validation"] * args.validation + ["--quick"] * args.quick
+                       + ([f"--out {args.out}"] if args.out != "docs/reproduction" else []))
+    with open(os.path.join(args.out, name), "w") as f:
+        f.write(_fr_markdown(rows, split, command, time.perf_counter() - start))
 
 
 if __name__ == "__main__":
