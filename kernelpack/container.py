@@ -856,9 +856,14 @@ class Container:
         return math.prod(info.shape) * (4 if info.dtype == "bfloat16" else NUMPY_DTYPES[info.dtype].itemsize)
 
     def encoded(self, name: str) -> Encoded:
-        """The tensor in its stored form, payloads read and checked."""
-        info, cls = self.info(name), self._form(name)
+        """The tensor in its stored form, payloads read and checked (its largest array within
+        ``max_decoded_bytes`` first)."""
         self.budget.check_array(name, self.cost(name))
+        return self._stored(name)
+
+    def _stored(self, name: str) -> Encoded:
+        """``encoded`` after the limits were checked (by it, or by ``decode``'s budget)."""
+        info, cls = self.info(name), self._form(name)
         bank_name = info.fields.get("bank") if info.form == "basis" else None
         arrays = {k: self.read_array(r, f"arrays.{k}", name) for k, r in info.arrays.items()}
         try:
@@ -907,7 +912,7 @@ class Container:
         self.budget.start(name, cost)
         kept = 0
         try:
-            result = self.encoded(name).decode(ops)
+            result = self._stored(name).decode(ops)  # start() checked the limits
             kept = self.result_bytes(name) if keep else 0
             return result
         except MemoryError:

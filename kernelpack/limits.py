@@ -58,7 +58,7 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("max_decoded_bytes", "max_header_bytes", "max_total_bytes", "max_work"):
             value = getattr(self, name)
-            if value is not None or name in ("max_decoded_bytes", "max_header_bytes"):
+            if value is not None or name in ("max_decoded_bytes", "max_header_bytes"):  # these two have no None
                 need_int(value, f"limits.{name}", 0, 1 << 62)
 
     def total_bytes(self, file_size: int) -> int:

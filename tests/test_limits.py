@@ -105,8 +105,8 @@ def test_a_whole_load_is_checked_before_any_decode(tmp_path: Path, monkeypatch: 
     path = tmp_path / "late.kpk"
     write_hostile(path, {"small": dct([8, 8], 8), "huge": dct([16384, 32], 16384 * 32)})
     decoded: list[str] = []
-    original = Container.encoded
-    monkeypatch.setattr(Container, "encoded", lambda self, name: decoded.append(name) or original(self, name))
+    original = Container._stored  # every decode reads its payloads through it
+    monkeypatch.setattr(Container, "_stored", lambda self, name: decoded.append(name) or original(self, name))
     with pytest.raises(kernelpack.KernelpackError, match="max_work") as caught:
         kernelpack.load_numpy(path)
     assert caught.value.tensor == "huge" and decoded == []
