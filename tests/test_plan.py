@@ -167,6 +167,21 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def test_the_plan_is_the_same_on_one_thread_and_on_several(digits) -> None:
+    """Tensors are measured on threads (each with its own factor cache): same configs, bytes,
+    errors and skipped candidates with threads=1 and threads=3, and the same first error."""
+    net, calibration, _ = digits
+    plans = [kernelpack.plan(net, calibration["x"], max_output_error=0.03, threads=t) for t in (1, 3)]
+    assert dict(plans[0]) == dict(plans[1]) and plans[0].measured == plans[1].measured
+    assert [(o.bytes, o.error, o.output_error, o.aware) for o in plans[0].options.values()] == [
+        (o.bytes, o.error, o.output_error, o.aware) for o in plans[1].options.values()]
+    tensors = {"a": np.ones((8, 16)), "big": np.full((8, 16), 1e5), "bigger": np.full((8, 32), 1e6)}
+    for threads in (1, 3):
+        with pytest.raises(kernelpack.KernelpackError, match="no candidate form") as caught:
+            kernelpack.plan(tensors, max_bytes=10_000, candidates=[kernelpack.Dense(dtype="float16")], threads=threads)
+        assert caught.value.tensor == "big"
+
+
 def test_a_calibrated_plan_meets_its_output_target_held_out_and_beats_the_weight_only_plan(digits, tmp_path):
     net, calibration, held_out = digits
     target = 0.03

@@ -266,11 +266,12 @@ def _matrix_rows(x: np.ndarray, scale: float = 1.0) -> RowSource:
     return (lambda indices: (np.asarray(x[indices], np.float64) * scale)[:, None, :]), x.shape[0]
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager:
+def one_blas_thread() -> contextlib.AbstractContextManager:
     """numpy's BLAS on one thread while collecting, where threadpoolctl is installed: the
     accumulation is thousands of small products, and thread dispatch made the PP-OCR cls
     collection 1.0 s on one thread against 12-17 s on two (2 loaded cores); one thread was
-    never slower on det or rec. Process-wide for the duration of the call, then restored."""
+    never slower on det or rec. Process-wide for the duration of the call, then restored (the
+    planner's tensor threads use it too)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -458,7 +459,7 @@ def collect_onnx(model: Any, inputs: Mapping[str, np.ndarray] | Iterable[Mapping
         raise exc.located(path=path) from None
     accumulators = {u.weight: _Accumulator(u.layout, weights[u.weight].shape, u.groups, u.k) for u in uses}
     names = [o.name for o in session.get_outputs()]
-    with _one_blas_thread():
+    with one_blas_thread():
         for b, batch in enumerate(_onnx_batches(inputs, batch_size)):
             _onnx_batch(session, names, feeds, b, batch, uses, accumulators, max_patches, seed, path)
     return _finished(accumulators, skipped)
@@ -588,7 +589,7 @@ def collect_torch(model: Any, inputs: Any, *, max_patches: int = MAX_PATCHES, ma
     training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _one_blas_thread():
+        with torch.no_grad(), one_blas_thread():
             for args, kwargs in _torch_batches(torch, inputs, batch_size):
                 state["calls"] = defaultdict(int)
                 model(*args, **kwargs)

@@ -500,7 +500,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
          max_bytes: int | None = None, max_error: float | None = None, metric: Metric | None = None,
          candidates: Candidates | Sequence[Config] | None = None, progress: bool | None = None,
          min_size: int = 64, forms: Any = None, stats: Mapping[str, Any] | None = None,
-         output_aware: bool = True) -> Plan:
+         output_aware: bool = True, threads: int | None = None) -> Plan:
     """Propose a form per tensor of ``model`` (see the module doc).
 
     ``model``: an nn.Module, a mapping of names to arrays (weight-only: no graph to run), or
@@ -509,7 +509,8 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     precomputed statistics by tensor name (``LayerStats`` or H for the tensor's rows) instead
     of collecting them. ``output_aware=False`` ignores the statistics (weight-only fits and
     estimates) but still measures. ``forms``: configs fixed beforehand (as for ``save``).
-    ``progress``: a tqdm bar (default: when stderr is a terminal).
+    ``progress``: a tqdm bar (default: when stderr is a terminal). ``threads``: tensors
+    measured at once (default None: one per CPU core); the plan is the same with any number.
 
     Raises :class:`KernelpackError` (field ``budget``) when no choice meets the budgets, and
     (field ``candidates``) when every candidate's encoder refuses a tensor.
@@ -527,28 +528,33 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     if not output_aware:
         layer_stats = {}
     choose = _candidate_fn(candidates)
-    options: dict[str, list[Option]] = {}
-    decoded: dict[str, dict[int, np.ndarray]] = {}
-    skipped: dict[str, list[Skipped]] = {}
+    configs = {name: _tensor_configs(choose, name, subject) for name in names}  # checked before any fit
     keep_decoded = subject.can_run
-    for name in _progress(names, progress, "plan", "tensor"):
+
+    def measure_tensor(name: str) -> tuple[list[Option], list[Skipped], list[np.ndarray] | None]:
         array = subject.tensors[name]
-        configs = _configs(choose, name, array.shape)
-        if subject.dtypes[name] != "float32" and choose is default_candidates:  # codes stand for float32
-            configs = [c for c in configs if not (isinstance(c, Dense) and c.quantised)]
-        measured, skipped[name], outs = _measure_all(name, array, configs, layer_stats.get(name),
-                                                      subject.dtypes[name])
+        measured, refused, outs = _measure_all(name, array, configs[name], layer_stats.get(name),
+                                               subject.dtypes[name])
         if max_error is not None:
             within = [i for i, o in enumerate(measured) if o.error <= max_error]
             if not within:
                 raise KernelpackError(f"no candidate form is within max_error={max_error}"
-                                      f"{_skipped_note(skipped[name])}", tensor=name, field="budget")
+                                      f"{_skipped_note(refused)}", tensor=name, field="budget")
             measured, outs = [measured[i] for i in within], [outs[i] for i in within]
         hull = _hull(measured)
-        options[name] = hull
-        if keep_decoded:
-            by_id = {id(o): out for o, out in zip(measured, outs)}
-            decoded[name] = {id(o): by_id[id(o)] for o in hull}
+        by_id = {id(o): out for o, out in zip(measured, outs)}
+        return hull, refused, [by_id[id(o)] for o in hull] if keep_decoded else None
+
+    bar = _progress(None, progress, "plan", "tensor", total=len(names))
+    try:
+        measured = _map_tensors(measure_tensor, names, threads, bar,
+                                lambda n: subject.tensors[n].size * len(configs[n]))
+    finally:
+        bar.close()
+    options = {name: hull for name, (hull, _, _) in measured.items()}
+    skipped = {name: refused for name, (_, refused, _) in measured.items()}
+    decoded = {name: {id(o): out for o, out in zip(hull, outs)} for name, (hull, _, outs) in measured.items()
+               if outs is not None}
     path = _Path(options)
     fixed_weights = _fixed_decoded(subject, fixed) if keep_decoded else {}
 
@@ -708,6 +714,52 @@ def _check_budgets(max_bytes: Any, max_error: Any, max_output_error: Any, min_si
                  and math.isfinite(value) and value >= 0, field, f"must be a finite number >= 0, got {shown(value)}")
     need(isinstance(min_size, (int, np.integer)) and not isinstance(min_size, bool), "min_size",
          f"must be an integer, got {shown(min_size)}")
+
+
+def _tensor_configs(choose: Candidates, name: str, subject: _Model) -> list[Config]:
+    """The candidates for one planned tensor; for a tensor not stored as float32 without
+    the default list's quantised dense (its codes stand for float32 numbers)."""
+    configs = _configs(choose, name, subject.tensors[name].shape)
+    if subject.dtypes[name] != "float32" and choose is default_candidates:
+        configs = [c for c in configs if not (isinstance(c, Dense) and c.quantised)]
+    return configs
+
+
+def _map_tensors(fn: Callable[[str], Any], names: list[str], threads: int | None, bar: Any,
+                 cost: Callable[[str], int]) -> dict[str, Any]:
+    """``{name: fn(name)}`` in the order of ``names``, on up to ``threads`` threads (None: one
+    per core), costliest first, each finished tensor counted on ``bar``. Tensors are
+    independent and each fit is deterministic, so the result does not depend on the threads.
+    With more than one thread, numpy's BLAS runs on one thread for the duration (a
+    process-wide setting, restored after: the fits are many small products, where BLAS's own
+    threads only collide with the tensor threads). A failure is raised once every started
+    tensor has finished: that of the first failing tensor in the order of ``names`` among
+    those that ran (the ones not started are cancelled)."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    from kernelpack.converters.calibration import one_blas_thread
+    from kernelpack.runtime import worker_count
+
+    workers = worker_count(threads, len(names))
+    if workers == 1:
+        out = {}
+        for name in names:
+            out[name] = fn(name)
+            bar.update()
+        return out
+    with one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-plan") as pool:
+        futures = {}
+        for name in sorted(names, key=cost, reverse=True):
+            futures[name] = pool.submit(fn, name)
+            futures[name].add_done_callback(lambda f: f.cancelled() or bar.update())
+        _, pending = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+    failed = [futures[n] for n in names if futures[n].done() and not futures[n].cancelled()
+              and futures[n].exception() is not None]
+    if failed:
+        raise failed[0].exception()
+    return {name: futures[name].result() for name in names}
 
 
 def _configs(choose: Candidates, name: str, shape: tuple[int, ...]) -> list[Config]:

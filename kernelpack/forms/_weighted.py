@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -62,8 +63,8 @@ def is_stats(hessian: Any) -> bool:
     return hasattr(hessian, "h") and hasattr(hessian, "layout")
 
 
-#: Factorisations kept while :func:`reuse_factors` is active (None: not kept).
-_FACTORS: dict | None = None
+#: Per thread, the factorisations kept while :func:`reuse_factors` is active (``cache`` absent: not kept).
+_LOCAL = threading.local()
 
 
 @contextlib.contextmanager
@@ -72,26 +73,28 @@ def reuse_factors() -> Iterator[None]:
     one matrix, and linear's pivots of one filter matrix are computed once: the planner fits
     dozens of candidates of one tensor under one H. Keys are array identities (data address,
     shape, strides, dtype) and object ids; the cache holds every keyed object, so no address
-    is reused while it lives. Process-wide (not for concurrent encoders); nests."""
-    global _FACTORS
-    outer = _FACTORS
-    _FACTORS = {} if outer is None else outer
+    is reused while it lives. One cache per thread (the planner measures tensors on several
+    threads at once); nests."""
+    outer = getattr(_LOCAL, "cache", None)
+    _LOCAL.cache = {} if outer is None else outer
     try:
         yield
     finally:
-        _FACTORS = outer
+        _LOCAL.cache = outer
 
 
 def memo(kind: str, parts: tuple, compute: Callable[[], Any]) -> Any:
-    """``compute()``, once per ``kind`` and identical ``parts`` while :func:`reuse_factors` is active."""
-    if _FACTORS is None:
+    """``compute()``, once per ``kind`` and identical ``parts`` while :func:`reuse_factors` is
+    active in this thread."""
+    cache = getattr(_LOCAL, "cache", None)
+    if cache is None:
         return compute()
     key = (kind,) + tuple((a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
                           if isinstance(a, np.ndarray) else a if isinstance(a, (int, str, tuple)) else id(a)
                           for a in parts)
-    if key not in _FACTORS:
-        _FACTORS[key] = (parts, compute())
-    return _FACTORS[key][1]
+    if key not in cache:
+        cache[key] = (parts, compute())
+    return cache[key][1]
 
 
 def hessians(hessian: Any, shape: tuple[int, ...], form: str) -> np.ndarray:
