@@ -78,7 +78,7 @@ from kernelpack._backend import NumpyOps, bfloat16_bits_to_float32
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series, config_from_dict
 from kernelpack.forms._base import need, shown
-from kernelpack.forms.dct import CG_ITERATIONS
+from kernelpack.forms.dct import CG_ITERATIONS, DCTTensor
 from kernelpack.pack import as_numpy, encode, match, state_of
 
 Candidates = Callable[[str, tuple[int, ...]], Iterable[Config]]
@@ -303,11 +303,13 @@ def measure(array: np.ndarray, config: Config, name: str | None = None, hessian:
 
 
 def _measured(array32: np.ndarray, config: Config, name: str | None, hessian: Any,
-              estimator: "_Estimator | None" = None, array64: np.ndarray | None = None
-              ) -> tuple[Option, np.ndarray]:
-    """The option and the decoded tensor (float64) of one candidate. ``array64`` (the same
-    numbers in float64) goes to the structured forms: one array for all candidates, so that
-    factorisations keyed by it are reused (:func:`kernelpack.forms._weighted.reuse_factors`)."""
+              estimator: "_Estimator | None" = None, array64: np.ndarray | None = None,
+              exact: bool = True) -> tuple[Option, np.ndarray, Encoded | None]:
+    """The option and the decoded tensor (float64) of one candidate, and the encoded tensor
+    when its decode was only approximate (``exact=False``: a dct tensor's float inverse DCT,
+    :func:`_approximate`). ``array64`` (the same numbers in float64) goes to the structured
+    forms: one array for all candidates, so that factorisations keyed by it are reused
+    (:func:`kernelpack.forms._weighted.reuse_factors`)."""
     if hessian is None and (array64 is None or isinstance(config, Dense)):
         encoded = encode(name, array32, config)
     else:
@@ -316,21 +318,43 @@ def _measured(array32: np.ndarray, config: Config, name: str | None, hessian: An
             encoded = config.encode(given, "float32", hessian=hessian)
         except KernelpackError as exc:
             raise exc.located(tensor=name) from None
-    decoded = encoded.decode(NumpyOps()).astype(np.float64)
+    approximate = not exact and isinstance(encoded, DCTTensor)
+    decoded = _approximate(encoded) if approximate else encoded.decode(NumpyOps()).astype(np.float64)
+    option = Option(config, stored_bytes(encoded), *_errors(array32, decoded, estimator), hessian is not None)
+    return option, decoded, encoded if approximate else None
+
+
+def _errors(array32: np.ndarray, decoded: np.ndarray, estimator: "_Estimator | None") -> tuple[float, float | None]:
+    """The weight error of ``decoded`` and its estimated output error (None without statistics)."""
     norm = float(np.linalg.norm(array32))
     error = float(np.linalg.norm(decoded - array32)) / norm if norm > 0 else 0.0
-    out_error = None if estimator is None else estimator.relative(decoded)
-    return Option(config, stored_bytes(encoded), error, out_error, hessian is not None), decoded
+    return error, None if estimator is None else estimator.relative(decoded)
+
+
+def _approximate(encoded: DCTTensor) -> np.ndarray:
+    """A dct tensor's values by scipy's float inverse DCT (O(n log n) per axis, against the
+    canonical decode's fixed-point products of O(n^2)): equal to the decode to ~1e-12 relative,
+    enough to rank candidates; the plan's chosen candidates are decoded canonically."""
+    from scipy.fft import idctn
+
+    from kernelpack._exact import zigzag_positions
+
+    spectrum = np.zeros(encoded.shape)
+    spectrum[tuple(zigzag_positions(encoded.shape, encoded.axes, encoded.boundary).T)] = \
+        encoded.coefficients.values().astype(np.float64)
+    return idctn(spectrum, type=2, norm="ortho", axes=encoded.axes).astype(np.float32).astype(np.float64)
 
 
 class _Estimator:
     """sqrt(trace(dW H dW^T) / trace(W H W^T)) of one tensor, on a fixed subset of W's rows when
-    the full product would exceed ESTIMATE_WORK multiply-adds."""
+    the full product would exceed ESTIMATE_WORK multiply-adds. The product with H runs in
+    float32 (twice BLAS's float64 speed): an estimate needs ~6 digits, and dW is formed in
+    float64 before it is rounded, so its relative precision is kept."""
 
     def __init__(self, weight: np.ndarray, stats: Any) -> None:
         self.stats = stats
-        h = np.asarray(stats.h if hasattr(stats, "h") else stats, np.float64)
-        self.h = h[None] if h.ndim == 2 else h
+        h = np.asarray(stats.h if hasattr(stats, "h") else stats)
+        self.h = (h[None] if h.ndim == 2 else h).astype(np.float32)
         matrix = self._matrix(weight)
         rows_per_group = matrix.shape[1]
         k = self.h.shape[-1]
@@ -345,8 +369,8 @@ class _Estimator:
         return tensor.reshape(self.h.shape[0], -1, self.h.shape[-1])
 
     def _energy(self, matrix: np.ndarray) -> float:
-        m = matrix[:, self.rows]
-        return float(np.einsum("grk,grk->", m @ self.h, m))
+        m = matrix[:, self.rows].astype(np.float32)
+        return float(np.einsum("grk,grk->", (m @ self.h).astype(np.float64), m))
 
     def relative(self, decoded: np.ndarray) -> float:
         if self.reference <= 0:
@@ -531,19 +555,9 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     configs = {name: _tensor_configs(choose, name, subject) for name in names}  # checked before any fit
     keep_decoded = subject.can_run
 
-    def measure_tensor(name: str) -> tuple[list[Option], list[Skipped], list[np.ndarray] | None]:
-        array = subject.tensors[name]
-        measured, refused, outs = _measure_all(name, array, configs[name], layer_stats.get(name),
-                                               subject.dtypes[name])
-        if max_error is not None:
-            within = [i for i, o in enumerate(measured) if o.error <= max_error]
-            if not within:
-                raise KernelpackError(f"no candidate form is within max_error={max_error}"
-                                      f"{_skipped_note(refused)}", tensor=name, field="budget")
-            measured, outs = [measured[i] for i in within], [outs[i] for i in within]
-        hull = _hull(measured)
-        by_id = {id(o): out for o, out in zip(measured, outs)}
-        return hull, refused, [by_id[id(o)] for o in hull] if keep_decoded else None
+    def measure_tensor(name: str) -> tuple[list[Option], list[Skipped], list[np.ndarray]]:
+        return _measure_all(name, subject.tensors[name], configs[name], layer_stats.get(name),
+                            subject.dtypes[name], max_error)
 
     bar = _progress(None, progress, "plan", "tensor", total=len(names))
     try:
@@ -554,7 +568,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     options = {name: hull for name, (hull, _, _) in measured.items()}
     skipped = {name: refused for name, (_, refused, _) in measured.items()}
     decoded = {name: {id(o): out for o, out in zip(hull, outs)} for name, (hull, _, outs) in measured.items()
-               if outs is not None}
+               if keep_decoded}
     path = _Path(options)
     fixed_weights = _fixed_decoded(subject, fixed) if keep_decoded else {}
 
@@ -775,25 +789,27 @@ def _configs(choose: Candidates, name: str, shape: tuple[int, ...]) -> list[Conf
     return configs
 
 
-def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any, dtype: str = "float32"
-                 ) -> tuple[list[Option], list[Skipped], list[np.ndarray]]:
-    """Every candidate measured on one tensor (factorisations of its H shared by all of them),
-    those whose encoder refused it, with why, and the decoded tensors; refused by every
-    candidate is an error. With statistics, output-aware fits only where :func:`_worth_refit`
-    says they can matter (module doc, "Pruning")."""
+def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any, dtype: str = "float32",
+                 max_error: float | None = None) -> tuple[list[Option], list[Skipped], list[np.ndarray]]:
+    """The lower hull of one tensor's candidates within ``max_error`` (factorisations of its H
+    shared by all of them), the candidates whose encoder refused it, with why, and the hull's
+    decoded tensors; refused by every candidate, or none within ``max_error``, is an error.
+    With statistics, output-aware fits only where :func:`_refit` says they can matter
+    (module doc, "Pruning"). dct candidates are ranked on their approximate values, and the
+    hull's are then decoded canonically (their errors are the canonical decode's) until the
+    hull holds only canonical decodes."""
     from kernelpack.forms._weighted import reuse_factors
 
     array32 = np.asarray(array, np.float32)
     array64 = array32.astype(np.float64)
     estimator = None if stats is None else _Estimator(array64, stats)
-    results: list[tuple[Option, np.ndarray] | None] = []
     skipped: list[Skipped] = []
 
-    def fit(config: Config, hessian: Any) -> tuple[Option, np.ndarray] | None:
+    def fit(config: Config, hessian: Any) -> tuple[Option, np.ndarray, Encoded | None] | None:
         try:
             own = isinstance(config, Dense) and not config.quantised and dtype in ("float16", "float32")
             return (_measured(array.astype(dtype), config, name, None, estimator) if own else
-                    _measured(array32, config, name, hessian, estimator, array64))
+                    _measured(array32, config, name, hessian, estimator, array64, exact=False))
         except KernelpackError as exc:
             skipped.append((config, str(KernelpackError(exc.reason, field=exc.field))))  # the tensor is known
             return None
@@ -807,15 +823,39 @@ def _measure_all(name: str, array: np.ndarray, configs: list[Config], stats: Any
     if not kept:
         raise KernelpackError(f"no candidate form can encode it{_skipped_note(skipped)}", tensor=name,
                               field="candidates")
-    return [o for o, _ in kept], skipped, [d.astype(np.float32) for _, d in kept]
+    while True:
+        kept = _within(kept, max_error, name, skipped)
+        hull = _hull([option for option, _, _ in kept])
+        on_hull = {id(o) for o in hull}
+        pending = [i for i, (option, _, encoded) in enumerate(kept) if encoded is not None and id(option) in on_hull]
+        if not pending:
+            break
+        for i in pending:
+            option, _, encoded = kept[i]
+            decoded = encoded.decode(NumpyOps()).astype(np.float64)
+            error, output_error = _errors(array32, decoded, estimator)
+            kept[i] = (dataclasses.replace(option, error=error, output_error=output_error), decoded, None)
+    by_id = {id(option): decoded for option, decoded, _ in kept}
+    return hull, skipped, [by_id[id(o)].astype(np.float32) for o in hull]
+
+
+def _within(kept: list, max_error: float | None, name: str, skipped: list[Skipped]) -> list:
+    """The measured candidates within ``max_error`` (all without one); none is an error."""
+    if max_error is None:
+        return kept
+    within = [r for r in kept if r[0].error <= max_error]
+    if not within:
+        raise KernelpackError(f"no candidate form is within max_error={max_error}{_skipped_note(skipped)}",
+                              tensor=name, field="budget")
+    return within
 
 
 def _family(config: Config) -> tuple[type, bool]:
     return type(config), config.quantised
 
 
-def _refit(configs: list[Config], results: list[tuple[Option, np.ndarray] | None], aware: list[bool],
-           fit: Callable[[int], tuple[Option, np.ndarray] | None]) -> None:
+def _refit(configs: list[Config], results: list[tuple | None], aware: list[bool],
+           fit: Callable[[int], tuple | None]) -> None:
     """Replace the weight-only results of the candidates worth an output-aware fit by that fit
     (module doc, "Pruning"): first each family's most and least accurate candidates (its
     probes, which measure how much H helps that form on this tensor), then every other

@@ -180,27 +180,38 @@ def feedback_codes(w: np.ndarray, h: np.ndarray, steps: np.ndarray, limits: np.n
     """GPTQ codes (float64 integers) of the rows ``w`` (groups, n, K), group g under ``h[g]``,
     row i rounded with ``steps[i]`` and clipped to [-limits[i], limits[i]] (rows are independent
     in GPTQ: one pass serves every step). Every group advances column by column together, so
-    the Python loop runs K times per call, whatever the groups and rows."""
+    the Python loop runs K times per call, whatever the groups and rows. Columns are held
+    contiguous ((groups, K, n)), and the feedback of a block's earlier columns is applied to a
+    column only when it is rounded (one small product), as GPTQ's lazy batch updates do across
+    blocks: 2x faster than updating the rest of the block after every column."""
     order, u = memo("gptq", (h,), lambda: _feedback_factor(h))
-    groups, k = h.shape[0], h.shape[-1]
-    x = np.take_along_axis(np.asarray(w, np.float64), order[:, None, :], axis=2) / steps[:, None]
-    diagonal = np.diagonal(u, axis1=1, axis2=2)[:, None, :]  # (groups, 1, K)
-    bound = np.asarray(limits, np.float64)[None, :]
+    k = h.shape[-1]
+    x = _permuted(np.asarray(w, np.float64), order) / steps[:, None]
+    x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    diagonal = np.diagonal(u, axis1=1, axis2=2)
+    bound = np.asarray(limits, np.float64)
     codes = np.empty_like(x)
+    errors = np.empty((h.shape[0], BLOCK, x.shape[2]))
     for lo in range(0, k, BLOCK):
         hi = min(lo + BLOCK, k)
-        errors = np.empty(x.shape[:2] + (hi - lo,))
         for j in range(lo, hi):
-            codes[..., j] = np.clip(np.rint(x[..., j]), -bound, bound)
-            err = (x[..., j] - codes[..., j]) / diagonal[..., j]
-            if j + 1 < hi:
-                x[..., j + 1:hi] -= err[..., None] * u[:, None, j, j + 1:hi]
-            errors[..., j - lo] = err
+            column, code, err = x[:, j], codes[:, j], errors[:, j - lo]
+            if j > lo:
+                column -= np.matmul(u[:, None, lo:j, j], errors[:, :j - lo])[:, 0]
+            np.clip(np.rint(column, out=code), -bound, bound, out=code)
+            np.subtract(column, code, out=err)
+            err /= diagonal[:, j, None]
         if hi < k:
-            x[..., hi:] -= errors @ u[:, lo:hi, hi:]
-    out = np.empty_like(codes)
-    np.put_along_axis(out, order[:, None, :], codes, axis=2)
-    return out
+            x[:, hi:] -= np.matmul(u[:, lo:hi, hi:].transpose(0, 2, 1), errors[:, :hi - lo])
+    return _permuted(codes.transpose(0, 2, 1), np.argsort(order, axis=1))
+
+
+def _permuted(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``x[g, :, order[g]]`` for every group g of (groups, n, K) ``x`` (one fancy index for one
+    group: numpy's take_along_axis is several times slower)."""
+    if len(order) == 1:
+        return x[:, :, order[0]]
+    return np.take_along_axis(x, order[:, None, :], axis=2)
 
 
 def _feedback_factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

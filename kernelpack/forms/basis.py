@@ -34,7 +34,7 @@ import numpy as np
 from kernelpack._backend import Ops
 from kernelpack.forms._base import (FLOAT_DTYPES, ArraySpec, Encoded, Quantisable, Stored, encoder_input, need,
                                     need_array, need_dtype, need_finite, need_name, need_only, to_stored)
-from kernelpack.forms._weighted import hessians
+from kernelpack.forms._weighted import hessians, memo
 
 NAME = "basis"
 INDEX_DTYPES = ("uint8", "uint16")
@@ -179,7 +179,8 @@ class Basis(Quantisable):
         slices = w.reshape(-1, math.prod(filt))
         if given is None:
             need(1 <= int(self.bank) <= MAX_BANK, "bank", f"bank size must be in [1, {MAX_BANK}]")
-            unit_bank = kmeans_bank(slices, int(self.bank), self.seed)
+            unit_bank = memo("kmeans", (slices, int(self.bank), self.seed),  # one bank for every variant
+                             lambda: kmeans_bank(slices, int(self.bank), self.seed))
         else:
             need(1 <= len(given) <= MAX_BANK, "bank", f"bank size must be in [1, {MAX_BANK}]")
             unit_bank = normalize_rows(given.reshape(len(given), -1))

@@ -38,7 +38,7 @@ from kernelpack._exact import MAX_REDUCTION, chebyshev_table, named_points, tran
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
                                     Quantisable, Stored, encoder_input, need, need_array, need_finite, need_int,
                                     need_only, read_work)
-from kernelpack.forms._weighted import feedback_store, hessians, row_groups, spd_solve
+from kernelpack.forms._weighted import feedback_store, hessians, memo, row_groups, spd_solve
 
 NAME = "series"
 FAMILIES = ("cosine", "chebyshev")
@@ -192,7 +192,8 @@ class Series(Quantisable):
             need(w.ndim >= 3, "hessian", "an output-aware series fit needs kernels inside the rows of W "
                  f"(rank >= 3), got shape {list(w.shape)}")
             h = hessians(hessian, w.shape, NAME)
-            rows, gram = weighted_coefficients(w, h, np.kron(table_x.T, table_y.T))
+            rows, gram = memo("series", (w, h, nx, ny, points),  # shared by the float and quantised variants
+                              lambda: weighted_coefficients(w, h, np.kron(table_x.T, table_y.T)))
             stored = feedback_store(self, rows, gram, row_groups(w.shape[0], len(h)), w.shape[:-2] + (nx, ny))
         return SeriesTensor(tuple(w.shape), self.family, points, stored)  # type: ignore[arg-type]
 
