@@ -33,8 +33,11 @@ Decisions (one home: :class:`LayerStats` and :func:`LayerStats.matrix`):
   generator seeded with (seed, crc32(weight name), batch index, use index) - the same
   draw for the ONNX and the torch collection of one model - and weighted by
   (samples seen / samples drawn) so that H stays an unbiased estimate of the mean over
-  all samples (exact when nothing is drawn). Samples are gathered and accumulated in
-  float64 chunks of at most :data:`CHUNK_BYTES`; a weight with K > ``max_k`` (default
+  all samples (exact when nothing is drawn). Samples are gathered in the layer input's
+  floating dtype (float32 for float16 and float32 inputs, float64 for float64) in chunks of
+  at most :data:`CHUNK_BYTES`, each chunk's products x^T x computed in that dtype (BLAS
+  float32 is twice float64's speed, and ~7 digits per chunk are far below the sampling
+  noise) and accumulated into H in float64; a weight with K > ``max_k`` (default
   :data:`MAX_K` = 512 * 3 * 3, H = 170 MB) gets no statistics and a warning says so.
   Memory: the H of every collected weight (groups * K^2 * 8 bytes each) plus one batch's
   layer inputs (ONNX Runtime returns them all at once; choose ``batch_size``) plus one
@@ -136,7 +139,7 @@ class _Accumulator:
 
     def add(self, source: RowSource, rng: np.random.Generator, max_patches: int) -> None:
         """Accumulate ``max_patches`` of the ``total`` samples that ``rows(indices)`` gives as
-        (n, groups, K) float64, weighted total/drawn, in chunks of at most CHUNK_BYTES."""
+        (n, groups, K) (float32 or float64), weighted total/drawn, in chunks of at most CHUNK_BYTES."""
         rows, total = source
         if total == 0:
             return
@@ -149,19 +152,23 @@ class _Accumulator:
         for start in range(0, len(indices), chunk):
             x = rows(indices[start:start + chunk])
             self._add_products(x, weight)
-            self.sum += weight * x.sum(axis=0)
+            self.sum += weight * x.sum(axis=0, dtype=np.float64)
         self.count += total
         self.samples += len(indices)
 
     def _add_products(self, x: np.ndarray, weight: float) -> None:
-        """h += weight * x^T x per group: BLAS syrk in place (lower triangle) for one group,
-        a batched product for grouped layers (whose K is small)."""
+        """h += weight * x^T x per group: BLAS syrk (the lower triangle of h; in place for
+        float64 samples, through a float32 product for float32 ones) for one group, a batched
+        product for grouped layers (whose K is small)."""
         if self.groups == 1:
-            from scipy.linalg.blas import dsyrk
+            from scipy.linalg.blas import dsyrk, ssyrk
 
-            target = self.h[0].T  # Fortran-ordered view: syrk writes into it, filling h's lower triangle
-            out = dsyrk(weight, np.ascontiguousarray(x[:, 0]).T, beta=1.0, c=target, trans=0, lower=0,
-                        overwrite_c=1)
+            target = self.h[0].T  # Fortran-ordered view: syrk's upper triangle is h's lower one
+            xt = np.ascontiguousarray(x[:, 0]).T
+            if x.dtype != np.float64:
+                target += weight * ssyrk(1.0, xt, trans=0, lower=0)
+                return
+            out = dsyrk(weight, xt, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
             if not np.shares_memory(out, target):
                 target[...] = out
         else:
@@ -227,7 +234,7 @@ def _zero_inserted(x: np.ndarray, strides: Sequence[int]) -> np.ndarray:
 
 def _conv_rows(x: np.ndarray, conv: _Conv) -> RowSource:
     """The im2col patches of ``x`` (N, C, *spatial) under ``conv``: a getter of (n, groups, K)
-    float64 rows by flat index over (sample, *output position), and their number. A
+    rows (float32, or float64 for float64 inputs) by flat index over (sample, *output position), and their number. A
     transposed convolution is the direct one on the zero-inserted input (module docstring)."""
     r = len(conv.kernel)
     if x.ndim != r + 2:
@@ -256,14 +263,20 @@ def _conv_rows(x: np.ndarray, conv: _Conv) -> RowSource:
     def rows(indices: np.ndarray) -> np.ndarray:
         where = np.unravel_index(indices, grid)
         patches = view[(where[0], slice(None)) + tuple(where[1:])]  # (n, C, *kernel)
-        return patches.reshape(len(indices), conv.groups, -1).astype(np.float64)
+        return patches.reshape(len(indices), conv.groups, -1).astype(_sample_dtype(x.dtype), copy=False)
 
     return rows, math.prod(grid)
 
 
 def _matrix_rows(x: np.ndarray, scale: float = 1.0) -> RowSource:
     """Rows of a 2-D array of samples (n, K), times ``scale`` (Gemm's alpha), as (n, 1, K)."""
-    return (lambda indices: (np.asarray(x[indices], np.float64) * scale)[:, None, :]), x.shape[0]
+    dtype = _sample_dtype(x.dtype)
+    return (lambda indices: (np.asarray(x[indices], dtype) * dtype.type(scale))[:, None, :]), x.shape[0]
+
+
+def _sample_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype samples are gathered and multiplied in: float64 for float64 inputs, else float32."""
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager:

@@ -50,9 +50,10 @@ Decisions:
   Runtime for ONNX models, the module's forward otherwise), or ``metric(y_ref, y_new)``
   (lists of output arrays, concatenated over batches). The path point is found by
   searching the estimate's target: start at ``max_output_error``, correct it by the ratio
-  target / measured (the estimate's scale error), keep a bracket, at most
-  :data:`MAX_EVALUATIONS` runs of the model; the smallest plan that measured within the
-  target wins. No plan within it (the most accurate candidate of every tensor included) is
+  target / measured (the estimate's scale error), keep a bracket (halved in bytes when the
+  correction falls outside it) until its ends differ by under :data:`BYTES_TOLERANCE` in
+  bytes, at most :data:`MAX_EVALUATIONS` runs of the model; the smallest plan that measured
+  within the target wins. No plan within it (the most accurate candidate of every tensor included) is
   a refusal that says the best reached.
 * **Refused candidates.** A candidate whose encoder refuses a tensor is skipped, never
   silently: ``Plan.skipped``, ``Plan.table()`` and one warning list them. A tensor for
@@ -88,6 +89,10 @@ Metric = Callable[[list, list], float]
 BYTES_LEVEL = 3
 #: End-to-end evaluations of the model at most per plan.
 MAX_EVALUATIONS = 8
+#: The measured search stops once the smallest plan known within the target is at most this
+#: much larger than the largest known beyond it (a closer bracket costs evaluations of the
+#: model for under 1% of the bytes).
+BYTES_TOLERANCE = 0.01
 #: Largest K (row length of W) for which candidates are fitted with H: above it one
 #: Cholesky of H costs seconds per candidate on 2 cores; those fits stay weight-only and
 #: only their error is estimated under H.
@@ -671,39 +676,45 @@ class _Path:
                                   field="budget")
         return i
 
+    def index_of_bytes(self, size: float, low: int, high: int) -> int:
+        """The point strictly between ``low`` and ``high`` whose bytes are nearest ``size``
+        from above (``low`` + 1 when ``high`` is the next one: then there is none between)."""
+        i = int(np.searchsorted(self.bytes, size, side="left"))
+        return min(max(i, low + 1), max(high - 1, low + 1))
+
     def within_bytes(self, max_bytes: int) -> dict[str, Option]:
         return self.point(self.last_within_bytes(max_bytes))
 
 
 def _search(path: _Path, evaluate: Callable[[dict[str, Option]], float], target: float,
             max_bytes: int | None) -> tuple[dict[str, Option], float]:
-    """The smallest path point that measures within ``target`` (module doc, "Measured")."""
+    """The smallest path point that measures within ``target`` (module doc, "Measured").
+
+    Until a point within the target is known, the next point is the first whose estimate is
+    within the corrected goal, and never one known too inaccurate (below it, the goal drops
+    to 0.7 times the estimate of the largest such point). Once bracketed, the corrected goal's
+    point if it lies inside the bracket, else the point halfway in bytes; the search stops
+    when the bracket's bytes differ by less than :data:`BYTES_TOLERANCE`."""
     top = len(path) if max_bytes is None else path.last_within_bytes(max_bytes)
     results: dict[int, float] = {}
-
-    def measured(i: int) -> float:
-        if i not in results:
-            results[i] = evaluate(path.point(i))
-        return results[i]
-
     low, high = -1, None  # indices known too inaccurate / within the target
     goal = target
     while len(results) < MAX_EVALUATIONS:
+        if low >= 0 and high is None:
+            goal = min(goal, 0.7 * math.sqrt(path.squares[low]))
         i = path.index_within_estimate(goal)
         i = top if i is None else min(i, top)
-        if i <= low or (high is not None and i >= high):  # outside the bracket: its middle
-            if high is None:
-                i = top if low < top else None
-            else:
-                i = (low + high) // 2 if high - low > 1 else None
-            if i is None or i in results:
-                break
-        e = measured(i)
+        if high is not None and not low < i < high:
+            i = path.index_of_bytes(math.sqrt(max(path.bytes[max(low, 0)], 1) * path.bytes[high]), low, high)
+        if i in results or (i <= low and i == top):
+            break
+        e = results[i] = evaluate(path.point(i))
         if e <= target:
             high = i
         else:
             low = i
-        if high is not None and high - low <= 1:
+        if high is not None and (high - low <= 1 or (low >= 0 and path.bytes[high] <= (1 + BYTES_TOLERANCE)
+                                                     * path.bytes[low])):
             break
         goal = goal * min(max(target / e, 0.1), 10.0) if e > 0 else goal * 10.0
     if high is None:
