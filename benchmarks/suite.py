@@ -62,8 +62,11 @@ NNCODEC_QPS = (-50, -44, -38, -32, -26, -20, -14)
 NNCODEC_REFINE = 2
 #: Held-out agreement levels of issue 12 (for accuracy metrics: that fraction of the original's accuracy).
 LEVELS = (0.99, 0.999)
-#: max_output_error grid of the calibrated plan (relative output error on the calibration inputs).
+#: max_output_error grid of the calibrated plan (relative output error on the calibration inputs);
+#: inside each bracket where the held-out score crosses a level of LEVELS the sweep adds
+#: CALIBRATED_REFINE targets evenly spaced in log (``calibrated_sweep``), as NNCodec's qp sweep does.
 OUTPUT_ERRORS = (0.003, 0.01, 0.03, 0.1)
+CALIBRATED_REFINE = 2
 #: max_error grid of the weight-only plan (relative weight error per tensor).
 WEIGHT_ERRORS = (0.01, 0.05)
 #: Relative quantisation steps (step = r * RMS of the tensor) of kernelpack's quantised methods.
@@ -148,9 +151,9 @@ def nncodec_sweep(model: Any, work: str, repeats: int, quick: bool,
     return [done[q] for q in sorted(done)]
 
 
-def bracket(qps: list[int], scores: dict[int, float], level: float) -> list[tuple[int, int]]:
-    """Neighbouring qps (finer, coarser) of the sorted grid where the score crosses ``level``:
-    the finer one reaches it, the coarser one does not."""
+def bracket(qps: list[float], scores: dict[float, float], level: float) -> list[tuple[float, float]]:
+    """Neighbouring settings (finer, coarser) of the sorted grid (NNCodec's qps, or output-error
+    targets) where the score crosses ``level``: the finer one reaches it, the coarser one does not."""
     return [(a, b) for a, b in zip(qps, qps[1:]) if scores[a] >= level > scores[b]]
 
 
@@ -258,15 +261,32 @@ def calibrated_missing() -> str | None:
     return f"kernelpack.plan has no {' or '.join(missing)} parameter" if missing else None
 
 
-def calibrated_methods(quick: bool) -> list[Method]:
+def calibrated_sweep(model: Any, work: str, repeats: int, quick: bool,
+                     report: Callable[["Result"], None]) -> list["Result"]:
     """``kernelpack.plan(model, calibration=<calibration set>, max_output_error=E)`` for each E
-    of OUTPUT_ERRORS: the ONNX file itself for ONNX models, the nn.Module for trained ones;
-    the container is ``kernelpack.save(weights, forms=plan)``. Calibration inputs only; the
-    score is on the held-out set."""
+    of OUTPUT_ERRORS, then CALIBRATED_REFINE more E (two significant digits, evenly spaced in
+    log) inside each bracket where the held-out score crosses a level of LEVELS (quick: two
+    targets, no refinement): the ONNX file itself for ONNX models, the nn.Module for trained
+    ones; the container is ``kernelpack.save(weights, forms=plan)``. Calibration inputs only;
+    the score is on the held-out set, which only chooses where to refine, as for NNCodec."""
     if calibrated_missing():
         return []
-    return [Method(f"kpk calibrated {e:g}", CALIBRATED, True, lambda m, w, e=e: calibrated(m, w, e))
-            for e in (OUTPUT_ERRORS[1::2] if quick else OUTPUT_ERRORS)]
+    done: dict[float, Result] = {}
+
+    def run(error: float) -> None:
+        if error not in done:
+            method = Method(f"kpk calibrated {error:g}", CALIBRATED, True, lambda m, w: calibrated(m, w, error))
+            done[error] = evaluate(model, method, work, repeats)
+            report(done[error])
+
+    for error in (OUTPUT_ERRORS[1::2] if quick else OUTPUT_ERRORS):
+        run(error)
+    if not quick:
+        for level in (level_for(model, f) for f in LEVELS):
+            for low, high in bracket(sorted(done), {e: r.score for e, r in done.items()}, level):
+                for j in range(1, CALIBRATED_REFINE + 1):
+                    run(float(f"{low * (high / low) ** (j / (CALIBRATED_REFINE + 1)):.2g}"))
+    return [done[e] for e in sorted(done)]
 
 
 def calibrated(model: Any, work: str, error: float) -> Artifact:
@@ -720,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = calibrated_missing()
     if missing:
         print(f"calibrated plan: not available ({missing})", flush=True)
-    methods = peer_methods() + kernelpack_methods(args.quick) + calibrated_methods(args.quick)
+    methods = peer_methods() + kernelpack_methods(args.quick)
     results: list[Result] = []
 
     def report(r: Result) -> None:
@@ -734,6 +754,7 @@ def main(argv: list[str] | None = None) -> None:
             chosen = methods + (tuned_methods(args.quick) if model.task_data is not None and not args.no_tuned else [])
             for method in chosen:
                 report(evaluate(model, method, work, repeats))
+            calibrated_sweep(model, work, repeats, args.quick, report)
             nncodec_sweep(model, work, repeats, args.quick, report)
     ltr = None if args.no_load_to_ready else load_to_ready(repeats)
     figures = plots(models, results, args.figures)
@@ -763,7 +784,9 @@ def write_report(path: str, command: str, minutes: float, machine: list[str], mo
       "\"At 99%\": the smallest artifact of the entry whose held-out score (point estimate) reaches the level; "
       "intervals are 95% (Wilson for label agreement and accuracy, bootstrap over inputs for box F1 and character "
       "accuracy). NNCodec is swept on a coarse qp grid and then every "
-      f"{NNCODEC_REFINE}nd qp inside each bracket around a level. Inputs and metrics: `benchmarks/inputs.py`, "
+      f"{NNCODEC_REFINE}nd qp inside each bracket around a level; the calibrated plan likewise on the "
+      f"max_output_error grid {', '.join(map(str, OUTPUT_ERRORS))}, then {CALIBRATED_REFINE} targets evenly spaced "
+      "in log inside each bracket. Inputs and metrics: `benchmarks/inputs.py`, "
       "`benchmarks/models.py`.")
     w()
     for line in issue12(models, results, missing):
