@@ -50,9 +50,9 @@ for f in spec/vectors/*.kpk spec/vectors/versions/*.kpk; do
   vectors=$((vectors + 1))
   # the device's verdict must be the CPU's, tensor by tensor (a file the CPU refuses is refused alike)
   cpu_rc=0; dev_rc=0
-  "$PY" -m kernelpack verify --device cpu "$f" 2>&1 | grep -E '^(OK|MISMATCH) ' > "$WORK/cpu.txt" || cpu_rc=$?
-  "$PY" -m kernelpack verify --device "$DEVICE" "$f" > "$WORK/dev_all.txt" 2>&1 || dev_rc=$?
-  grep -E '^(OK|MISMATCH) ' "$WORK/dev_all.txt" > "$WORK/dev.txt" || true
+  "$PY" -m kernelpack verify -v --device cpu "$f" 2>&1 | grep -E '^(OK|MISMATCH|CORRUPT|ERROR) ' > "$WORK/cpu.txt" || cpu_rc=$?
+  "$PY" -m kernelpack verify -v --device "$DEVICE" "$f" > "$WORK/dev_all.txt" 2>&1 || dev_rc=$?
+  grep -E '^(OK|MISMATCH|CORRUPT|ERROR) ' "$WORK/dev_all.txt" > "$WORK/dev.txt" || true
   if grep -q '^MISMATCH' "$WORK/dev.txt" || ! cmp -s "$WORK/cpu.txt" "$WORK/dev.txt"; then
     fails=$((fails + 1)); echo "DIFFERS from the CPU: $f: $(tail -1 "$WORK/dev_all.txt")"
   fi

@@ -4,10 +4,12 @@ Imports stay light (numpy, msgpack): torch loads only to read .pt files, to writ
 bfloat16 tensors, to decode with the torch backend, and for the demo. Every
 ``KernelpackError`` (a bad file, a bad argument) ends the command with one line
 ``kernelpack: error: <message>`` on stderr and exit status 2; ``verify`` exits 1
-when a tensor does not decode to its recorded digest. So do a bad command line (argparse's
+when a tensor does not decode to its recorded digest or some bytes of the file changed
+(it checks every FILE and every tensor, whatever fails first). So do a bad command line (argparse's
 errors, in the same one-line form) and any other exception, which would be a kernelpack
 bug: a command never ends in a traceback. A command that writes OUT checks it first (a
-file name in a folder that exists, not IN itself) and writes it atomically.
+file name in a folder that exists, not IN itself, not an existing file unless -f) and writes
+it atomically.
 """
 
 from __future__ import annotations
@@ -211,17 +213,24 @@ def parse_metadata(items: Sequence[str]) -> dict[str, str]:
     return metadata
 
 
-def check_output(src: str, out: str) -> None:
-    """Refuse, before any work, an OUT that cannot be written or that is the input itself
-    (also through a symbolic or hard link): writing it would replace the file being read."""
+def check_output(src: str, out: str, force: bool = False) -> None:
+    """Refuse, before any work, an OUT that cannot be written, that is the input itself (also
+    through a symbolic or hard link: writing it would replace the file being read), or that
+    exists unless ``force`` (-f, as gzip and zstd ask)."""
     need_output(out)
+    if os.path.lexists(out) and not force and not _same_file(src, out):
+        raise KernelpackError("already exists; give -f to overwrite it", path=out)
+    if _same_file(src, out):
+        raise KernelpackError(f"is the input file '{src}'; write to another file", path=out)
+
+
+def _same_file(src: str, out: str) -> bool:
     same = os.path.realpath(src) == os.path.realpath(out)
     try:
         same = same or os.path.samefile(src, out)
     except OSError:  # one of them does not exist: not the same file
         pass
-    if same:
-        raise KernelpackError(f"is the input file '{src}'; write to another file", path=out)
+    return same
 
 
 # --- output helpers -----------------------------------------------------------------
@@ -275,8 +284,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     """Lossless unless asked: without --form, --config, --max-error, --max-output-error or
     --max-bytes every tensor is stored exactly. A budget plans the weights (the planner's
     module doc); the summary then names every tensor that is not stored exactly, its form and
-    weight error, the worst one, and the output error measured on the calibration inputs."""
-    check_output(args.input, args.output)
+    weight error, the worst one, and the output error measured on the calibration inputs
+    (with -q, one warning line on stderr instead)."""
+    args.output = pack_output(args)
+    check_output(args.input, args.output, args.force)
     rules, default = read_config(args.config) if args.config else ([], None)
     plan = Plan([parse_form(r) for r in args.form] + rules, default)
     metadata = parse_metadata(args.metadata)
@@ -306,10 +317,32 @@ def cmd_pack(args: argparse.Namespace) -> int:
     forms_count: dict[str, int] = {}
     for t in encoded.values():
         forms_count[t.form] = forms_count.get(t.form, 0) + 1
-    print(f"{args.output}: {len(encoded)} tensors ({', '.join(f'{n} {f}' for f, n in forms_count.items())}), "
-          f"{size} bytes, ratio to float32 {fmt(ratio(dense, size), '.2f')}")
-    print(lossy_summary(encoded, originals, planned))
+    lossy = lossy_rows(encoded, originals)
+    measured = None if planned is None else planned.measured
+    if args.json:
+        print(json.dumps({"file": args.output, "tensors": len(encoded), "forms": forms_count, "file_bytes": size,
+                          "ratio_to_float32": ratio(dense, size), "lossless": not lossy,
+                          "lossy_tensors": [{"name": n, "form": f, "weight_error": e} for n, f, e in lossy],
+                          "output_error": measured}, indent=2))
+    elif args.quiet:
+        if lossy:
+            worst = max((e for _, _, e in lossy if e is not None), default=None)
+            print(f"kernelpack: warning: {args.output} is lossy: {len(lossy)} of {len(encoded)} tensors not stored "
+                  f"exactly, worst weight error {fmt(worst, '.4g')}", file=sys.stderr)
+    else:
+        print(f"{args.output}: {len(encoded)} tensors ({', '.join(f'{n} {f}' for f, n in forms_count.items())}), "
+              f"{size} bytes, ratio to float32 {fmt(ratio(dense, size), '.2f')}")
+        print(lossy_summary(lossy, len(encoded), measured))
     return 0
+
+
+def pack_output(args: argparse.Namespace) -> str:
+    """OUT: the positional one or -o (not both); without either, IN's name with .kpk for its suffix."""
+    if args.output and args.out:
+        raise KernelpackError(f"give OUT once: positionally ('{args.output}') or with -o ('{args.out}')",
+                              field="output")
+    out = args.output or args.out
+    return out if out else os.path.splitext(args.input)[0] + ".kpk"
 
 
 def _budget_plan(args: argparse.Namespace, model: Any, rules: Plan) -> Any:
@@ -331,9 +364,8 @@ def _budget_plan(args: argparse.Namespace, model: Any, rules: Plan) -> Any:
                 max_error=args.max_error or None, forms=rules)
 
 
-def lossy_summary(encoded: Mapping[str, Any], originals: Mapping[str, Any], planned: Any) -> str:
-    """Which tensors do not decode to their input bits, their forms and weight errors, the worst,
-    and the measured output error (the plan's, on the calibration inputs), or 'lossless'."""
+def lossy_rows(encoded: Mapping[str, Any], originals: Mapping[str, Any]) -> list[tuple[str, str, float | None]]:
+    """(name, form, relative RMS weight error) of every tensor that does not decode to its input bits."""
     from kernelpack._backend import NumpyOps
 
     rows = []
@@ -344,13 +376,18 @@ def lossy_summary(encoded: Mapping[str, Any], originals: Mapping[str, Any], plan
             continue
         ref = bfloat16_bits_to_float32(original) if dtype == "bfloat16" else original
         rows.append((name, tensor.form, error_stats(decoded, ref)[1]))
+    return rows
+
+
+def lossy_summary(rows: Sequence[tuple[str, str, float | None]], count: int, measured: float | None) -> str:
+    """Which tensors do not decode to their input bits, their forms and weight errors, the worst,
+    and the measured output error (the plan's, on the calibration inputs), or 'lossless'."""
     if not rows:
         return "lossless: every tensor decodes to its input bits"
     errors = [e for _, _, e in rows if e is not None]
-    lines = [f"LOSSY: {len(rows)} of {len(encoded)} tensors are not stored exactly:"]
+    lines = [f"LOSSY: {len(rows)} of {count} tensors are not stored exactly:"]
     lines += [f"  {name}  {form}  weight error {fmt(e, '.4g')}" for name, form, e in rows]
     lines.append(f"worst weight error (relative RMS) {fmt(max(errors, default=None), '.4g')}")
-    measured = None if planned is None else planned.measured
     lines.append("output error on the calibration inputs: " + (
         f"{measured:.4g} (measured)" if measured is not None else "not measured (no --calibration inputs)"))
     return "\n".join(lines)
@@ -423,24 +460,79 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+#: verify's word for each tensor or byte range: decodes to its digest / to other bits / its
+#: payload fails its checksum (or cannot be decoded) / it could not be checked (a limit).
+OK, MISMATCH, CORRUPT, UNCHECKED = "OK", "MISMATCH", "CORRUPT", "ERROR"
+
+
+def verify_file(path: str, backend: str, device: str) -> dict[str, Any]:
+    """One file's verify result: ``status`` (OK, MISMATCH, CORRUPT, ERROR: unreadable or not
+    checkable) and every tensor's and failing byte range's status and reason."""
+    try:
+        with Container(path) as c:
+            report = c.integrity(backend, device)
+    except KernelpackError as exc:
+        return {"file": path, "status": _status_of(exc), "error": str(exc), "items": []}
+    items = [{"name": label, "status": _status_of(exc), "error": str(exc)} for label, exc in report.ranges.items()]
+    for name, value in report.tensors.items():
+        if isinstance(value, KernelpackError):
+            items.append({"name": name, "status": _status_of(value), "error": str(value)})
+        else:
+            items.append({"name": name, "status": OK if value else MISMATCH, "error": None})
+    statuses = {i["status"] for i in items}
+    status = next((s for s in (UNCHECKED, CORRUPT, MISMATCH) if s in statuses), OK)
+    return {"file": path, "status": status, "error": None, "items": items}
+
+
+def _status_of(exc: KernelpackError) -> str:
+    """CORRUPT for a failed checksum or padding (the bytes changed), ERROR for anything else
+    (not a container, a limit, a missing file)."""
+    changed = exc.field in ("header_sha256", "padding") or "checksum" in exc.reason or "corrupt" in exc.reason
+    return CORRUPT if changed else UNCHECKED
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0: every file's every tensor decodes to its digest; 1: a tensor or byte range is
+    corrupted or mismatched; 2: a file could not be read or checked (or a bad argument)."""
     backend = args.backend or ("numpy" if args.device == "cpu" else "torch")
     get_ops(backend, args.device)  # a device this backend or machine lacks, refused before any read
-    with Container(args.file) as c:
-        results = c.verify(backend, args.device)
-    for name, ok in results.items():
-        print(f"{'OK' if ok else 'MISMATCH':8}  {name}")
-    bad = [name for name, ok in results.items() if not ok]
-    where = f"({backend} on {args.device})"
+    results = [verify_file(path, backend, args.device) for path in args.files]
+    if args.json:
+        print(json.dumps({"backend": backend, "device": args.device, "files": results}, indent=2))
+    else:
+        for result in results:
+            _print_verify(result, args.verbose, f"({backend} on {args.device})")
+    statuses = {r["status"] for r in results}
+    return 2 if UNCHECKED in statuses else 1 if statuses - {OK} else 0
+
+
+def _print_verify(result: dict[str, Any], verbose: bool, where: str) -> None:
+    """Failures (every item with -v), then one line for the file when it failed or with -v. A
+    file that cannot be read is the one-line error on stderr of every other command."""
+    path = result["file"]
+    if result["error"] is not None:
+        if result["status"] == CORRUPT:
+            print(f"{CORRUPT:8}  {path}: {result['error']}")
+        else:
+            print(f"kernelpack: error: {' '.join(result['error'].splitlines())}", file=sys.stderr)
+        return
+    for item in result["items"]:
+        if verbose or item["status"] != OK:
+            reason = f"  {item['error']}" if item["error"] else ""
+            print(f"{item['status']:8}  {path}: {item['name']}{reason}")
+    bad = [i for i in result["items"] if i["status"] != OK]
+    tensors = sum(1 for i in result["items"] if not i["name"].startswith(("padding", "banks.", "attachments.")))
     if bad:
-        print(f"{args.file}: {len(bad)} of {len(results)} tensors do NOT decode to their digest {where}")
-        return 1
-    print(f"{args.file}: all {len(results)} tensors decode to their digest {where}")
-    return 0
+        print(f"{path}: {len(bad)} failure(s) ({tensors} tensors) {where}")
+    elif verbose:
+        print(f"{path}: all {tensors} tensors decode to their digest {where}")
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
-    check_output(args.file, args.output)
+    check_output(args.file, args.output, args.force)
+    if not args.output.lower().endswith((".safetensors", ".onnx")):
+        raise KernelpackError("unpack writes .safetensors (dense tensors) or .onnx (the attached graph with "
+                              "its weights); give OUT one of those suffixes", path=args.output)
     if args.output.lower().endswith(".onnx"):
         from kernelpack.onnx_io import unpack_onnx
 
@@ -487,6 +579,19 @@ def cmd_triton_config(args: argparse.Namespace) -> int:
 
 
 # --- parser -------------------------------------------------------------------------
+def _version() -> str:
+    from kernelpack import __version__
+
+    return __version__
+
+
+def _format() -> str:
+    from kernelpack.container import VERSION
+
+    return ".".join(map(str, VERSION))
+
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, its errors in the one-line form of every other error (subcommands inherit it)."""
 
@@ -498,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="kernelpack", description="Compressed CNN weights in a checksummed container (.kpk), "
         "decoded bit-exactly on any machine.")
+    parser.add_argument("--version", action="version", version=f"kernelpack {_version()} (format {_format()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pack", help="pack tensors into a .kpk container",
@@ -506,7 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=FORM_SYNTAX, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN",
                    help="a .safetensors, .pt/.pth (state_dict) or .npz file, or an .onnx model")
-    p.add_argument("output", metavar="OUT", help="the container to write (atomically)")
+    p.add_argument("output", metavar="OUT", nargs="?",
+                   help="the container to write, atomically (default: IN's name with .kpk for its suffix)")
+    p.add_argument("-o", "--output", dest="out", metavar="OUT", help="the container to write (instead of OUT)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing on success (a lossy file still gets one warning line on stderr)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     p.add_argument("--form", action="append", default=[], metavar="PATTERN=FORM[:K=V,...]",
                    help="a form rule (repeatable; see below)")
     p.add_argument("--config", metavar="FORMS.json", help="form rules and default from a JSON file")
@@ -539,9 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("verify", help="decode every tensor and check it against its digest",
-                       description="Decode every tensor and compare it with the SHA-256 recorded at "
-                       "pack time. Exit 0: all match; 1: a mismatch; 2: a bad file or argument.")
-    p.add_argument("file", metavar="FILE")
+                       description="Decode every tensor of every FILE and compare it with the SHA-256 "
+                       "recorded at pack time; check every other byte too. Prints the failures (OK, "
+                       "MISMATCH: decodes to other bits, CORRUPT: the bytes changed, ERROR: not checkable), "
+                       "every tensor with -v. Exit 0: all good; 1: a corrupted or mismatched tensor; "
+                       "2: a file that cannot be read or checked, or a bad argument.")
+    p.add_argument("files", metavar="FILE", nargs="+")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every tensor, not only failures")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--backend", choices=("numpy", "torch"),
                    help="decode with numpy or torch (default: numpy on cpu, torch elsewhere)")
@@ -554,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUT.onnx: the attached ONNX graph with every weight filled in, a plain model.")
     p.add_argument("file", metavar="FILE")
     p.add_argument("output", metavar="OUT.safetensors|OUT.onnx")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(run=cmd_unpack)
 
     p = sub.add_parser("demo", help="train a small CNN on 8x8 digits and pack it in every form")

@@ -496,6 +496,26 @@ def _decompressor() -> Any:
     return _THREAD.zstd
 
 
+@dataclass(frozen=True)
+class Integrity:
+    """What :meth:`Container.integrity` found. ``ranges``: the KernelpackError of each byte range
+    outside the tensors' payloads that fails (``padding``, ``banks.NAME``, ``attachments.NAME``;
+    absent when it passes). ``tensors``: per tensor True (decodes to its recorded digest), False
+    (decodes, to other bits) or the KernelpackError that stopped its decode (a payload's
+    checksum, a limit)."""
+
+    ranges: dict[str, KernelpackError]
+    tensors: dict[str, "bool | KernelpackError"]
+
+    def failures(self) -> list[KernelpackError]:
+        """The errors, byte ranges first, then tensors in the file's order."""
+        return list(self.ranges.values()) + [v for v in self.tensors.values() if isinstance(v, KernelpackError)]
+
+    @property
+    def ok(self) -> bool:
+        return not self.ranges and all(v is True for v in self.tensors.values())
+
+
 class Container:
     """An open container: validated header, lazy access to single tensors.
 
@@ -932,12 +952,35 @@ class Container:
 
     def verify(self, backend: str = "numpy", device: Any = "cpu") -> dict[str, bool]:
         """Decode every tensor and compare with the digest recorded at pack time (and check
-        every other byte of the file again)."""
-        self.check_padding()
-        self.check_payloads()
+        every other byte of the file again): True or False per tensor; the first corrupted
+        byte range (padding, a bank, an attachment, then tensors in order) raises its
+        KernelpackError. :meth:`integrity` reports every failure instead."""
+        report = self.integrity(backend, device)
+        failure = next(iter(report.failures()), None)
+        if failure is not None:
+            raise failure
+        return {name: bool(ok) for name, ok in report.tensors.items()}
+
+    def integrity(self, backend: str = "numpy", device: Any = "cpu") -> "Integrity":
+        """Every check of :meth:`verify`, none stopping the others (:class:`Integrity`). A bad
+        ``backend`` or ``device`` raises at once."""
         ops = get_ops(backend, device)
-        return {name: self._matches(info, ops.to_numpy(self.decode(name, ops, keep=False)))
-                for name, info in self._tensors.items()}
+        ranges: dict[str, KernelpackError] = {}
+        checks = [("padding", self.check_padding)]
+        checks += [(f"banks.{n}", lambda n=n: self._bank(n)) for n in self._banks]
+        checks += [(f"attachments.{n}", lambda n=n: self.read_attachment(n)) for n in self._attachments]
+        for label, check in checks:
+            try:
+                check()
+            except KernelpackError as exc:
+                ranges[label] = exc
+        tensors: dict[str, bool | KernelpackError] = {}
+        for name, info in self._tensors.items():
+            try:
+                tensors[name] = self._matches(info, ops.to_numpy(self.decode(name, ops, keep=False)))
+            except KernelpackError as exc:
+                tensors[name] = exc
+        return Integrity(ranges, tensors)
 
     @staticmethod
     def _matches(info: TensorInfo, array: np.ndarray) -> bool:

@@ -111,7 +111,7 @@ def test_config_file_and_rule_order(tmp_path, capsys):
                      "fc.weight": ("linear", None), "conv1.bias": ("dense", "float16"),
                      "fc.bias": ("dense", "float16"), "steps": ("dense", "int64")}
     config.write_text(json.dumps({"rules": [{"pattern": "*", "form": "series", "harmonic": 3}]}))
-    code, _, err = run(capsys, "pack", src, out, "--config", str(config))
+    code, _, err = run(capsys, "pack", src, out, "--config", str(config), "-f")
     assert code == 2 and err.startswith("kernelpack: error: ") and "rules[0]" in err
 
 
@@ -149,22 +149,29 @@ def test_inspect_lists_banks(tmp_path, capsys):
 
 def test_verify_ok(packed, capsys):
     code, stdout, _ = run(capsys, "verify", packed[1])
-    assert code == 0
-    assert stdout.count("OK ") == 6 and "all 6 tensors decode to their digest (numpy on cpu)" in stdout
-    assert run(capsys, "verify", packed[1], "--backend", "torch")[0] == 0
+    assert (code, stdout) == (0, "")  # only failures are printed
+    code, stdout, _ = run(capsys, "verify", packed[1], packed[1], "-v", "--backend", "torch")
+    assert code == 0 and stdout.count("OK ") == 12
+    assert stdout.count("all 6 tensors decode to their digest (torch on cpu)") == 2
 
 
-def test_verify_corrupted_payload_exit_2(packed, capsys):
+def test_verify_reports_every_corrupted_tensor_and_goes_on_exit_1(packed, capsys):
     out = packed[1]
     data = bytearray(open(out, "rb").read())
     data[-1] ^= 0xFF  # the last payload's last byte
     open(out, "wb").write(bytes(data))
-    code, stdout, err = run(capsys, "verify", out)
-    assert code == 2 and stdout == ""
-    assert err.startswith("kernelpack: error: ") and "checksum mismatch" in err and err.count("\n") == 1
+    code, stdout, err = run(capsys, "verify", out, "-v")
+    assert code == 1 and err == ""
+    bad = [line for line in stdout.splitlines() if line.startswith("CORRUPT")]
+    assert len(bad) == 1 and "checksum mismatch" in bad[0] and stdout.count("OK ") == 5
+    assert f"{out}: 1 failure(s) (6 tensors)" in stdout
+    code, stdout, _ = run(capsys, "verify", out, "--json")
+    report = json.loads(stdout)["files"][0]
+    assert code == 1 and report["status"] == "CORRUPT"
+    assert sorted(i["status"] for i in report["items"]) == ["CORRUPT"] + ["OK"] * 5
 
 
-def test_verify_digest_mismatch_exit_1(packed, capsys):
+def test_verify_digest_mismatch_exit_1_and_a_missing_file_exit_2(packed, tmp_path, capsys):
     out = packed[1]
     raw = RawFile.read(out)  # flip one bit of a recorded digest; the header checksum is re-sealed
     entry = raw.header["tensors"]["conv2.weight"]
@@ -172,8 +179,37 @@ def test_verify_digest_mismatch_exit_1(packed, capsys):
     raw.write(out)
     code, stdout, _ = run(capsys, "verify", out)
     assert code == 1
-    assert "MISMATCH  conv2.weight" in stdout and "OK        fc.weight" in stdout
-    assert "1 of 6 tensors do NOT decode to their digest" in stdout
+    assert f"MISMATCH  {out}: conv2.weight" in stdout and "fc.weight" not in stdout
+    assert "1 failure(s) (6 tensors)" in stdout
+    missing = str(tmp_path / "missing.kpk")
+    code, stdout, err = run(capsys, "verify", out, missing)
+    assert code == 2 and "MISMATCH" in stdout and err.startswith("kernelpack: error: ") and missing in err
+
+
+def test_pack_refuses_to_overwrite_without_f_and_names_out_by_default(tmp_path, capsys):
+    src = write_input(tmp_path, "npz")
+    default = str(tmp_path / "in.kpk")
+    assert run(capsys, "pack", src)[0] == 0 and os.path.exists(default)
+    before = open(default, "rb").read()
+    code, _, err = run(capsys, "pack", src, "-o", default, "--form", "*=dense:dtype=float16")
+    assert_one_error_line(code, err, "already exists; give -f to overwrite it")
+    assert open(default, "rb").read() == before
+    code, stdout, err = run(capsys, "pack", src, "-o", default, "-f", "-q", "--form", "*.weight=dense:dtype=float16")
+    assert code == 0 and stdout == "" and err.startswith("kernelpack: warning: ") and "is lossy: 3 of 6" in err
+    code, stdout, _ = run(capsys, "pack", src, default, "-f", "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["lossless"] and report["file_bytes"] == os.path.getsize(default)
+    assert_one_error_line(*run(capsys, "pack", src, default, "-o", default)[::2], "give OUT once")
+
+
+def test_version_and_unpack_refuses_an_output_type_it_does_not_write(packed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"kernelpack {kernelpack.__version__} (format 1.3)\n"
+    out = tmp_path / "o.npz"
+    code, _, err = run(capsys, "unpack", packed[1], str(out))
+    assert_one_error_line(code, err, "unpack writes .safetensors")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify", "unpack"])
@@ -285,6 +321,8 @@ def test_an_unwritable_output_is_one_error_line(packed, tmp_path, capsys, monkey
     folder = tmp_path / "outputs"
     folder.mkdir()
     out = make_out(folder, monkeypatch)
+    if command == "unpack" and not os.path.isdir(out):  # an output type unpack writes
+        out = out[:-len(".kpk")] + ".safetensors" if out.endswith(".kpk") else out + ".safetensors"
     before = sorted(os.listdir(folder))
     code, stdout, err = run(capsys, command, src, out)
     assert_one_error_line(code, err, needle)

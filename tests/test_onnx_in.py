@@ -216,7 +216,7 @@ def test_cli_packs_an_onnx_model_and_unpacks_it_to_onnx(tmp_path, capsys):
     assert main(["unpack", str(kpk), str(out)]) == 0
     assert "ONNX model" in capsys.readouterr().out
     assert np.array_equal(run_onnx(str(out), inputs())[0], ort_session(kpk, CPU).run(None, inputs())[0])
-    assert main(["pack", str(src), str(kpk), "--max-error", "0"]) == 0
+    assert main(["pack", str(src), str(kpk), "--max-error", "0", "-f"]) == 0
     assert np.array_equal(ort_session(kpk, CPU).run(None, inputs())[0], run_onnx(synthetic(), inputs())[0])
 
 
