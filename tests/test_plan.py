@@ -167,6 +167,33 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+class DamperNet(torch.nn.Module):
+    """DigitsNet's trained layers and a side branch whose output reaches y damped 1000-fold:
+    its weights hardly move y, so a plan that measures sensitivities stores them coarsely."""
+
+    def __init__(self, net: DigitsNet) -> None:
+        super().__init__()
+        self.net = net
+        self.side = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + 1e-3 * self.side(x.flatten(1))
+
+
+def test_measured_sensitivities_move_bytes_to_the_layers_the_outputs_feel(digits) -> None:
+    net, calibration, _ = digits
+    torch.manual_seed(1)
+    model = DamperNet(net).eval()
+    alike = kernelpack.plan(model, calibration["x"], max_output_error=0.02, sensitivity=False)
+    felt = kernelpack.plan(model, calibration["x"], max_output_error=0.02)
+    assert alike.probes == 0 and felt.probes == len(felt) and felt.measured <= 0.02
+    sensitivity = {n: o.sensitivity for n, o in felt.options.items()}
+    assert sensitivity["side.weight"] < 0.01 * min(v for n, v in sensitivity.items() if n != "side.weight")
+    assert felt.options["side.weight"].bytes < alike.options["side.weight"].bytes
+    assert felt.options["side.weight"].error > 10 * alike.options["side.weight"].error
+    assert "sensitivity probe(s)" in felt.table()
+
+
 def test_the_plan_is_the_same_on_one_thread_and_on_several(digits) -> None:
     """Tensors are measured on threads (each with its own factor cache): same configs, bytes,
     errors and skipped candidates with threads=1 and threads=3, and the same first error."""
