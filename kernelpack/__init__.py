@@ -16,7 +16,19 @@ from kernelpack.forms import DCT, Basis, Dense, Linear, Series
 from kernelpack.pack import save
 from kernelpack.runtime import load, load_model, load_numpy, open, ort_session
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml); a source tree not installed says so."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kernelpack")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _version()
+
 
 def __getattr__(name: str):
     """``kernelpack.compress_`` and ``kernelpack.plan`` load the converters on first use."""
@@ -27,6 +39,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kernelpack' has no attribute {name!r}")
 
 
-__all__ = ["save", "compress_", "plan", "load", "load_numpy", "load_model", "open", "ort_session", "Container", "TensorInfo", "Limits",
+# ``open`` is kernelpack.open, never exported by ``import *`` (it would shadow the builtin).
+__all__ = ["save", "compress_", "plan", "load", "load_numpy", "load_model", "ort_session", "Container", "TensorInfo", "Limits",
            "KernelpackError", "Dense", "DCT", "Series", "Basis", "Linear", "FORMAT_VERSION",
            "__version__"]

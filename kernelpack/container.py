@@ -424,6 +424,10 @@ class TensorInfo:
         """Bytes of this tensor's payloads in the file (banks not included)."""
         return sum(ref.length for ref in self.arrays.values())
 
+    def __repr__(self) -> str:  # the digest as 8 hex digits, not 32 bytes
+        return (f"TensorInfo(name={self.name!r}, form={self.form!r}, shape={self.shape}, dtype={self.dtype!r}, "
+                f"stored_bytes={self.stored_bytes}, digest={self.digest.hex()[:8]}...)")
+
     @property
     def dense_bytes(self) -> int:
         """Bytes of the tensor as dense float32 (the reference for compression ratios)."""
@@ -564,6 +568,13 @@ class Container:
 
     def __del__(self) -> None:
         self.close()
+
+    def __repr__(self) -> str:
+        if not hasattr(self, "_tensors"):  # its header was refused
+            return f"<kernelpack.Container {getattr(self, 'path', None)!r} (not opened)>"
+        state = "open" if self._fd >= 0 else "closed"
+        version = ".".join(map(str, getattr(self, "version", ())))
+        return f"<kernelpack.Container {self.path!r} format {version}, {len(self._tensors)} tensors, {state}>"
 
     # header
     def _pread(self, length: int, offset: int) -> bytes:

@@ -1,0 +1,36 @@
+"""The Python API's conventions (issue 16): what ``import *`` brings, the version, reprs."""
+
+from __future__ import annotations
+
+import builtins
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+import kernelpack
+
+VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+
+
+def test_import_star_does_not_shadow_the_builtin_open() -> None:
+    namespace: dict = {}
+    exec("from kernelpack import *", namespace)
+    assert "open" not in namespace and "save" in namespace and "load_numpy" in namespace
+    assert kernelpack.open is not builtins.open  # kernelpack.open stays reachable by name
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    assert kernelpack.__version__ == version("kernelpack")
+    assert (Path(kernelpack.__file__).parent / "py.typed").exists()
+
+
+def test_reprs_say_what_a_container_and_a_tensor_are_without_digest_bytes(tmp_path) -> None:
+    path = tmp_path / "m.kpk"
+    kernelpack.save({"w": np.ones((4, 4), np.float32)}, path)
+    with kernelpack.open(path) as c:
+        assert repr(c) == f"<kernelpack.Container {str(path)!r} format 1.0, 1 tensors, open>"
+        info = repr(c.info("w"))
+        assert info.startswith("TensorInfo(name='w', form='dense', shape=(4, 4), dtype='float32'")
+        assert "\\x" not in info and info.endswith(f"digest={c.info('w').digest.hex()[:8]}...)")
+    assert repr(c).endswith("closed>")
