@@ -48,7 +48,7 @@ from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need_name
 from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, check_graph, graph_and_weights
-from kernelpack.pack import FormPlan, as_numpy, match, save, state_of
+from kernelpack.pack import FormPlan, as_numpy, match, save, state_of, warn_unused
 
 #: Fewer elements than this: a constant of the graph (a scale, a bound), not a weight.
 MIN_ELEMENTS = 16
@@ -200,6 +200,7 @@ def weight_configs(model: Any, weights: Mapping[str, np.ndarray], forms: FormPla
         budget["max_error"] = budget.get("max_error") or None
         lossless = candidates and (lambda name, shape: [*_listed(candidates, name, shape), Dense()])
         planned = plan(model, forms=forms, candidates=lossless or default_candidates, **budget)
+    warn_unused(forms, list(weights), stacklevel=4)
     configs = {name: match(forms, name, array) or planned.get(name) or Dense() for name, array in weights.items()}
     return _with_hessians(configs, forms, planned)
 

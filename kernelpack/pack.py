@@ -78,6 +78,22 @@ def match(forms: FormPlan, name: str, value: Any) -> Config | None:
     return None
 
 
+def warn_unused(forms: FormPlan, names: Collection[str], stacklevel: int = 3) -> None:
+    """Warn of the keys of a ``forms`` mapping that name no tensor and match none as a
+    pattern (a module's name such as ``'conv1'`` chooses nothing: tensors are ``'conv1.weight'``);
+    the command line says the same of its rules. A function or one config says nothing here."""
+    if not isinstance(forms, Mapping) or hasattr(forms, "encode"):
+        return
+    unused = [key for key in forms if key not in names and not any(fnmatch.fnmatchcase(n, key) for n in names)]
+    if unused:
+        import warnings
+
+        example = next(iter(names), None)
+        warnings.warn(f"forms rule(s) {', '.join(map(repr, unused))} matched no tensor, so they chose nothing"
+                      + (f" (tensor names look like {example!r}; for all of a module's tensors write a pattern such "
+                         "as 'conv1.*')" if example is not None else ""), UserWarning, stacklevel=stacklevel)
+
+
 def encode(name: str, value: Any, config: Config, hessian: Any = None) -> Encoded:
     """One tensor in the form ``config`` asks for (fitted output-aware under ``hessian``, the
     calibration statistics of its layer, when given); errors name the tensor."""
@@ -128,8 +144,10 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     need_output(path)
     hessians = getattr(forms, "hessians", None) or {}  # a calibrated Plan's statistics
     try:
+        state = state_of(obj)
+        warn_unused(forms, list(state))
         encoded = {name: encode(name, value, choose(forms, name, value), hessians.get(name))
-                   for name, value in state_of(obj).items()}
+                   for name, value in state.items()}
         write(path, encoded, metadata, level, attachments, codecs)
     except KernelpackError as exc:  # a refusal names the file it was writing
         raise exc.located(path=os.fspath(path)) from None

@@ -34,3 +34,17 @@ def test_reprs_say_what_a_container_and_a_tensor_are_without_digest_bytes(tmp_pa
         assert info.startswith("TensorInfo(name='w', form='dense', shape=(4, 4), dtype='float32'")
         assert "\\x" not in info and info.endswith(f"digest={c.info('w').digest.hex()[:8]}...)")
     assert repr(c).endswith("closed>")
+
+
+def test_a_forms_key_that_matches_no_tensor_warns(tmp_path) -> None:
+    """Keyed by a module's name ('conv1'), a rule chooses nothing: said, not silently dense."""
+    import pytest
+
+    state = {"conv1.weight": np.ones((2, 2, 3, 3), np.float32), "conv1.bias": np.ones(2, np.float32)}
+    with pytest.warns(UserWarning, match=r"'conv1' matched no tensor.*'conv1\.\*'"):
+        kernelpack.save(state, tmp_path / "a.kpk", forms={"conv1": kernelpack.Dense(dtype="float16")})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernelpack.save(state, tmp_path / "b.kpk", forms={"conv1.*": kernelpack.Dense(dtype="float16")})
