@@ -628,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a metadata entry (repeatable; .safetensors metadata is kept too)")
     p.add_argument("--max-error", type=float, metavar="E",
                    help="plan the weights no rule names (an .onnx model's Conv/ConvTranspose/Gemm/MatMul "
-                   "weights; a state dict's floating tensors of rank >= 2): each gets the smallest form "
+                   "weights, and its biases and BatchNormalization parameters in float16 at most; a state "
+                   "dict's floating tensors of rank >= 2): each gets the smallest form "
                    "whose relative RMS weight error is <= E (0: exact); the other tensors stay exact")
     p.add_argument("--max-output-error", type=float, metavar="E",
                    help="for an .onnx model with --calibration: the smallest plan whose output error "

@@ -54,7 +54,9 @@ from kernelpack.pack import FormPlan, as_numpy, match, save, state_of, warn_unus
 MIN_ELEMENTS = 16
 #: (op type, input index) -> role of a constant read there; only these are planned.
 WEIGHT_INPUTS = {("Conv", 1): "conv", ("ConvTranspose", 1): "conv", ("Gemm", 0): "matrix",
-                 ("Gemm", 1): "matrix", ("MatMul", 0): "matrix", ("MatMul", 1): "matrix"}
+                 ("Gemm", 1): "matrix", ("MatMul", 0): "matrix", ("MatMul", 1): "matrix",
+                 ("Conv", 2): "bias", ("ConvTranspose", 2): "bias", ("Gemm", 2): "bias",
+                 **{("BatchNormalization", i): "affine" for i in (1, 2, 3, 4)}}
 
 Keep = Callable[[Any], bool]
 
@@ -177,7 +179,8 @@ def _nodes(graph: Any) -> Iterator[Any]:
 
 
 def weight_roles(graph: Any) -> dict[str, str]:
-    """Value name -> 'conv' or 'matrix' for values read only at weight inputs of that role."""
+    """Value name -> 'conv', 'matrix', 'bias' (a Conv/ConvTranspose/Gemm bias) or 'affine' (a
+    BatchNormalization scale, bias, mean or variance) for values read only at inputs of that role."""
     uses: dict[str, set[str | None]] = {o.name: {None} for o in graph.output}
     for node in _nodes(graph):
         standard = node.domain in ("", "ai.onnx")

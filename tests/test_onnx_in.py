@@ -24,6 +24,8 @@ from kernelpack.onnx_io import (MIN_ELEMENTS, dense_model, pack_onnx, read_model
 CPU = ["CPUExecutionProvider"]
 #: (name, shape) of the synthetic model's weights and the role the packer must see
 ROLES = {"conv.w": "conv", "fc.w": "matrix", "proj": "matrix"}
+#: BatchNormalization parameters: planned too, in float storage only.
+AFFINE = {"bn.scale": "affine", "bn.bias": "affine", "bn.mean": "affine", "bn.var": "affine"}
 
 
 def smooth_kernels(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -123,10 +125,10 @@ def test_weights_are_float_tensors_of_16_elements_or_more_and_the_rest_stays_in_
     assert len(shared_uses) == 2  # a Constant read twice is one tensor
 
 
-def test_only_conv_and_matrix_weights_have_a_role():
+def test_only_weights_biases_and_normalisations_have_a_role():
     stripped, weights = take_out(synthetic())
     roles = weight_roles(stripped.graph)
-    assert {name: roles[name] for name in weights if name in roles} == ROLES
+    assert {name: roles[name] for name in weights if name in roles} == {**ROLES, **AFFINE}
 
 
 def test_real_constant_node_weights_are_taken_out_and_values_kept_bit_for_bit(tmp_path):
@@ -164,9 +166,11 @@ def test_budget_plan_compresses_conv_and_matrix_weights_within_max_error(tmp_pat
     encoded = pack_onnx(model, path, max_error=0.01)
     decoded = kernelpack.load_numpy(path)
     assert encoded["conv.w"].form != "dense" and encoded["fc.w"].form != "dense"
-    for name in ROLES:
+    for name in {**ROLES, **AFFINE}:
         assert rel_rms(decoded[name], original[name]) <= 0.01, name
-    for name in set(original) - set(ROLES):  # norms, shared constants, offsets, gain (3x8x8): exact
+    for name in AFFINE:  # float16 at most, never codes
+        assert encoded[name].form == "dense" and encoded[name].data.dtype in ("float16", "float32")
+    for name in set(original) - set(ROLES) - set(AFFINE):  # shared constants, offsets, gain (3x8x8): exact
         assert encoded[name].form == "dense"
         assert decoded[name].dtype == original[name].dtype and np.array_equal(decoded[name], original[name])
     out, ref = ort_session(path, CPU).run(None, inputs(dtype))[0], run_onnx(model, inputs(dtype))[0]

@@ -236,7 +236,9 @@ def test_an_onnx_model_is_planned_and_measured_with_onnx_runtime(digits, tmp_pat
     model = onnx_bytes(net)
     target = 0.03
     chosen = kernelpack.plan(model, calibration, max_output_error=target)
-    assert set(chosen) == {"c1.weight", "c2.weight", "fc.weight"} and chosen.measured <= target
+    biases = {"c1.bias", "c2.bias"}  # conv biases: planned too, in float storage only (fc's is an Add's)
+    assert set(chosen) == {"c1.weight", "c2.weight", "fc.weight"} | biases and chosen.measured <= target
+    assert all(isinstance(chosen[b], kernelpack.Dense) and not chosen[b].quantised for b in biases)
     pack_onnx(model, tmp_path / "m.kpk", forms=chosen)
     session = kernelpack.ort_session(tmp_path / "m.kpk", ["CPUExecutionProvider"])
     out = session.run(None, held_out)[0]

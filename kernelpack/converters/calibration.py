@@ -376,7 +376,7 @@ def _onnx_uses(graph: Any, weights: Mapping[str, np.ndarray], max_k: int, skippe
     """The weight uses of the main graph's nodes whose statistics can be collected."""
     from kernelpack.onnx_io import weight_roles
 
-    roles = weight_roles(graph)
+    roles = {n: r for n, r in weight_roles(graph).items() if r in ("conv", "matrix")}  # biases take no H
     uses: list[_Use] = []
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):

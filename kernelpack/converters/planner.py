@@ -9,8 +9,9 @@ Decisions:
 
 * **What is planned.** Floating tensors of rank >= 2 with at least ``min_size`` elements
   (a module's or a mapping's), or an ONNX model's weights read only as Conv/ConvTranspose
-  weights or Gemm/MatMul operands (:func:`kernelpack.onnx_io.weight_roles`); the rest
-  stays dense as it is. Each is planned as the float32 tensor of its numbers. Tensors that
+  weights, Gemm/MatMul operands, Conv/ConvTranspose/Gemm biases or BatchNormalization
+  parameters (:func:`kernelpack.onnx_io.weight_roles`; the last two only as float32 or
+  float16, whose error the sensitivity probes measure); the rest stays dense as it is. Each is planned as the float32 tensor of its numbers. Tensors that
   ``forms`` names keep that config (not planned) but take part in every measurement.
 * **Bytes** of a candidate are its stored arrays and banks compressed as the writer does
   (the smallest of raw, zstd and zstd-shuffle per array) at zstd level 3 rather than the
@@ -130,14 +131,17 @@ LARGE = 1 << 20
 
 
 def default_candidates(name: str, shape: tuple[int, ...]) -> list[Config]:
-    """Lossless dense, dense float16, quantised dense (int8/int16 codes, GPTQ with H) at six
-    relative steps; DCT for every tensor of rank >= 2, low-rank linear where its p primaries
+    """Lossless dense, dense float16 (only those two for tensors of rank < 2: an ONNX model's
+    biases and BatchNormalization parameters, which a relative step of their RMS could send
+    to zero), quantised dense (int8/int16 codes, GPTQ with H) at six relative steps; DCT for every tensor of rank >= 2, low-rank linear where its p primaries
     are fewer than the row length K (else it stores at least as many numbers as dense); for kernels, series
     of every (Nx, Ny) below the kernel size and banks of 4..64 filters; float16 and quantised
     (rel_step 0.1) variants of the structured forms. Tensors over :data:`LARGE` elements get
     fewer keeps, alphas and banks."""
     large = math.prod(shape) > LARGE
     out: list[Config] = [Dense(), Dense(dtype="float16")]
+    if len(shape) < 2:  # an ONNX model's biases and normalisations: float storage only
+        return out
     out += [Dense(rel_step=s) for s in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)]
     c_out = shape[0]
     keeps = (0.1, 0.25, 0.5) if large else (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
