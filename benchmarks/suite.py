@@ -151,6 +151,16 @@ def nncodec_sweep(model: Any, work: str, repeats: int, quick: bool,
     return [done[q] for q in sorted(done)]
 
 
+def allowed(model: Any, rows: list["Result"]) -> str:
+    """For label agreement on few inputs, how many disagreements each level allows (at 96
+    inputs 99% allows none: one changed label is 0.9896, inside every interval shown)."""
+    n = rows[0].n if rows else 0
+    if model.metric != "label agreement" or not n:
+        return ""
+    return " With " + str(n) + " inputs: " + ", ".join(
+        f"{f:.1%} allows {math.floor((1 - f) * n + 1e-9)} disagreement(s)" for f in LEVELS) + "."
+
+
 def bracket(qps: list[float], scores: dict[float, float], level: float) -> list[tuple[float, float]]:
     """Neighbouring settings (finer, coarser) of the sorted grid (NNCodec's qps, or output-error
     targets) where the score crosses ``level``: the finer one reaches it, the coarser one does not."""
@@ -563,7 +573,7 @@ def issue12(models: list[Any], results: list[Result], missing: str | None) -> li
         rows = [r for r in results if r.model == m.name]
         lines += [f"**{m.name}** ({m.metric} on {rows[0].n if rows else 0} held-out inputs; "
                   f"calibration: {m.calibration_desc or 'none'}). Levels: "
-                  + ", ".join(f"{f:.1%} = {level_for(m, f):.4f}" for f in LEVELS) + ".", "",
+                  + ", ".join(f"{f:.1%} = {level_for(m, f):.4f}" for f in LEVELS) + "." + allowed(m, rows), "",
                   "| entry | method | bytes | held-out score [95% CI] |", "|---|---|---:|---|"]
         entries = [("kpk calibrated plan", lambda r: r.family == CALIBRATED),
                    ("kpk weight-only plan", is_weight_only_plan),
