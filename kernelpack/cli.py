@@ -218,10 +218,10 @@ def check_output(src: str, out: str, force: bool = False) -> None:
     through a symbolic or hard link: writing it would replace the file being read), or that
     exists unless ``force`` (-f, as gzip and zstd ask)."""
     need_output(out)
-    if os.path.lexists(out) and not force and not _same_file(src, out):
-        raise KernelpackError("already exists; give -f to overwrite it", path=out)
     if _same_file(src, out):
         raise KernelpackError(f"is the input file '{src}'; write to another file", path=out)
+    if os.path.lexists(out) and not force:
+        raise KernelpackError("already exists; give -f to overwrite it", path=out)
 
 
 def _same_file(src: str, out: str) -> bool:
@@ -472,7 +472,7 @@ def verify_file(path: str, backend: str, device: str) -> dict[str, Any]:
         with Container(path) as c:
             report = c.integrity(backend, device)
     except KernelpackError as exc:
-        return {"file": path, "status": _status_of(exc), "error": str(exc), "items": []}
+        return {"file": path, "status": _status_of(exc), "error": str(exc), "tensors": 0, "items": []}
     items = [{"name": label, "status": _status_of(exc), "error": str(exc)} for label, exc in report.ranges.items()]
     for name, value in report.tensors.items():
         if isinstance(value, KernelpackError):
@@ -481,7 +481,7 @@ def verify_file(path: str, backend: str, device: str) -> dict[str, Any]:
             items.append({"name": name, "status": OK if value else MISMATCH, "error": None})
     statuses = {i["status"] for i in items}
     status = next((s for s in (UNCHECKED, CORRUPT, MISMATCH) if s in statuses), OK)
-    return {"file": path, "status": status, "error": None, "items": items}
+    return {"file": path, "status": status, "error": None, "tensors": len(report.tensors), "items": items}
 
 
 def _status_of(exc: KernelpackError) -> str:
@@ -521,7 +521,7 @@ def _print_verify(result: dict[str, Any], verbose: bool, where: str) -> None:
             reason = f"  {item['error']}" if item["error"] else ""
             print(f"{item['status']:8}  {path}: {item['name']}{reason}")
     bad = [i for i in result["items"] if i["status"] != OK]
-    tensors = sum(1 for i in result["items"] if not i["name"].startswith(("padding", "banks.", "attachments.")))
+    tensors = result["tensors"]
     if bad:
         print(f"{path}: {len(bad)} failure(s) ({tensors} tensors) {where}")
     elif verbose:
