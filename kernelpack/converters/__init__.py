@@ -9,6 +9,9 @@
   ``reassign_`` and banks (``gaussian_bank``, ``model_bank``) for the basis form,
   ``correlation_loss`` (LinearConv), ``convsim_loss``/``convsim_penalty``/``convsim_init_``
   (Convolutional Similarity), ``fine_tune`` and ``accuracy``.
+* ``distill(student, teacher, inputs, ...)``: fine-tune in the forms against the original
+  model on unlabeled inputs; ``from_onnx(path)``: an ONNX model as a trainable module (its
+  weights are parameters at their ONNX names), packed back by ``OnnxModule.save``.
 
 Names load on first use, so ``plan`` on numpy arrays never imports torch.
 """
@@ -31,6 +34,7 @@ _HOMES = {
     "distill": "distillation", "DistillResult": "distillation",
     "collect_onnx": "calibration", "collect_torch": "calibration", "load_inputs": "calibration",
     "split": "calibration", "LayerStats": "calibration",
+    "from_onnx": "onnx_module", "OnnxModule": "onnx_module",
 }
 
 __all__ = sorted(_HOMES)

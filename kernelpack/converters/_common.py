@@ -83,6 +83,17 @@ class FormWeight(nn.Module, ABC):
     #: from the fit; the forward pass quantises with them.
     steps: tuple[float | None, ...] = ()
 
+    #: Calibration statistics of the layer (``Plan.hessians``), set by ``compress_`` only while
+    #: ``right_inverse`` runs, so that the first fit is the plan's output-aware one.
+    hessian: Any = None
+
+    def fit(self, weight: torch.Tensor) -> Encoded:
+        """The form's closed-form fit of ``weight`` (one home: the form's own encoder),
+        output-aware when a calibrated plan's statistics are set (``hessian``)."""
+        if self.hessian is None:
+            return self.config.encode(as_numpy64(weight))
+        return self.config.encode(weight.detach().to("cpu", torch.float32).numpy(), "float32", hessian=self.hessian)
+
     def get_extra_state(self) -> dict[str, Any]:
         """What ``state_dict`` saves besides tensors: ``{"steps": [float or None, ...]}``."""
         return {"steps": list(self.steps)}

@@ -77,7 +77,7 @@ class BasisWeight(FormWeight):
         self.pull = grad.detach().clone() if self.pull is None else self.pull + grad.detach()
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.config.encode(as_numpy64(weight))
+        encoded = self.fit(weight)
         self.steps = (encoded.bank.step, encoded.a.step, encoded.b.step)  # quantised: fixed from the fit
         # Buffers (saved in checkpoints): the stored-rounded bank and the slices' indices.
         bank = torch.from_numpy(encoded.bank.values().astype(np.float32))

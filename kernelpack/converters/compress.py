@@ -11,7 +11,9 @@ weights, ``nn.LSTM``/``nn.GRU``'s ``weight_ih_l0``/``weight_hh_l0`` (and ``_reve
 embeddings, ``ConvTranspose``, grouped and depthwise convs, ``nn.MultiheadAttention``'s
 ``in_proj_weight`` and its ``out_proj`` linear, a bare ``nn.Parameter``: the form is a
 parametrisation of that parameter (torch's ``parametrize`` takes any name). Biases, norms
-and other rank-1 parameters stay as they are.
+and other rank-1 parameters stay as they are, unless a rule names one *exactly* with a
+``Dense`` config (as a calibrated plan of an ONNX model does for biases and norm
+parameters): it then trains quantised like any weight. Patterns never reach them.
 
 A form reads the parameter as torch lays it out: dim 0 holds the rows (LinearConv's
 filters and primaries), the last two dims a kernel (series, basis). For ``ConvTranspose``
@@ -70,17 +72,17 @@ def rule_for(config: Rules, module_name: str, tensor: str = "weight") -> Config 
     return None
 
 
-def targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """(module name, module, parameter name) of every parameter of rank >= 2 that can take a form,
-    and of every parametrised one (so that a rule naming it is refused, not ignored); the
-    trained fields inside parametrisations are not targets themselves."""
+def targets(model: nn.Module, rank: int = 2) -> Iterator[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of every parameter of rank >= ``rank`` that can take
+    a form, and of every parametrised one (so that a rule naming it is refused, not ignored);
+    the trained fields inside parametrisations are not targets themselves."""
     inside = {id(m) for module in model.modules() if parametrize.is_parametrized(module)
               for m in module.parametrizations.modules()}
     for module_name, module in model.named_modules():
         if id(module) in inside:
             continue
         for tensor, param in module.named_parameters(recurse=False):
-            if param.ndim >= 2:
+            if param.ndim >= rank:
                 yield module_name, module, tensor
         if parametrize.is_parametrized(module):
             for tensor in module.parametrizations:
@@ -106,14 +108,19 @@ def check_rules(model: Any, config: Any) -> None:
 
 
 def compress_(model: nn.Module, config: Rules) -> nn.Module:
-    """Parametrise every parameter of rank >= 2 the config names with its form; returns ``model``.
+    """Parametrise every parameter of rank >= 2 the config names with its form (and rank-1 ones
+    named exactly with a Dense config); returns ``model``.
 
     Dense configs without a narrower dtype leave the weight alone. Errors name the parameter;
     the model and every rule are checked first (a rule no parameter matches is still checked,
     and a warning).
     """
     check_rules(model, config)
+    hessians = getattr(config, "hessians", None) or {}  # a calibrated Plan's statistics
     chosen_for = [(m, module, t, rule_for(config, m, t)) for m, module, t in targets(model)]
+    if isinstance(config, Mapping):  # rank-1 parameters: exact names with Dense configs only
+        chosen_for += [(m, module, t, config[_join(m, t)]) for m, module, t in targets(model, rank=1)
+                       if getattr(module, t).ndim == 1 and isinstance(config.get(_join(m, t)), Dense)]
     _warn_unmatched(config, [_join(m, t) for m, _, t, _ in chosen_for] + [m for m, _, _, _ in chosen_for])
     for module_name, module, tensor, chosen in chosen_for:
         if chosen is None or (isinstance(chosen, Dense) and chosen.dtype in (None, "float32")
@@ -125,7 +132,11 @@ def compress_(model: nn.Module, config: Rules) -> nn.Module:
             if type(chosen) not in PARAMETRISATIONS:
                 raise KernelpackError(f"{chosen!r} is not a form config", field="config")
             form = PARAMETRISATIONS[type(chosen)](getattr(module, tensor).shape, chosen)
-            parametrize.register_parametrization(module, tensor, form)
+            form.hessian = hessians.get(_join(module_name, tensor))
+            try:
+                parametrize.register_parametrization(module, tensor, form)
+            finally:
+                form.hessian = None
         except KernelpackError as exc:
             raise exc.located(tensor=_join(module_name, tensor)) from None
     return model

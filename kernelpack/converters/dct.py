@@ -103,9 +103,15 @@ class DCTWeight(FormWeight):
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
         """The full spectrum of ``weight`` (the mask applies in ``forward``); a quantised
         config's step is the one its fit of ``weight`` chooses, fixed from then on."""
-        if self.config.quantised:
-            self.steps = (self.config.encode(as_numpy64(weight)).coefficients.step,)
-        return (self._transform(weight.detach(), inverse=False),)
+        spectrum = self._transform(weight.detach(), inverse=False)
+        if self.config.quantised or self.hessian is not None:
+            encoded = self.fit(weight)
+            self.steps = (encoded.coefficients.step,)
+            if self.hessian is not None:  # the kept coefficients as the output-aware fit chose them
+                positions = zigzag_positions(self.shape, self.axes, self.boundary)
+                kept = torch.as_tensor(encoded.coefficients.values(), dtype=spectrum.dtype, device=spectrum.device)
+                spectrum[tuple(torch.from_numpy(positions.T).to(spectrum.device))] = kept
+        return (spectrum,)
 
     def to_encoded(self, spectrum: torch.Tensor) -> DCTTensor:
         positions = zigzag_positions(self.shape, self.axes, self.boundary)

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kernelpack.converters._common import FormWeight, as_numpy64, as_stored, stored
+from kernelpack.converters._common import FormWeight, as_numpy64, as_param, as_stored, stored
 from kernelpack.forms import Dense
 from kernelpack.forms.dense import DenseTensor
 
@@ -28,6 +28,10 @@ class DenseWeight(FormWeight):
         return as_stored(values, self.dtype, self.steps[0])
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
+        if self.hessian is not None and self.config.quantised:  # the codes GPTQ feedback chose
+            data = self.fit(weight).data
+            self.steps = (data.step,)
+            return (as_param(data.values(), weight),)
         self.steps = (self.config.step_for(as_numpy64(weight)),)
         return (weight.detach().clone(),)
 

@@ -47,7 +47,7 @@ class LinearWeight(FormWeight):
         return rows[torch.argsort(self.order)].reshape(self.shape)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        encoded = self.config.encode(as_numpy64(weight))
+        encoded = self.fit(weight)
         order = (torch.arange(self.shape[0]) if encoded.order is None
                  else torch.from_numpy(encoded.order.data.astype(np.int64)))
         self.register_buffer("order", order.to(weight.device))

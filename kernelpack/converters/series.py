@@ -44,7 +44,7 @@ class SeriesWeight(FormWeight):
         return tx.T @ c @ ty
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
-        encoded = self.config.encode(as_numpy64(weight))
+        encoded = self.fit(weight)
         self.steps = (encoded.coefficients.step,)  # a quantised config's step, fixed from the fit
         return (as_param(encoded.coefficients.values(), weight),)
 
