@@ -52,10 +52,15 @@ def test_a_real_model_with_softmax_and_shape_arithmetic() -> None:
     np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), -1).numpy(), expected, atol=1e-5)
 
 
-def test_every_weight_gets_a_gradient() -> None:
+def test_every_weight_but_the_batch_norm_statistics_trains() -> None:
     module = from_onnx(synthetic())
     module(torch.from_numpy(inputs()["x"])).square().sum().backward()
-    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    assert frozen == {"bn.mean", "bn.var"}
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in module.named_parameters()
+               if n not in frozen)
+    compress_(module, {"bn.var": Dense(step=0.01)})  # still frozen inside its parametrisation
+    assert not module.get_parameter("bn.parametrizations.var.original0").requires_grad
 
 
 def test_trained_in_its_forms_and_packed_it_serves_what_it_computes(tmp_path) -> None:

@@ -13,7 +13,10 @@ Decisions, written down here because ONNX leaves them to the runtime:
 
 * BatchNormalization is always the inference formula, ``(x - mean) / sqrt(var + eps) *
   scale + bias`` with the stored statistics, in train mode too: distillation fine-tunes
-  the four tensors as weights instead of re-estimating statistics from small batches.
+  scale and bias instead of re-estimating statistics from small batches. Mean and var are
+  parameters that do not train (``requires_grad`` False): with them fixed, scale and bias
+  still reach every affine map of the channel, and a trained variance could turn negative,
+  which no runtime's square root survives.
 * ``logits=True`` returns, for a graph output made by Softmax (through Identity nodes), the
   Softmax's input: the same argmax, and the form :func:`distill`'s KL loss wants. The graph
   that ``save`` writes keeps its Softmax.
@@ -281,6 +284,11 @@ class OnnxModule(nn.Module):
                 raise KernelpackError(f"operator {node.op_type} is not one an OnnxModule runs "
                                       f"(kernelpack.converters.onnx_module.OPS)", field=where)
             self._nodes.append((where, OPS[node.op_type], list(node.input), list(node.output), _attributes(node)))
+        for node in graph.node:  # BatchNormalization's statistics stay as they are (module doc)
+            if node.op_type == "BatchNormalization":
+                for name in node.input[3:5]:
+                    if name in weights:
+                        self.get_parameter(name).requires_grad_(False)
         self._constants = list(constants)
         for j, (name, value) in enumerate(constants.items()):
             self.register_buffer(f"_constant_{j}", value, persistent=False)
