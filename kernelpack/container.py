@@ -5,7 +5,7 @@ Layout::
     0   8   magic b"\\x89KPK\\r\\n\\x1a\\n"
     8   2   format major (uint16 LE)      10  2   format minor (uint16 LE)
     12  4   header length H (uint32 LE)   16  32  SHA-256 of bytes 0..16 and the header
-    48  H   header (msgpack map)
+    48  H   header (msgpack map; since 1.4 it may be one zstd frame of it)
         ... zero bytes up to a multiple of 64: the data area starts there
         payloads, each at a 64-aligned offset right after the previous one, zero gaps
 
@@ -39,7 +39,7 @@ from kernelpack.forms.basis import MAX_BANK, check_bank, check_bank_values
 from kernelpack.limits import MAX_HEADER, Budget, Limits
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
-VERSION = (1, 3)
+VERSION = (1, 4)
 PREAMBLE = 48
 ALIGN = 64
 CODECS = ("none", "zstd", "zstd-shuffle", "rans")
@@ -51,6 +51,13 @@ ADDED_CODECS = {2: frozenset({"zstd-shuffle"}), 3: frozenset({"rans"})}
 #: 1.07 times the size of the better zstd codec and decodes some 100 times slower in numpy, so
 #: by default it would make files 1.3 (unreadable by 1.2 readers) for about 1%.
 DEFAULT_CODECS = ("none", "zstd", "zstd-shuffle")
+#: A header stored as a Zstandard frame (since 1.4) starts with the frame's magic number, which
+#: no msgpack map starts with (0x28 is a msgpack positive integer).
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+#: The minor version that added compressed headers.
+COMPRESSED_HEADER = 4
+#: What ``write`` may store the header as: ``zstd`` (1.4, when smaller) or ``none`` (any version).
+HEADER_CODECS = ("none", "zstd")
 TOP_KEYS = frozenset({"metadata", "banks", "tensors"})
 #: Top-level keys added by a minor version: a file of an older minor version may not use them.
 ADDED_KEYS = {1: frozenset({"attachments"})}
@@ -209,7 +216,8 @@ def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes
 
 def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
           metadata: Mapping[str, str] | None = None, level: int = 19,
-          attachments: Mapping[str, bytes] | None = None, codecs: Collection[str] = DEFAULT_CODECS) -> None:
+          attachments: Mapping[str, bytes] | None = None, codecs: Collection[str] = DEFAULT_CODECS,
+          header_codec: str = "zstd") -> None:
     """Write a container atomically: a temporary file in the same folder, fsync, rename.
 
     A writer killed at any moment leaves the previous file (or none), never a part.
@@ -217,12 +225,15 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     file is written in the lowest format version that can hold what it holds, so a
     file without attachments stays readable by 1.0 readers. Each payload takes the
     smallest of ``codecs`` (and ``none``); ``codecs=codecs_of(1)`` keeps out
-    ``zstd-shuffle``, which would make the file 1.2, for readers of 1.1.
+    ``zstd-shuffle``, which would make the file 1.2, for readers of 1.1. The header is
+    stored as one zstd frame (``header_codec="zstd"``, format 1.4) when that is smaller;
+    ``header_codec="none"`` keeps it plain msgpack, for readers before 1.4.
     """
     path = need_output(path)
     need(isinstance(codecs, Collection) and set(codecs) <= set(CODECS), "codecs",
          f"must be some of {CODECS}, got {shown(codecs)}")
     need_int(level, "level", 1, 22)
+    need(header_codec in HEADER_CODECS, "header_codec", f"must be one of {HEADER_CODECS}, got {shown(header_codec)}")
     need(metadata is None or isinstance(metadata, Mapping), "metadata", "must map str to str")
     need(attachments is None or isinstance(attachments, Mapping), "attachments", "must map names to bytes")
     meta = dict(metadata or {})
@@ -283,11 +294,18 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     minor = max([m for m, keys in ADDED_KEYS.items() if keys & header.keys()]
                 + [m for m, keys in ADDED_ARRAY_KEYS.items() if keys & ref_keys]
                 + [m for m, added in ADDED_CODECS.items() if added & used], default=0)
+    if header_codec == "zstd":
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(head)
+        if len(packed) < len(head):
+            head, minor = packed, max(minor, COMPRESSED_HEADER)
     atomic_write(path, [header_block(head, minor), *bodies])
 
 
 def header_block(head: bytes, minor: int, major: int = VERSION[0]) -> bytes:
-    """Everything before the payloads: preamble (with the header's SHA-256), header, zero padding."""
+    """Everything before the payloads: preamble (with the header's SHA-256), the header as
+    stored (msgpack, or since 1.4 a zstd frame of it), zero padding."""
     fixed = MAGIC + struct.pack("<HHI", major, minor, len(head))
     start = fixed + hashlib.sha256(fixed + head).digest() + head
     return start + b"\0" * (_align(len(start)) - len(start))
@@ -612,6 +630,8 @@ class Container:
         if hashlib.sha256(fixed[:16] + head).digest() != fixed[16:48]:
             raise KernelpackError("header checksum mismatch: the file is corrupted",
                                   path=self.path, field="header_sha256")
+        if head[:4] == ZSTD_MAGIC:
+            head = self._inflate_header(head, limit)
         try:
             header = parse_header(head)
         except Exception as exc:  # msgpack raises many types; report one
@@ -626,6 +646,29 @@ class Container:
         if preload:
             self._preload()
         self.check_padding()
+
+    def _inflate_header(self, head: bytes, limit: int) -> bytes:
+        """A compressed header (since 1.4): one zstd frame declaring its size, at most ``limit``
+        bytes, checked before anything is allocated, with nothing after it."""
+        import zstandard
+
+        def bad(message: str) -> KernelpackError:
+            return KernelpackError(message, path=self.path, field="header")
+
+        if self.version[1] < COMPRESSED_HEADER:
+            raise bad(f"is a zstd frame, which a version {self.version[0]}.{self.version[1]} header cannot be "
+                      f"(compressed headers are a {VERSION[0]}.{COMPRESSED_HEADER} feature)")
+        try:
+            declared = zstandard.get_frame_parameters(head).content_size
+            if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > limit:
+                raise bad(f"compressed header declares {'no size' if declared == zstandard.CONTENTSIZE_UNKNOWN else declared}"
+                          f"; it must declare at most {limit} bytes (the header limit)")
+            out = _decompressor().decompress(head, max_output_size=declared, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise bad(f"bad compressed header: {exc}") from None
+        if len(out) != declared:
+            raise bad("compressed header is not exactly one frame of its declared size")
+        return out
 
     def _preload(self) -> None:
         """One read of everything after the header, once the header and layout are checked,

@@ -59,7 +59,7 @@ import zstandard  # noqa: E402
 
 import kernelpack  # noqa: E402
 from kernelpack import ort  # noqa: E402
-from kernelpack.container import MAGIC, header_block  # noqa: E402
+from kernelpack.container import MAGIC, ZSTD_MAGIC, header_block  # noqa: E402
 
 #: The reader's settings under test: the defaults, and what the README suggests for a service.
 LIMITS_BY_NAME = {"default": kernelpack.Limits(), "service": kernelpack.Limits(max_decoded_bytes=16 << 20)}
@@ -225,16 +225,21 @@ class Parts:
     minor: int
     header: Any
     data: bytes
+    compressed: bool = False  # the header stored as a zstd frame (since 1.4)
 
     @classmethod
     def of(cls, seed: bytes) -> "Parts":
         major, minor, length = struct.unpack_from("<HHI", seed, 8)
-        header = msgpack.unpackb(seed[48:48 + length], raw=False)
-        return cls(major, minor, header, seed[-(-(48 + length) // 64) * 64:])
+        head = seed[48:48 + length]
+        compressed = head[:4] == ZSTD_MAGIC
+        header = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(head) if compressed else head, raw=False)
+        return cls(major, minor, header, seed[-(-(48 + length) // 64) * 64:], compressed)
 
     def blob(self) -> bytes:
-        """Laid out again with a correct header length and SHA-256."""
+        """Laid out again with a correct header length and SHA-256, the header stored as it was."""
         head = msgpack.packb(self.header, use_bin_type=True)
+        if self.compressed:
+            head = zstandard.ZstdCompressor(write_content_size=True).compress(head)
         return header_block(head, self.minor, self.major) + self.data
 
     def graft(self, other: "Parts", name: str) -> None:
@@ -431,7 +436,7 @@ def header_value(rng: random.Random, blob: bytes, seeds: list[bytes]) -> tuple[b
 def preamble(rng: random.Random, blob: bytes, seeds: list[bytes]) -> tuple[bytes, str]:
     parts = Parts.of(blob)
     head = msgpack.packb(parts.header, use_bin_type=True)
-    major, minor = rng.choice([(1, 0), (1, 1), (1, 2), (1, 0xFFFF), (0, 1), (2, 0), (0xFFFF, 0)])
+    major, minor = rng.choice([(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 0xFFFF), (0, 1), (2, 0), (0xFFFF, 0)])
     length = rng.choice([len(head), len(head) + 1, len(head) - 1, 0, 2**32 - 1, (64 << 20) + 1])
     fixed = MAGIC + struct.pack("<HHI", major, minor, length)
     start = fixed + hashlib.sha256(fixed + head).digest() + head

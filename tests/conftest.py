@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import msgpack
 import numpy as np
+import zstandard
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -38,6 +39,7 @@ NUMPY = NumpyOps()
 TORCH = TorchOps("cpu")
 STORAGE = ("float16", "bfloat16", "float32")
 MAGIC = b"\x89KPK\r\n\x1a\n"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a header stored compressed (since 1.4)
 
 
 # --- comparing decodes ----------------------------------------------------------------
@@ -120,6 +122,7 @@ class RawFile:
     minor: int
     header: dict
     data: bytes
+    compressed: bool = False
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "RawFile":
@@ -127,8 +130,10 @@ class RawFile:
             blob = f.read()
         assert blob[:8] == MAGIC
         major, minor, length = struct.unpack("<HHI", blob[8:16])
-        header = msgpack.unpackb(blob[48:48 + length], raw=False)
-        return cls(major, minor, header, blob[-(-(48 + length) // 64) * 64:])
+        head = blob[48:48 + length]
+        compressed = head[:4] == ZSTD_MAGIC  # since 1.4: a zstd frame of the msgpack map
+        header = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(head) if compressed else head, raw=False)
+        return cls(major, minor, header, blob[-(-(48 + length) // 64) * 64:], compressed)
 
     def refs(self) -> list[tuple[tuple[str, ...], dict]]:
         """Every arrayref with its key: ('banks' | 'attachments', name) or ('tensors', tensor, array)."""
@@ -160,8 +165,12 @@ class RawFile:
 
     def write(self, path: str | os.PathLike, head: bytes | None = None,
               length: int | None = None, checksum: bytes | None = None) -> None:
-        """Write the file; ``head``, ``length`` and ``checksum`` override the real ones."""
-        head = msgpack.packb(self.header, use_bin_type=True) if head is None else head
+        """Write the file; ``head`` (the header as stored), ``length`` and ``checksum`` override the
+        real ones. The header is stored as it was read: compressed or plain."""
+        if head is None:
+            head = msgpack.packb(self.header, use_bin_type=True)
+            if self.compressed:
+                head = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(head)
         fixed = MAGIC + struct.pack("<HHI", self.major, self.minor, len(head) if length is None else length)
         sha = hashlib.sha256(fixed + head).digest() if checksum is None else checksum
         start = fixed + sha + head

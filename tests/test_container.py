@@ -8,11 +8,13 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 import kernelpack
 from conftest import MAGIC, NUMPY, RawFile, assert_same_bits, random_array
@@ -32,23 +34,26 @@ def small_cnn() -> torch.nn.Module:
 @pytest.fixture
 def mixed(tmp_path: Path) -> Path:
     """A file with one tensor of every form."""
-    path = tmp_path / "mixed.kpk"
+    return mixed_file(tmp_path / "mixed.kpk")
+
+
+def mixed_file(path: Path, **options: Any) -> Path:
     tensors = {"bias": random_array(0, (8,)), "dct": random_array(1, (8, 4, 3, 3)),
                "series": random_array(2, (8, 4, 3, 3)), "basis": random_array(3, (8, 4, 3, 3)),
                "linear": random_array(4, (8, 4, 3, 3))}
     forms = {"dct": kernelpack.DCT(), "series": kernelpack.Series(), "basis": kernelpack.Basis(bank=4),
              "linear": kernelpack.Linear()}
-    kernelpack.save(tensors, path, forms=forms, metadata={"model": "test"})
+    kernelpack.save(tensors, path, forms=forms, metadata={"model": "test"}, **options)
     return path
 
 
-def test_layout_follows_the_spec(mixed: Path) -> None:
+def test_layout_follows_the_spec(tmp_path: Path) -> None:
     """Preamble, checksummed msgpack header, zero pad to 64, payloads packed 64-aligned."""
-    blob = mixed.read_bytes()
+    blob = mixed_file(tmp_path / "plain.kpk", header_codec="none").read_bytes()
     assert blob[:8] == MAGIC
     major, minor, length = struct.unpack("<HHI", blob[8:16])
-    assert kernelpack.FORMAT_VERSION == (1, 3)
-    assert (major, minor) == (1, 0)  # the lowest version that holds it: no attachments
+    assert kernelpack.FORMAT_VERSION == (1, 4)
+    assert (major, minor) == (1, 0)  # the lowest version that holds it: no attachments, a plain header
     assert blob[16:48] == hashlib.sha256(blob[:16] + blob[48:48 + length]).digest()
     header = msgpack.unpackb(blob[48:48 + length], raw=False)
     assert set(header) == {"metadata", "banks", "tensors"}
@@ -64,6 +69,87 @@ def test_layout_follows_the_spec(mixed: Path) -> None:
         assert hashlib.sha256(body).digest() == ref["sha256"] and ref["codec"] in ("none", "zstd")
         end = ref["offset"] + ref["length"]
     assert start + end == len(blob)
+
+
+def test_a_compressed_header_is_one_zstd_frame_of_the_same_map_and_makes_the_file_1_4(tmp_path: Path) -> None:
+    """Since 1.4 the header may be stored as one Zstandard frame (spec section 2.2): the
+    preamble's SHA-256 covers the frame as stored, the frame declares the map's size, and the
+    payloads, offsets and digests are those of the plain file."""
+    plain = mixed_file(tmp_path / "plain.kpk", header_codec="none").read_bytes()
+    packed = mixed_file(tmp_path / "packed.kpk").read_bytes()
+    lengths = [struct.unpack("<I", blob[12:16])[0] for blob in (plain, packed)]
+    assert struct.unpack("<HH", packed[8:12]) == (1, 4) and lengths[1] < lengths[0]
+    head = packed[48:48 + lengths[1]]
+    assert head[:4] == b"\x28\xb5\x2f\xfd" and packed[16:48] == hashlib.sha256(packed[:16] + head).digest()
+    assert zstandard.get_frame_parameters(head).content_size == lengths[0]
+    assert zstandard.ZstdDecompressor().decompress(head) == plain[48:48 + lengths[0]]
+    start = [-(-(48 + n) // 64) * 64 for n in lengths]
+    assert packed[start[1]:] == plain[start[0]:]
+    for blob, name in ((plain, "plain.kpk"), (packed, "packed.kpk")):
+        with kernelpack.open(tmp_path / name) as c:
+            assert all(c.verify().values())
+
+
+def compressed_with(tmp_path: Path, frame: Callable[[bytes], bytes], minor: int = 4) -> Path:
+    """The mixed file with its header stored as ``frame(msgpack header)`` (SHA-256 recomputed)."""
+    raw = RawFile.read(mixed_file(tmp_path / "base.kpk", header_codec="none"))
+    raw.minor = minor
+    path = tmp_path / "edited.kpk"
+    raw.write(path, head=frame(msgpack.packb(raw.header, use_bin_type=True)))
+    return path
+
+
+BAD_FRAMES = {
+    "frame-in-a-1.3-file": (lambda h: zstandard.ZstdCompressor().compress(h), 3, "compressed headers are a 1.4 feature"),
+    "no-declared-size": (lambda h: zstandard.ZstdCompressor(write_content_size=False).compressobj().compress(h)
+                         + zstandard.ZstdCompressor(write_content_size=False).compressobj().flush(), 4, None),
+    "bytes-after-the-frame": (lambda h: zstandard.ZstdCompressor().compress(h) + b"\0", 4, "bad compressed header"),
+    "two-frames": (lambda h: zstandard.ZstdCompressor().compress(h[:10]) + zstandard.ZstdCompressor().compress(h[10:]),
+                   4, "bad compressed header"),
+    "corrupt-frame": (lambda h: zstandard.ZstdCompressor().compress(h)[:-6] + b"\xff" * 6, 4, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FRAMES))
+def test_a_bad_compressed_header_is_refused_naming_the_header(tmp_path: Path, case: str) -> None:
+    frame, minor, message = BAD_FRAMES[case]
+    path = compressed_with(tmp_path, frame, minor)
+    with pytest.raises(kernelpack.KernelpackError, match=message) as caught:
+        kernelpack.open(path)
+    assert (caught.value.path, caught.value.field) == (str(path), "header")
+
+
+def test_a_compressed_header_declaring_more_than_the_limit_is_refused_before_inflating(tmp_path: Path) -> None:
+    path = compressed_with(tmp_path, lambda h: zstandard.ZstdCompressor().compress(h + b"\0" * (1 << 20)))
+    with pytest.raises(kernelpack.KernelpackError, match="at most 4096 bytes") as caught:
+        kernelpack.open(path, limits=kernelpack.Limits(max_header_bytes=4096))
+    assert caught.value.field == "header"
+
+
+def test_a_reader_before_1_4_refuses_a_compressed_header_rather_than_misreading_it(tmp_path: Path) -> None:
+    """What a 1.3 reader does with the header bytes (exactly one msgpack map): a zstd frame is
+    a msgpack integer (0x28) followed by more bytes, so it is refused."""
+    from kernelpack.container import parse_header
+
+    head = zstandard.ZstdCompressor().compress(msgpack.packb({"tensors": {}}))
+    with pytest.raises(ValueError):
+        parse_header(head)
+
+
+def test_header_bytes_per_tensor_drop_below_80_on_a_model_with_many_small_tensors(tmp_path: Path) -> None:
+    """Issue 14's measure: stored header bytes over tensors, on a ResNet-style state dict of
+    convolutions and batch norms (most tensors small, each with its digest and payload hash)."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for block in range(20):
+        tensors[f"layer{block}.conv.weight"] = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+        for part in ("weight", "bias", "running_mean", "running_var"):
+            tensors[f"layer{block}.bn.{part}"] = rng.standard_normal(32).astype(np.float32)
+    sizes = {}
+    for codec in ("none", "zstd"):
+        kernelpack.save(tensors, tmp_path / f"{codec}.kpk", header_codec=codec)
+        sizes[codec] = struct.unpack("<I", (tmp_path / f"{codec}.kpk").read_bytes()[12:16])[0] / len(tensors)
+    assert sizes["zstd"] <= 80 < sizes["none"]
 
 
 def test_open_reads_one_tensor_without_touching_the_others(mixed: Path) -> None:
@@ -155,7 +241,8 @@ def test_info_describes_each_tensor(mixed: Path) -> None:
 def test_attachments_round_trip_and_make_the_file_version_1_1(tmp_path: Path) -> None:
     path = tmp_path / "att.kpk"
     graph = bytes(range(256)) * 10
-    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": graph, "empty": b""})
+    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": graph, "empty": b""},
+                    header_codec="none")
     assert struct.unpack("<HH", path.read_bytes()[8:12]) == (1, 1)
     with kernelpack.open(path) as c:
         assert c.attachments() == ["empty", "onnx.graph"]

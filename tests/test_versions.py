@@ -85,7 +85,7 @@ def mixed(tmp_path: Path) -> Path:
     path = tmp_path / "mixed.kpk"
     tensors = {"bias": random_array(0, (8,)), "dct": random_array(1, (8, 4, 3, 3)),
                "linear": random_array(4, (8, 4, 3, 3))}
-    kernelpack.save(tensors, path, forms={"dct": kernelpack.DCT(), "linear": kernelpack.Linear()})
+    kernelpack.save(tensors, path, forms={"dct": kernelpack.DCT(), "linear": kernelpack.Linear()}, header_codec="none")
     return path
 
 
@@ -118,7 +118,7 @@ def test_unknown_keys_in_a_file_of_this_or_an_older_minor_version_are_errors(mix
 
 def test_attachments_in_a_version_1_0_file_are_an_unknown_field(tmp_path: Path) -> None:
     path = tmp_path / "att.kpk"
-    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": b"graph"})
+    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": b"graph"}, header_codec="none")
     raw = RawFile.read(path)
     raw.minor = 0
     raw.write(path)
@@ -130,14 +130,18 @@ def test_attachments_in_a_version_1_0_file_are_an_unknown_field(tmp_path: Path) 
 def test_the_writer_writes_the_lowest_version_that_holds_the_file(tmp_path: Path) -> None:
     """So a reader of an older minor version reads every file that needs nothing newer."""
     w = {"w": np.ones(3, np.float32)}
-    kernelpack.save(w, tmp_path / "plain.kpk")
-    kernelpack.save(w, tmp_path / "att.kpk", attachments={"g": b"graph"})
-    kernelpack.save(w, tmp_path / "quantised.kpk", forms=kernelpack.Dense(step=0.5))
-    kernelpack.save({"w": np.arange(4096, dtype=np.float32)}, tmp_path / "shuffled.kpk")  # zstd-shuffle
+    plain = {"header_codec": "none"}
+    kernelpack.save(w, tmp_path / "plain.kpk", **plain)
+    kernelpack.save(w, tmp_path / "att.kpk", attachments={"g": b"graph"}, **plain)
+    kernelpack.save(w, tmp_path / "quantised.kpk", forms=kernelpack.Dense(step=0.5), **plain)
+    kernelpack.save({"w": np.arange(4096, dtype=np.float32)}, tmp_path / "shuffled.kpk", **plain)  # zstd-shuffle
+    many = {f"layer{i}.weight": np.full(3, i, np.float32) for i in range(40)}
+    kernelpack.save(many, tmp_path / "compact.kpk")  # the header compresses: 1.4
+    kernelpack.save({}, tmp_path / "tiny.kpk")  # no tensor: a frame of its header would be no smaller
     for name, version in (("plain.kpk", (1, 0)), ("att.kpk", (1, 1)), ("quantised.kpk", (1, 2)),
-                          ("shuffled.kpk", (1, 2))):
+                          ("shuffled.kpk", (1, 2)), ("compact.kpk", (1, 4)), ("tiny.kpk", (1, 0))):
         with Container(tmp_path / name) as c:
-            assert c.version == version
+            assert c.version == version, name
 
 
 def with_unknown_payload(path: Path, body: bytes, first: bool) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from kernelpack.container import Container, digest, header_block, write
+from kernelpack.container import ZSTD_MAGIC, Container, digest, header_block, write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import BasisTensor, DCTTensor, DenseTensor, Encoded, LinearTensor, SeriesTensor
 from kernelpack.forms._base import Stored, to_stored
@@ -175,19 +175,19 @@ def extra_array(header: dict[str, Any]) -> None:
 
 # --- the corpus: file -> (how it is made, what a reader must do) ----------------------------
 def plain(path: str) -> None:
-    write(path, every_form(), metadata={"corpus": "1.0"})
+    write(path, every_form(), metadata={"corpus": "1.0"}, header_codec="none")
 
 
 def with_attachments(path: str) -> None:
-    write(path, every_form(), metadata={"corpus": "1.1"}, attachments={"onnx.graph": GRAPH, "empty": b""})
+    write(path, every_form(), metadata={"corpus": "1.1"}, attachments={"onnx.graph": GRAPH, "empty": b""}, header_codec="none")
 
 
 def quantised(path: str) -> None:
-    write(path, quantised_forms(), metadata={"corpus": "1.2"})
+    write(path, quantised_forms(), metadata={"corpus": "1.2"}, header_codec="none")
 
 
 def shuffled(path: str) -> None:
-    write(path, byte_planes(), metadata={"corpus": "1.2 zstd-shuffle"})
+    write(path, byte_planes(), metadata={"corpus": "1.2 zstd-shuffle"}, header_codec="none")
     with Container(path) as c:  # the codec really is in the file
         codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
     assert codecs == {**dict.fromkeys(["float16", "float32", "int16", "int64"], "zstd-shuffle"),
@@ -195,10 +195,29 @@ def shuffled(path: str) -> None:
 
 
 def entropy(path: str) -> None:
-    write(path, entropy_coded(), metadata={"corpus": "1.3 rans"})
+    write(path, entropy_coded(), metadata={"corpus": "1.3 rans"}, header_codec="none")
     with Container(path) as c:  # the codec really is in the file
         codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
     assert codecs == {**dict.fromkeys(["int8", "int16", "uint8", "uint16"], "rans"), "float16": "zstd-shuffle"}, codecs
+
+
+def compressed(path: str) -> None:
+    """Format 1.4 by its header alone: every form, the header stored as one zstd frame."""
+    write(path, every_form(), metadata={"corpus": "1.4 compressed header"}, header_codec="zstd")
+    with open(path, "rb") as f:
+        assert f.read(52)[48:] == ZSTD_MAGIC  # the header really is compressed
+
+
+def as_minor(base: Callable[[str], None], minor: int) -> Callable[[str], None]:
+    """``base``'s file with another minor version and the same header bytes (SHA-256 recomputed)."""
+    def make(path: str) -> None:
+        base(path)
+        with open(path, "rb") as f:
+            blob = f.read()
+        length = struct.unpack_from("<I", blob, 12)[0]
+        with open(path, "wb") as f:
+            f.write(header_block(blob[48:48 + length], minor) + blob[-(-(48 + length) // 64) * 64:])
+    return make
 
 
 def edited(base: Callable[[str], None], major: int, minor: int,
@@ -229,6 +248,10 @@ FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
     "v1.2-rans.kpk": (edited(entropy, 1, 2, keep), {
         "expect": "refuse", "tensor": "int8", "field": "arrays.data.codec",
         "message": "in a version 1.2 file, got 'rans'"}),
+    "v1.4-compressed-header.kpk": (compressed, LOAD),
+    "v1.3-compressed-header.kpk": (as_minor(compressed, 3), {
+        "expect": "refuse", "tensor": None, "field": "header",
+        "message": "compressed headers are a 1.4 feature"}),
     "v1.future-unknown-keys.kpk": (edited(with_attachments, 1, FUTURE_MINOR, future_keys), {
         "expect": "load", "decode_errors": {"hyper": {"field": "form", "message": "needs a newer kernelpack"}}}),
     "v1.future-unknown-codec.kpk": (edited(plain, 1, FUTURE_MINOR, unknown(

