@@ -7,7 +7,8 @@ Layout::
     12  4   header length H (uint32 LE)   16  32  SHA-256 of bytes 0..16 and the header
     48  H   header (msgpack map; since 1.4 it may be one zstd frame of it)
         ... zero bytes up to a multiple of 64: the data area starts there
-        payloads, each at a 64-aligned offset right after the previous one, zero gaps
+        payloads in order, zero gaps: each at the first 64-aligned offset after the previous
+        one (since 1.4: a compressed or empty payload right after it, unaligned)
 
 The reader checks the whole header (every field, limits, layout) before it reads
 or allocates any payload; every payload is checked against its SHA-256 before it
@@ -54,10 +55,8 @@ DEFAULT_CODECS = ("none", "zstd", "zstd-shuffle")
 #: A header stored as a Zstandard frame (since 1.4) starts with the frame's magic number, which
 #: no msgpack map starts with (0x28 is a msgpack positive integer).
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-#: The minor version that added compressed headers.
-COMPRESSED_HEADER = 4
-#: What ``write`` may store the header as: ``zstd`` (1.4, when smaller) or ``none`` (any version).
-HEADER_CODECS = ("none", "zstd")
+#: The minor version that added compact files: compressed headers, unaligned compressed payloads.
+COMPACT = 4
 TOP_KEYS = frozenset({"metadata", "banks", "tensors"})
 #: Top-level keys added by a minor version: a file of an older minor version may not use them.
 ADDED_KEYS = {1: frozenset({"attachments"})}
@@ -217,7 +216,7 @@ def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes
 def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
           metadata: Mapping[str, str] | None = None, level: int = 19,
           attachments: Mapping[str, bytes] | None = None, codecs: Collection[str] = DEFAULT_CODECS,
-          header_codec: str = "zstd") -> None:
+          compact: bool = True) -> None:
     """Write a container atomically: a temporary file in the same folder, fsync, rename.
 
     A writer killed at any moment leaves the previous file (or none), never a part.
@@ -225,15 +224,16 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     file is written in the lowest format version that can hold what it holds, so a
     file without attachments stays readable by 1.0 readers. Each payload takes the
     smallest of ``codecs`` (and ``none``); ``codecs=codecs_of(1)`` keeps out
-    ``zstd-shuffle``, which would make the file 1.2, for readers of 1.1. The header is
-    stored as one zstd frame (``header_codec="zstd"``, format 1.4) when that is smaller;
-    ``header_codec="none"`` keeps it plain msgpack, for readers before 1.4.
+    ``zstd-shuffle``, which would make the file 1.2, for readers of 1.1. ``compact`` (format
+    1.4, when it saves bytes) stores the header as one zstd frame and every compressed or
+    empty payload right after the previous one; only raw payloads, which a reader may map
+    and use in place, stay 64-aligned. ``compact=False`` writes for readers before 1.4.
     """
     path = need_output(path)
     need(isinstance(codecs, Collection) and set(codecs) <= set(CODECS), "codecs",
          f"must be some of {CODECS}, got {shown(codecs)}")
     need_int(level, "level", 1, 22)
-    need(header_codec in HEADER_CODECS, "header_codec", f"must be one of {HEADER_CODECS}, got {shown(header_codec)}")
+    need(isinstance(compact, bool), "compact", f"must be True or False, got {shown(compact)}")
     need(metadata is None or isinstance(metadata, Mapping), "metadata", "must map str to str")
     need(attachments is None or isinstance(attachments, Mapping), "attachments", "must map names to bytes")
     meta = dict(metadata or {})
@@ -261,7 +261,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
         body, ref = _payload(stored, level, codecs)
         ref_keys.update(ref)
         used.add(ref["codec"])
-        ref["offset"] = _align(end)
+        ref["offset"] = end if compact and unaligned(ref["codec"], len(body)) else _align(end)
         bodies.extend([b"\0" * (ref["offset"] - end), body])
         end = ref["offset"] + len(body)
         return ref
@@ -294,13 +294,27 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     minor = max([m for m, keys in ADDED_KEYS.items() if keys & header.keys()]
                 + [m for m, keys in ADDED_ARRAY_KEYS.items() if keys & ref_keys]
                 + [m for m, added in ADDED_CODECS.items() if added & used], default=0)
-    if header_codec == "zstd":
+    if compact:
         import zstandard
 
         packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(head)
         if len(packed) < len(head):
-            head, minor = packed, max(minor, COMPRESSED_HEADER)
+            head, minor = packed, max(minor, COMPACT)
+        if any(r["offset"] % ALIGN for r in _refs(header)):  # else the layout is the aligned one
+            minor = max(minor, COMPACT)
     atomic_write(path, [header_block(head, minor), *bodies])
+
+
+def unaligned(codec: str, length: int) -> bool:
+    """In a compact file (1.4), a payload that nobody maps in place starts right after the
+    previous one: a compressed one, or an empty one. Raw payloads stay 64-aligned."""
+    return codec != "none" or length == 0
+
+
+def _refs(header: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every array-ref of a header being written."""
+    refs = list(header["banks"].values()) + list(header.get("attachments", {}).values())
+    return refs + [r for t in header["tensors"].values() for r in t["arrays"].values()]
 
 
 def header_block(head: bytes, minor: int, major: int = VERSION[0]) -> bytes:
@@ -655,9 +669,9 @@ class Container:
         def bad(message: str) -> KernelpackError:
             return KernelpackError(message, path=self.path, field="header")
 
-        if self.version[1] < COMPRESSED_HEADER:
+        if self.version[1] < COMPACT:
             raise bad(f"is a zstd frame, which a version {self.version[0]}.{self.version[1]} header cannot be "
-                      f"(compressed headers are a {VERSION[0]}.{COMPRESSED_HEADER} feature)")
+                      f"(compressed headers are a {VERSION[0]}.{COMPACT} feature)")
         try:
             declared = zstandard.get_frame_parameters(head).content_size
             if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > limit:
@@ -771,19 +785,26 @@ class Container:
             cls.check(shape, dtype, fields, {k: r.spec for k, r in refs.items()}, self._bank_specs)
         return TensorInfo(name, form, shape, dtype, dig, fields, refs)
 
-    def _regions(self) -> list[tuple[int, int, str | None, str]]:
-        """(offset, length, tensor, field) of every payload, in file order: by (offset, length),
-        ties (zero-length payloads at one offset) in header order — banks, attachments, then
-        each tensor's arrays — which the stable sort keeps. The order of ties decides only which
-        payload an error names, never whether the layout is valid."""
-        regions = [(r.offset, r.length, None, f"banks.{n}") for n, r in self._banks.items()]
-        regions += [(r.offset, r.length, None, f"attachments.{n}") for n, r in self._attachments.items()]
+    def _regions(self) -> list[tuple[int, int, str | None, str, bool]]:
+        """(offset, length, tensor, field, unaligned) of every payload, in file order: by (offset,
+        length), ties (zero-length payloads at one offset) in header order — banks, attachments,
+        then each tensor's arrays — which the stable sort keeps. The order of ties decides only
+        which payload an error names, never whether the layout is valid. ``unaligned``: it may
+        start right after the previous payload (a compressed or empty one, in a 1.4 file)."""
+        compact = self.version[1] >= COMPACT
+
+        def region(r: ArrayRef, tensor: str | None, field: str) -> tuple[int, int, str | None, str, bool]:
+            return r.offset, r.length, tensor, field, compact and unaligned(r.codec, r.length)
+
+        regions = [region(r, None, f"banks.{n}") for n, r in self._banks.items()]
+        regions += [region(r, None, f"attachments.{n}") for n, r in self._attachments.items()]
         for t in self._tensors.values():
-            regions += [(r.offset, r.length, t.name, f"arrays.{key_shown(k)}") for k, r in t.arrays.items()]
+            regions += [region(r, t.name, f"arrays.{key_shown(k)}") for k, r in t.arrays.items()]
         return sorted(regions, key=lambda region: region[:2])
 
     def _check_layout(self) -> None:
-        """Payloads tile the data area in order: each at the first 64-aligned offset after the last.
+        """Payloads tile the data area in order: each at the first 64-aligned offset after the last
+        (in a 1.4 file a compressed or empty payload may instead start right after it).
 
         Only the payloads this reader knows take part, so bytes owned by a key it does not know
         (a key of a newer minor version, ignored) break the tiling: such a file is refused
@@ -792,10 +813,12 @@ class Container:
         unknown = (" (a file of a newer minor version may hold payloads under keys this reader does not "
                    "know)") if self._newer else ""
         end = 0
-        for offset, length, tensor, field in self._layout:
-            if offset != _align(end):
-                raise KernelpackError(f"must be {_align(end)} (payloads are packed in order, "
-                                      f"64-aligned, no overlap){unknown}", tensor=tensor, field=f"{field}.offset")
+        for offset, length, tensor, field, packed in self._layout:
+            if offset != _align(end) and not (packed and offset == end):
+                allowed = f"{end} or {_align(end)}" if packed and end != _align(end) else f"{_align(end)}"
+                raise KernelpackError(f"must be {allowed} (payloads are packed in order, 64-aligned, in a 1.4 file "
+                                      f"a compressed or empty one may follow unaligned; no overlap){unknown}",
+                                      tensor=tensor, field=f"{field}.offset")
             end = offset + length
         need(self._data_start + end == self._size, "size",
              f"file is {self._size} bytes; its header describes {self._data_start + end}{unknown}")
@@ -804,7 +827,7 @@ class Container:
         """Every byte outside header and payloads is zero (so every bit of the file is checked)."""
         spans = [(self._header_end, self._data_start)]
         end = 0
-        for offset, length, _, _ in self._layout:
+        for offset, length, *_ in self._layout:
             spans.append((self._data_start + end, self._data_start + offset))
             end = offset + length
         for lo, hi in spans:

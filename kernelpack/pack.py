@@ -131,14 +131,15 @@ def state_of(obj: Any) -> Mapping[str, Any]:
 def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
          metadata: Mapping[str, str] | None = None, level: int = 19,
          attachments: Mapping[str, bytes] | None = None, codecs: Collection[str] = DEFAULT_CODECS,
-         header_codec: str = "zstd") -> dict[str, Encoded]:
+         compact: bool = True) -> dict[str, Encoded]:
     """Pack a model (its state_dict) or a dict of tensors into a container at ``path``.
 
     ``attachments`` are named byte strings stored alongside (e.g. ``onnx.graph``).
     Each payload takes the smallest of ``codecs``; ``codecs=codecs_of(1)`` leaves out
     ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
-    by 1.1 readers; the header is stored zstd-compressed (format 1.4) when that is smaller,
-    unless ``header_codec="none"`` (for readers before 1.4). ``level`` is zstd's, 1..22.
+    by 1.1 readers; ``compact`` (format 1.4) stores the header zstd-compressed and compressed
+    payloads unaligned, where that saves bytes; ``compact=False`` writes for readers before
+    1.4. ``level`` is zstd's, 1..22.
     Returns the encoded tensors (what was written).
     ``forms`` may be a calibrated ``kernelpack.plan``: its tensors are then fitted under the
     plan's calibration statistics (``Plan.hessians``), exactly as the plan measured them.
@@ -151,7 +152,7 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
         warn_unused(forms, list(state))
         encoded = {name: encode(name, value, choose(forms, name, value), hessians.get(name))
                    for name, value in state.items()}
-        write(path, encoded, metadata, level, attachments, codecs, header_codec)
+        write(path, encoded, metadata, level, attachments, codecs, compact)
     except KernelpackError as exc:  # a refusal names the file it was writing
         raise exc.located(path=os.fspath(path)) from None
     return encoded

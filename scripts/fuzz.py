@@ -59,7 +59,7 @@ import zstandard  # noqa: E402
 
 import kernelpack  # noqa: E402
 from kernelpack import ort  # noqa: E402
-from kernelpack.container import MAGIC, ZSTD_MAGIC, header_block  # noqa: E402
+from kernelpack.container import COMPACT, MAGIC, ZSTD_MAGIC, header_block, unaligned  # noqa: E402
 
 #: The reader's settings under test: the defaults, and what the README suggests for a service.
 LIMITS_BY_NAME = {"default": kernelpack.Limits(), "service": kernelpack.Limits(max_decoded_bytes=16 << 20)}
@@ -266,7 +266,8 @@ class Parts:
         kept = [bodies.get(id(r), self.data[r["offset"]:r["offset"] + r["length"]]) for r in refs]
         data = b""
         for r, b in zip(refs, kept):
-            data += b"\0" * (-len(data) % 64)
+            if not (self.minor >= COMPACT and unaligned(r.get("codec"), len(b))):
+                data += b"\0" * (-len(data) % 64)
             r.update(offset=len(data), length=len(b), sha256=hashlib.sha256(b).digest())
             data += b
         self.data = data

@@ -27,7 +27,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     forms = {"dct": kernelpack.DCT(boundary=5), "series": kernelpack.Series(harmonics=2),
              "basis": kernelpack.Basis(bank=2, bank_name="b"), "linear": kernelpack.Linear(primaries=2)}
     kernelpack.save(tensors, path, forms=forms, attachments={"graph": b"graph " * 20, "note": b"x"},
-                    header_codec="none")
+                    compact=False)
     raw = RawFile.read(path)
     assert raw.ref("tensors", "zeros", "data")["codec"] == "zstd" and (raw.major, raw.minor) == (1, 1)
     return path

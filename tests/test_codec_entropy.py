@@ -283,7 +283,7 @@ def test_any_bytes_decode_or_are_refused_never_anything_else(data: bytes, count:
 # --- in a container ------------------------------------------------------------------------------
 def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = container.CODECS) -> RawFile:
     tensor = DenseTensor(stored, "float32" if stored.step is not None else stored.dtype)
-    write(path, {"w": tensor}, codecs=codecs, header_codec="none")
+    write(path, {"w": tensor}, codecs=codecs, compact=False)
     return RawFile.read(path)
 
 
@@ -308,7 +308,7 @@ def test_without_rans_the_writer_writes_what_it_wrote_before(codecs: tuple[str, 
     """codecs_of(2), the codecs of 1.2, and the default (rans is opt-in): a 1.2 writer's file."""
     path = tmp_path / "old.kpk"
     if codecs is None:
-        kernelpack.save({"w": laplace_codes().values()}, path, forms=kernelpack.Dense(step=2.0 ** -10), header_codec="none")
+        kernelpack.save({"w": laplace_codes().values()}, path, forms=kernelpack.Dense(step=2.0 ** -10), compact=False)
     else:
         saved(path, laplace_codes(), codecs)
     raw = RawFile.read(path)

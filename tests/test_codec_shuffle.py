@@ -51,7 +51,7 @@ def smooth(dtype: str, count: int = 4096) -> np.ndarray:
 
 def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = CODECS) -> RawFile:
     tensor = DenseTensor(stored, "float32" if stored.step is not None or stored.dtype == "bfloat16" else stored.dtype)
-    write(path, {"w": tensor}, codecs=codecs, header_codec="none")
+    write(path, {"w": tensor}, codecs=codecs, compact=False)
     return RawFile.read(path)
 
 
@@ -146,8 +146,8 @@ def test_a_writer_kept_to_the_codecs_of_1_1_writes_a_1_1_file(tmp_path: Path) ->
 
 def test_save_passes_its_codecs_to_the_writer(tmp_path: Path) -> None:
     weights = {"w": smooth("float32")}
-    kernelpack.save(weights, tmp_path / "new.kpk", header_codec="none")
-    kernelpack.save(weights, tmp_path / "old.kpk", codecs=codecs_of(1), header_codec="none")
+    kernelpack.save(weights, tmp_path / "new.kpk", compact=False)
+    kernelpack.save(weights, tmp_path / "old.kpk", codecs=codecs_of(1), compact=False)
     assert RawFile.read(tmp_path / "new.kpk").minor == 2  # zstd-shuffle was smaller
     assert RawFile.read(tmp_path / "old.kpk").minor == 0
     assert np.array_equal(kernelpack.load_numpy(tmp_path / "old.kpk")["w"], weights["w"])

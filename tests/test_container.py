@@ -49,7 +49,7 @@ def mixed_file(path: Path, **options: Any) -> Path:
 
 def test_layout_follows_the_spec(tmp_path: Path) -> None:
     """Preamble, checksummed msgpack header, zero pad to 64, payloads packed 64-aligned."""
-    blob = mixed_file(tmp_path / "plain.kpk", header_codec="none").read_bytes()
+    blob = mixed_file(tmp_path / "plain.kpk", compact=False).read_bytes()
     assert blob[:8] == MAGIC
     major, minor, length = struct.unpack("<HHI", blob[8:16])
     assert kernelpack.FORMAT_VERSION == (1, 4)
@@ -71,28 +71,35 @@ def test_layout_follows_the_spec(tmp_path: Path) -> None:
     assert start + end == len(blob)
 
 
-def test_a_compressed_header_is_one_zstd_frame_of_the_same_map_and_makes_the_file_1_4(tmp_path: Path) -> None:
-    """Since 1.4 the header may be stored as one Zstandard frame (spec section 2.2): the
-    preamble's SHA-256 covers the frame as stored, the frame declares the map's size, and the
-    payloads, offsets and digests are those of the plain file."""
-    plain = mixed_file(tmp_path / "plain.kpk", header_codec="none").read_bytes()
-    packed = mixed_file(tmp_path / "packed.kpk").read_bytes()
-    lengths = [struct.unpack("<I", blob[12:16])[0] for blob in (plain, packed)]
-    assert struct.unpack("<HH", packed[8:12]) == (1, 4) and lengths[1] < lengths[0]
-    head = packed[48:48 + lengths[1]]
-    assert head[:4] == b"\x28\xb5\x2f\xfd" and packed[16:48] == hashlib.sha256(packed[:16] + head).digest()
-    assert zstandard.get_frame_parameters(head).content_size == lengths[0]
-    assert zstandard.ZstdDecompressor().decompress(head) == plain[48:48 + lengths[0]]
-    start = [-(-(48 + n) // 64) * 64 for n in lengths]
-    assert packed[start[1]:] == plain[start[0]:]
-    for blob, name in ((plain, "plain.kpk"), (packed, "packed.kpk")):
+def test_a_compact_file_compresses_its_header_and_packs_compressed_payloads_unaligned(tmp_path: Path) -> None:
+    """Since 1.4 (spec section 2.2) the header may be one Zstandard frame, which the preamble's
+    SHA-256 covers as stored, and compressed or empty payloads follow the previous one
+    unaligned; raw ones stay 64-aligned. The payloads are those of the plain file."""
+    plain = RawFile.read(mixed_file(tmp_path / "plain.kpk", compact=False))
+    packed_path = mixed_file(tmp_path / "packed.kpk")
+    blob, packed = packed_path.read_bytes(), RawFile.read(packed_path)
+    length = struct.unpack("<I", blob[12:16])[0]
+    head = blob[48:48 + length]
+    assert (packed.major, packed.minor) == (1, 4) and packed.compressed and head[:4] == b"\x28\xb5\x2f\xfd"
+    assert blob[16:48] == hashlib.sha256(blob[:16] + head).digest()
+    assert zstandard.get_frame_parameters(head).content_size == len(msgpack.packb(packed.header, use_bin_type=True))
+    assert length < len(msgpack.packb(plain.header, use_bin_type=True))
+    assert [k for k, _ in packed.refs()] == [k for k, _ in plain.refs()]
+    end = 0
+    for key, ref in packed.refs():
+        assert packed.payload(*key) == plain.payload(*key)
+        aligned = ref["codec"] == "none" and ref["length"] > 0
+        assert ref["offset"] == (-(-end // 64) * 64 if aligned else end)
+        end = ref["offset"] + ref["length"]
+    assert any(r["offset"] % 64 for _, r in packed.refs()) and len(packed.data) == end < len(plain.data)
+    for name in ("plain.kpk", "packed.kpk"):
         with kernelpack.open(tmp_path / name) as c:
             assert all(c.verify().values())
 
 
 def compressed_with(tmp_path: Path, frame: Callable[[bytes], bytes], minor: int = 4) -> Path:
     """The mixed file with its header stored as ``frame(msgpack header)`` (SHA-256 recomputed)."""
-    raw = RawFile.read(mixed_file(tmp_path / "base.kpk", header_codec="none"))
+    raw = RawFile.read(mixed_file(tmp_path / "base.kpk", compact=False))
     raw.minor = minor
     path = tmp_path / "edited.kpk"
     raw.write(path, head=frame(msgpack.packb(raw.header, use_bin_type=True)))
@@ -147,7 +154,7 @@ def test_header_bytes_per_tensor_drop_below_80_on_a_model_with_many_small_tensor
             tensors[f"layer{block}.bn.{part}"] = rng.standard_normal(32).astype(np.float32)
     sizes = {}
     for codec in ("none", "zstd"):
-        kernelpack.save(tensors, tmp_path / f"{codec}.kpk", header_codec=codec)
+        kernelpack.save(tensors, tmp_path / f"{codec}.kpk", compact=codec == "zstd")
         sizes[codec] = struct.unpack("<I", (tmp_path / f"{codec}.kpk").read_bytes()[12:16])[0] / len(tensors)
     assert sizes["zstd"] <= 80 < sizes["none"]
 
@@ -242,7 +249,7 @@ def test_attachments_round_trip_and_make_the_file_version_1_1(tmp_path: Path) ->
     path = tmp_path / "att.kpk"
     graph = bytes(range(256)) * 10
     kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": graph, "empty": b""},
-                    header_codec="none")
+                    compact=False)
     assert struct.unpack("<HH", path.read_bytes()[8:12]) == (1, 1)
     with kernelpack.open(path) as c:
         assert c.attachments() == ["empty", "onnx.graph"]
@@ -263,18 +270,20 @@ def test_an_attachment_must_be_bytes(tmp_path: Path) -> None:
     assert caught.value.field == "attachments.g"
 
 
-def test_zero_length_payloads_may_share_an_offset(tmp_path: Path) -> None:
-    """They take no bytes: each sits at the aligned end of the payloads before it, so several
-    share an offset, with each other and with the payload that starts there; one after the
-    last payload moves the end of the file to the next multiple of 64."""
+@pytest.mark.parametrize("compact", [False, True])
+def test_zero_length_payloads_may_share_an_offset(tmp_path: Path, compact: bool) -> None:
+    """They take no bytes: each sits at the (before 1.4: aligned) end of the payloads before it,
+    so several share an offset, with each other and with the payload that starts there; one
+    after the last payload moves the end of the file to the next multiple of 64 (in a compact
+    1.4 file it stays where the last payload ends)."""
     path = tmp_path / "empty.kpk"
     tensors = {"a": np.zeros(0, np.float32), "b": np.zeros((2, 0), np.int8), "w": np.ones(3, np.float32),
                "c": np.zeros(0, np.float16)}
-    kernelpack.save(tensors, path, attachments={"none": b""})
+    kernelpack.save(tensors, path, attachments={"none": b""}, compact=compact)
     raw = RawFile.read(path)
     assert {key[1]: (ref["offset"], ref["length"]) for key, ref in raw.refs()} == {
-        "none": (0, 0), "a": (0, 0), "b": (0, 0), "w": (0, 12), "c": (64, 0)}
-    assert len(path.read_bytes()) % 64 == 0
+        "none": (0, 0), "a": (0, 0), "b": (0, 0), "w": (0, 12), "c": (12 if compact else 64, 0)}
+    assert (len(raw.data), raw.minor) == ((12, 4) if compact else (64, 1))  # 1.1: attachments
     with kernelpack.open(path) as c:
         assert all(c.verify().values()) and c.read_attachment("none") == b""
 
@@ -283,7 +292,8 @@ def test_zero_length_payloads_may_share_an_offset(tmp_path: Path) -> None:
 def test_payloads_tied_in_the_layout_are_taken_in_header_order(tmp_path: Path, order: tuple[str, str]) -> None:
     """Two zero-length payloads at one (wrong) offset: the error names the first the header lists."""
     path = tmp_path / "empty.kpk"
-    kernelpack.save({"w": np.ones(3, np.float32), "a": np.zeros(0, np.float32), "b": np.zeros(0, np.float32)}, path)
+    kernelpack.save({"w": np.ones(3, np.float32), "a": np.zeros(0, np.float32), "b": np.zeros(0, np.float32)}, path,
+                    compact=False)
     raw = RawFile.read(path)
     entries = raw.header["tensors"]
     raw.header["tensors"] = {"w": entries["w"], **{name: entries[name] for name in order}}

@@ -40,7 +40,7 @@ def weights(seed: int = 0) -> np.ndarray:
 
 
 def packed(path: Path, config: Any, value: np.ndarray | None = None) -> Path:
-    kernelpack.save({"w": weights() if value is None else value}, path, forms={"w": config}, header_codec="none")
+    kernelpack.save({"w": weights() if value is None else value}, path, forms={"w": config}, compact=False)
     return path
 
 
@@ -214,7 +214,7 @@ def test_a_step_on_an_index_is_refused(tmp_path: Path) -> None:
     tensor = BasisTensor((2, 2, 2), "bank", to_stored(np.ones((1, 2, 2)), "float16"), index,
                          *(to_stored(np.ones(2), "float16"),) * 2)
     path = tmp_path / "index.kpk"
-    kernelpack.save({"w": tensor}, path, header_codec="none")
+    kernelpack.save({"w": tensor}, path, compact=False)
 
     def int16_index(header: dict) -> None:
         header["tensors"]["w"]["arrays"]["index"].update(dtype="int16", step=1.0)
@@ -224,7 +224,7 @@ def test_a_step_on_an_index_is_refused(tmp_path: Path) -> None:
 
 def test_a_step_on_an_attachment_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "att.kpk"
-    kernelpack.save({"w": weights()}, path, attachments={"blob": b"bytes"}, header_codec="none")
+    kernelpack.save({"w": weights()}, path, attachments={"blob": b"bytes"}, compact=False)
     error = refused(edited(path, lambda h: h["attachments"]["blob"].update(step=1.0), minor=2))
     assert (error.tensor, error.field) == (None, "attachments.blob.step")
 

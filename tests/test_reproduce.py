@@ -14,6 +14,7 @@ from kernelpack.converters import reproduce
 from kernelpack.converters.convsim import convsim_init_
 
 SETTINGS = reproduce.Settings.quick()
+pytestmark = pytest.mark.slow  # about 150 s: CI runs it, a local loop may not (-m "not slow")
 
 
 @pytest.fixture(scope="module")

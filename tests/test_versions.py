@@ -85,7 +85,7 @@ def mixed(tmp_path: Path) -> Path:
     path = tmp_path / "mixed.kpk"
     tensors = {"bias": random_array(0, (8,)), "dct": random_array(1, (8, 4, 3, 3)),
                "linear": random_array(4, (8, 4, 3, 3))}
-    kernelpack.save(tensors, path, forms={"dct": kernelpack.DCT(), "linear": kernelpack.Linear()}, header_codec="none")
+    kernelpack.save(tensors, path, forms={"dct": kernelpack.DCT(), "linear": kernelpack.Linear()}, compact=False)
     return path
 
 
@@ -118,7 +118,7 @@ def test_unknown_keys_in_a_file_of_this_or_an_older_minor_version_are_errors(mix
 
 def test_attachments_in_a_version_1_0_file_are_an_unknown_field(tmp_path: Path) -> None:
     path = tmp_path / "att.kpk"
-    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": b"graph"}, header_codec="none")
+    kernelpack.save({"w": random_array(0, (4, 3))}, path, attachments={"onnx.graph": b"graph"}, compact=False)
     raw = RawFile.read(path)
     raw.minor = 0
     raw.write(path)
@@ -130,7 +130,7 @@ def test_attachments_in_a_version_1_0_file_are_an_unknown_field(tmp_path: Path) 
 def test_the_writer_writes_the_lowest_version_that_holds_the_file(tmp_path: Path) -> None:
     """So a reader of an older minor version reads every file that needs nothing newer."""
     w = {"w": np.ones(3, np.float32)}
-    plain = {"header_codec": "none"}
+    plain = {"compact": False}
     kernelpack.save(w, tmp_path / "plain.kpk", **plain)
     kernelpack.save(w, tmp_path / "att.kpk", attachments={"g": b"graph"}, **plain)
     kernelpack.save(w, tmp_path / "quantised.kpk", forms=kernelpack.Dense(step=0.5), **plain)

@@ -582,7 +582,7 @@ def generate(folder: str) -> dict[str, Any]:
         path = os.path.join(folder, vector.name)
         with forced(vector.force):
             write(path, build(vector), dict(vector.metadata), level=LEVEL, codecs=codecs_of(vector.minor),
-                  header_codec="none")
+                  compact=False)
         files[vector.name] = record(path, " ".join(vector.description.split()))
         if files[vector.name]["size"] > MAX_FILE_BYTES:
             raise AssertionError(f"{vector.name} is {files[vector.name]['size']} bytes; keep vectors small")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import msgpack
 import numpy as np
+import zstandard
 
 from kernelpack.container import ZSTD_MAGIC, Container, digest, header_block, write
 from kernelpack.errors import KernelpackError
@@ -129,7 +130,9 @@ def rewrite(path: str, major: int, minor: int, change: Callable[[dict[str, Any]]
     with open(path, "rb") as f:
         blob = f.read()
     length = struct.unpack_from("<I", blob, 12)[0]
-    header = msgpack.unpackb(blob[48:48 + length], raw=False)
+    head = blob[48:48 + length]
+    header = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(head) if head[:4] == ZSTD_MAGIC else head,
+                             raw=False)  # written back plain
     data = blob[-(-(48 + length) // 64) * 64:]
     change(header)
     with open(path, "wb") as f:
@@ -175,19 +178,19 @@ def extra_array(header: dict[str, Any]) -> None:
 
 # --- the corpus: file -> (how it is made, what a reader must do) ----------------------------
 def plain(path: str) -> None:
-    write(path, every_form(), metadata={"corpus": "1.0"}, header_codec="none")
+    write(path, every_form(), metadata={"corpus": "1.0"}, compact=False)
 
 
 def with_attachments(path: str) -> None:
-    write(path, every_form(), metadata={"corpus": "1.1"}, attachments={"onnx.graph": GRAPH, "empty": b""}, header_codec="none")
+    write(path, every_form(), metadata={"corpus": "1.1"}, attachments={"onnx.graph": GRAPH, "empty": b""}, compact=False)
 
 
 def quantised(path: str) -> None:
-    write(path, quantised_forms(), metadata={"corpus": "1.2"}, header_codec="none")
+    write(path, quantised_forms(), metadata={"corpus": "1.2"}, compact=False)
 
 
 def shuffled(path: str) -> None:
-    write(path, byte_planes(), metadata={"corpus": "1.2 zstd-shuffle"}, header_codec="none")
+    write(path, byte_planes(), metadata={"corpus": "1.2 zstd-shuffle"}, compact=False)
     with Container(path) as c:  # the codec really is in the file
         codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
     assert codecs == {**dict.fromkeys(["float16", "float32", "int16", "int64"], "zstd-shuffle"),
@@ -195,17 +198,21 @@ def shuffled(path: str) -> None:
 
 
 def entropy(path: str) -> None:
-    write(path, entropy_coded(), metadata={"corpus": "1.3 rans"}, header_codec="none")
+    write(path, entropy_coded(), metadata={"corpus": "1.3 rans"}, compact=False)
     with Container(path) as c:  # the codec really is in the file
         codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
     assert codecs == {**dict.fromkeys(["int8", "int16", "uint8", "uint16"], "rans"), "float16": "zstd-shuffle"}, codecs
 
 
-def compressed(path: str) -> None:
-    """Format 1.4 by its header alone: every form, the header stored as one zstd frame."""
-    write(path, every_form(), metadata={"corpus": "1.4 compressed header"}, header_codec="zstd")
+def compact(path: str) -> None:
+    """Format 1.4, compact: every form, the header stored as one zstd frame, compressed and
+    empty payloads right after the previous one (raw ones 64-aligned)."""
+    write(path, {**every_form(), **entropy_coded()}, metadata={"corpus": "1.4 compact"},
+          attachments={"onnx.graph": GRAPH, "empty": b""}, compact=True)
     with open(path, "rb") as f:
         assert f.read(52)[48:] == ZSTD_MAGIC  # the header really is compressed
+    with Container(path) as c:  # and some payload really is unaligned
+        assert any(c.info(n).arrays[k].offset % 64 for n in c.keys() for k in c.info(n).arrays)
 
 
 def as_minor(base: Callable[[str], None], minor: int) -> Callable[[str], None]:
@@ -229,6 +236,10 @@ def edited(base: Callable[[str], None], major: int, minor: int,
 
 
 LOAD = {"expect": "load"}
+#: What a 1.3 reader says of a compact file's layout with a plain header: its first unaligned
+#: payload (the empty attachment, right after the graph's zstd frame).
+UNALIGNED_1_3 = {"expect": "refuse", "tensor": None, "field": "attachments.empty.offset",
+                 "message": "payloads are packed in order"}
 FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
     "v1.0.kpk": (plain, LOAD),
     "v1.1-attachments.kpk": (with_attachments, LOAD),
@@ -248,10 +259,11 @@ FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
     "v1.2-rans.kpk": (edited(entropy, 1, 2, keep), {
         "expect": "refuse", "tensor": "int8", "field": "arrays.data.codec",
         "message": "in a version 1.2 file, got 'rans'"}),
-    "v1.4-compressed-header.kpk": (compressed, LOAD),
-    "v1.3-compressed-header.kpk": (as_minor(compressed, 3), {
+    "v1.4-compact.kpk": (compact, LOAD),
+    "v1.3-compressed-header.kpk": (as_minor(compact, 3), {
         "expect": "refuse", "tensor": None, "field": "header",
         "message": "compressed headers are a 1.4 feature"}),
+    "v1.3-unaligned.kpk": (edited(compact, 1, 3, keep), UNALIGNED_1_3),
     "v1.future-unknown-keys.kpk": (edited(with_attachments, 1, FUTURE_MINOR, future_keys), {
         "expect": "load", "decode_errors": {"hyper": {"field": "form", "message": "needs a newer kernelpack"}}}),
     "v1.future-unknown-codec.kpk": (edited(plain, 1, FUTURE_MINOR, unknown(
