@@ -25,7 +25,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Collection, Iterable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
 
 import msgpack
 import numpy as np
@@ -522,6 +522,31 @@ def _parse_ref(value: Any, field: str, file_size: int, minor: int, codecs: tuple
 _THREAD = threading.local()
 
 
+def _declared(data: bytes | memoryview, bad: Callable[[str], KernelpackError], what: str) -> int:
+    """The content size a zstd frame declares (``zstandard.CONTENTSIZE_UNKNOWN`` if none)."""
+    import zstandard
+
+    try:
+        return zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise bad(f"bad {what}: {exc}") from None
+
+
+def _one_frame(data: bytes | memoryview, size: int, bad: Callable[[str], KernelpackError], what: str) -> bytes:
+    """``data`` inflated, when it is exactly one zstd frame of ``size`` bytes with nothing after
+    it. One-shot: one allocation of ``size``, about twice as fast as a streaming object; zstd
+    never produces more than ``max_output_size``, and bytes after the frame are an error."""
+    import zstandard
+
+    try:
+        out = _decompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise bad(f"bad {what}: {exc}") from None
+    if len(out) != size:
+        raise bad(f"{what} is not exactly one frame of its declared size")
+    return out
+
+
 def _decompressor() -> Any:
     """This thread's zstd decompressor: making one per payload took 3 times as long as
     decompressing a small payload, and one must not be used by two threads at once."""
@@ -672,17 +697,11 @@ class Container:
         if self.version[1] < COMPACT:
             raise bad(f"is a zstd frame, which a version {self.version[0]}.{self.version[1]} header cannot be "
                       f"(compressed headers are a {VERSION[0]}.{COMPACT} feature)")
-        try:
-            declared = zstandard.get_frame_parameters(head).content_size
-            if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > limit:
-                raise bad(f"compressed header declares {'no size' if declared == zstandard.CONTENTSIZE_UNKNOWN else declared}"
-                          f"; it must declare at most {limit} bytes (the header limit)")
-            out = _decompressor().decompress(head, max_output_size=declared, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise bad(f"bad compressed header: {exc}") from None
-        if len(out) != declared:
-            raise bad("compressed header is not exactly one frame of its declared size")
-        return out
+        declared = _declared(head, bad, "compressed header")
+        if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > limit:
+            raise bad(f"compressed header declares {'no size' if declared == zstandard.CONTENTSIZE_UNKNOWN else declared}"
+                      f"; it must declare at most {limit} bytes (the header limit)")
+        return _one_frame(head, declared, bad, "compressed header")
 
     def _preload(self) -> None:
         """One read of everything after the header, once the header and layout are checked,
@@ -909,23 +928,13 @@ class Container:
         zstd itself refuses to produce more than a frame's declared content size, so
         a payload never inflates beyond what its dtype and shape say.
         """
-        import zstandard
-
         def bad(message: str) -> KernelpackError:
             return KernelpackError(message, path=self.path, tensor=tensor, field=field)
 
-        try:
-            declared = zstandard.get_frame_parameters(body).content_size
-            if declared != size:
-                raise bad(f"compressed payload declares {declared} bytes; its dtype and shape say {size}")
-            # One-shot: one allocation of the declared size, about twice as fast as a
-            # streaming object; bytes after the frame are an error (allow_extra_data).
-            out = _decompressor().decompress(body, max_output_size=size, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise bad(f"bad zstd payload: {exc}") from None
-        if len(out) != size:
-            raise bad("zstd payload is not exactly one frame of its declared size")
-        return out
+        declared = _declared(body, bad, "zstd payload")
+        if declared != size:
+            raise bad(f"compressed payload declares {declared} bytes; its dtype and shape say {size}")
+        return _one_frame(body, size, bad, "zstd payload")
 
     def _form(self, name: str) -> type[Encoded]:
         """The class of a tensor's form, or the error of a form this reader does not know."""
