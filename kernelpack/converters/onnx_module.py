@@ -240,9 +240,10 @@ def _attributes(node: Any) -> dict[str, Any]:
     return out
 
 
-def _constant(value: np.ndarray, data_type: int) -> torch.Tensor:
+def _constant(name: str, value: np.ndarray, data_type: int) -> torch.Tensor:
+    """A graph constant (not a weight) as a tensor; an element type torch lacks is refused by name."""
     if data_type not in DTYPES:
-        raise KernelpackError(f"element type {data_type} has no torch dtype", field="data_type")
+        raise KernelpackError(f"element type {data_type} has no torch dtype", tensor=name, field="data_type")
     return torch.from_numpy(np.array(value, copy=True))
 
 
@@ -270,7 +271,7 @@ class OnnxModule(nn.Module):
         constants: dict[str, torch.Tensor] = {}
         for tensor in graph.initializer:
             if tensor.name not in weights:
-                constants[tensor.name] = _constant(tensor_array(tensor), tensor.data_type)
+                constants[tensor.name] = _constant(tensor.name, tensor_array(tensor), tensor.data_type)
         self._nodes: list[tuple[str, Op, list[str], list[str], dict[str, Any]]] = []
         for i, node in enumerate(graph.node):
             where = f"graph.node[{i}] '{node.name}' ({node.op_type})"
@@ -278,7 +279,8 @@ class OnnxModule(nn.Module):
                 attrs = {a.name: a for a in node.attribute}
                 if set(attrs) != {"value"}:
                     raise KernelpackError("a Constant without a 'value' tensor is not supported", field=where)
-                constants[node.output[0]] = _constant(tensor_array(attrs["value"].t), attrs["value"].t.data_type)
+                value = attrs["value"].t
+                constants[node.output[0]] = _constant(node.output[0], tensor_array(value), value.data_type)
                 continue
             if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
                 raise KernelpackError(f"operator {node.op_type} is not one an OnnxModule runs "
