@@ -85,25 +85,12 @@ def split_by_unit(units: tuple[str, ...], x: np.ndarray, seed: int = 0) -> tuple
     return x[~held], x[held]
 
 
-def metric_for(model: models.Model) -> Callable[[np.ndarray], Callable[[np.ndarray], models.Score]]:
-    """The task metric of a real model, as ``models.real_models`` scores its held-out set."""
-    if model.name == "PP-OCRv4 det":
-        return models.det_metric
-    if model.name == "PP-OCRv4 rec":
-        return models.rec_metric(models.rec_characters(model.onnx))
-    return models.labels_metric
-
-
 def scorer(model: models.Model, x: np.ndarray) -> Callable[[dict[str, np.ndarray]], models.Score]:
-    """The task metric of decoded weights against the original on the inputs ``x``."""
+    """The model's task metric (as it scores its held-out set) of decoded weights against the
+    original, on the inputs ``x``."""
     task = models.OnnxTask(model.onnx, x)
-    against = metric_for(model)(task.run(task.weights))
+    against = model.metric_of(task.run(task.weights))
     return lambda weights: against(task.run(weights))
-
-
-def forms_of(path: str) -> str:
-    with kernelpack.open(path) as c:
-        return "+".join(sorted({c.info(k).form for k in c.keys()}))
 
 
 def nncodec_at_level(model: models.Model, work: str) -> suite.Result | None:
@@ -130,25 +117,23 @@ def run_model(model: models.Model, targets: tuple[float, ...], budget: float, lr
     rows = []
     for target in targets:
         plan = kernelpack.plan(model.onnx_path, model.calibration, max_output_error=target, progress=False)
-        path = os.path.join(work, f"post_hoc_{target}.kpk")
-        kernelpack.save(model.weights, path, forms=plan)
-        decoded = kernelpack.load_numpy(path)
-        rows.append(Row(model.name, target, "post hoc", os.path.getsize(path), 0, forms_of(path),
+        post_hoc = suite.container(work, f"post hoc {target}", lambda p: kernelpack.save(model.weights, p, forms=plan))
+        decoded = post_hoc.decode()
+        rows.append(Row(model.name, target, "post hoc", len(post_hoc.blob), 0, post_hoc.forms,
                         float(validate(decoded)), model.score(decoded)))
         print(f"  E={target}: post hoc {rows[-1].bytes:,} B, validation {rows[-1].validation:.4f}, "
               f"held-out {rows[-1].held_out.value:.4f}", flush=True)
         student = compress_(from_onnx(model.onnx_path, logits=True), plan)
         result = distill(student, teacher, batches, time_budget=budget / len(targets), lr=lr,
                          eval_inputs=val_batches, progress=False)
-        path = os.path.join(work, f"distilled_{target}.kpk")
-        kernelpack.save(student, path, forms=plan)
+        distilled = suite.container(work, f"distilled {target}", lambda p: kernelpack.save(student, p, forms=plan))
         servable = os.path.join(work, f"distilled_{target}_servable.kpk")
         student.save(servable, forms=plan)
-        decoded = kernelpack.load_numpy(path)
+        decoded = distilled.decode()
         note = (f"{result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s; validation agreement "
                 f"{result.initial_agreement:.4f} -> {result.best_agreement:.4f} (epoch {result.best_epoch})")
-        rows.append(Row(model.name, target, "distilled", os.path.getsize(path), os.path.getsize(servable),
-                        forms_of(path), float(validate(decoded)), model.score(decoded), note))
+        rows.append(Row(model.name, target, "distilled", len(distilled.blob), os.path.getsize(servable),
+                        distilled.forms, float(validate(decoded)), model.score(decoded), note))
         print(f"  E={target}: distilled {rows[-1].bytes:,} B, validation {rows[-1].validation:.4f}, "
               f"held-out {rows[-1].held_out.value:.4f} ({note})", flush=True)
     return rows, nnc, info

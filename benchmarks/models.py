@@ -97,6 +97,8 @@ class Model:
     calibration: dict[str, np.ndarray] | None = None
     calibration_desc: str = ""
     onnx_path: str | None = None
+    #: ONNX models: the task metric, ``metric_of(original outputs)(outputs) -> Score``.
+    metric_of: Callable[[np.ndarray], Callable[[np.ndarray], Score]] | None = None
 
 
 # --- statistics ---------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def _onnx_model(name: str, dist: str, package: str, relative: str, install: str,
                              f"other units; {sets.description}",
                  score=lambda w: against(task.run(w)), runner=task.runner, onnx=onnx_bytes,
                  torch_model=None, task_data=None, calibration={task.input_name: sets.calibration},
-                 calibration_desc=f"{len(sets.calibration)} inputs", onnx_path=path)
+                 calibration_desc=f"{len(sets.calibration)} inputs", onnx_path=path, metric_of=metric_of)
 
 
 def rec_characters(onnx_bytes: bytes) -> list[str]:

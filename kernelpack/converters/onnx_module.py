@@ -286,8 +286,7 @@ class OnnxModule(nn.Module):
                 raise KernelpackError(f"operator {node.op_type} is not one an OnnxModule runs "
                                       f"(kernelpack.converters.onnx_module.OPS)", field=where)
             self._nodes.append((where, OPS[node.op_type], list(node.input), list(node.output), _attributes(node)))
-        for node in graph.node:  # BatchNormalization's statistics stay as they are (module doc)
-            if node.op_type == "BatchNormalization":
+            if node.op_type == "BatchNormalization":  # its statistics stay as they are (module doc)
                 for name in node.input[3:5]:
                     if name in weights:
                         self.get_parameter(name).requires_grad_(False)
@@ -339,8 +338,7 @@ class OnnxModule(nn.Module):
         values.update(kwargs)
         if missing := [n for n in self._inputs if n not in values]:
             raise KernelpackError(f"graph input(s) {missing} not given", path=self._source, field="inputs")
-        buffers = dict(self.named_buffers())
-        values.update((name, buffers[f"_constant_{j}"]) for j, name in enumerate(self._constants))
+        values.update((name, getattr(self, f"_constant_{j}")) for j, name in enumerate(self._constants))
         values.update((name, self._weight(name)) for name in self._weights)
         for where, op, inputs, outputs, attrs in self._nodes:
             try:
