@@ -25,7 +25,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -40,13 +40,14 @@ from kernelpack.forms.basis import MAX_BANK, check_bank, check_bank_values
 from kernelpack.limits import MAX_HEADER, Budget, Limits
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
-VERSION = (1, 4)
+VERSION = (1, 5)
 PREAMBLE = 48
 ALIGN = 64
-CODECS = ("none", "zstd", "zstd-shuffle", "rans")
+CODECS = ("none", "zstd", "zstd-shuffle", "rans", "rans-ctx")
 #: Codecs added by a minor version (1.2: ``zstd-shuffle``, byte planes before zstd; 1.3:
-#: ``rans``, interleaved rANS with a table per array, kernelpack/entropy.py).
-ADDED_CODECS = {2: frozenset({"zstd-shuffle"}), 3: frozenset({"rans"})}
+#: ``rans``, interleaved rANS with a table per array; 1.5: ``rans-ctx``, rANS of hybrid-integer
+#: tokens with a table per class of rows; both kernelpack/entropy.py).
+ADDED_CODECS = {2: frozenset({"zstd-shuffle"}), 3: frozenset({"rans"}), 5: frozenset({"rans-ctx"})}
 #: What the writer tries unless told otherwise: not ``rans``, which is opt-in (``codecs=CODECS``).
 #: Measured on the suite's real models at NNCodec's steps (benchmarks/entropy.py) it is 0.97 to
 #: 1.07 times the size of the better zstd codec and decodes some 100 times slower in numpy, so
@@ -182,11 +183,12 @@ def _unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
 
 
 def _compress(raw: bytes, dtype: np.dtype, level: int, codecs: Collection[str],
-              name: str | None = None) -> tuple[str, bytes]:
+              name: str | None = None, shape: Sequence[int] = ()) -> tuple[str, bytes]:
     """The smallest payload of ``codecs`` and ``none``, the simpler on a tie (so zero-size
     arrays are ``none``); ``zstd-shuffle`` only for elements of more than one byte; ``rans``
     only for the stored dtypes ``name`` it takes (entropy.DTYPES: a bfloat16 array has the
-    numpy dtype of uint16, so the name decides)."""
+    numpy dtype of uint16, so the name decides), and ``rans-ctx`` likewise (its rows: the
+    first dimension of ``shape``)."""
     if not raw:
         return "none", raw
     import zstandard
@@ -197,15 +199,16 @@ def _compress(raw: bytes, dtype: np.dtype, level: int, codecs: Collection[str],
         candidates.append(("zstd", compressor.compress(raw)))
     if "zstd-shuffle" in codecs and dtype.itemsize > 1:
         candidates.append(("zstd-shuffle", compressor.compress(_shuffle(raw, dtype))))
-    if "rans" in codecs and name in entropy.DTYPES:
-        candidates.append(("rans", entropy.encode(np.frombuffer(raw, dtype=dtype))))
+    if name in entropy.DTYPES:
+        candidates += [(c, entropy.encode_as(c, np.frombuffer(raw, dtype=dtype), shape))
+                       for c in entropy.DECODERS if c in codecs]
     return min(candidates, key=lambda candidate: len(candidate[1]))  # min keeps the first of ties
 
 
 def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes, dict[str, Any]]:
     dtype = NUMPY_DTYPES[stored.dtype]
     raw = np.asarray(stored.data, dtype=dtype, order="C").tobytes()
-    codec, body = _compress(raw, dtype, level, codecs, stored.dtype)
+    codec, body = _compress(raw, dtype, level, codecs, stored.dtype, stored.spec.shape)
     ref = {"dtype": stored.dtype, "shape": list(stored.spec.shape), "codec": codec,
            "length": len(body), "sha256": hashlib.sha256(body).digest()}
     if stored.step is not None:
@@ -485,8 +488,8 @@ def _need_codec(codec: Any, spec: ArraySpec, field: str, minor: int, known: tupl
     if codec == "zstd-shuffle" and NUMPY_DTYPES[spec.dtype].itemsize == 1:
         raise KernelpackError(f"zstd-shuffle is only for elements of more than one byte, not {spec.dtype}",
                               field=field)
-    if codec == "rans" and (spec.dtype not in entropy.DTYPES or spec.size == 0):
-        raise KernelpackError(f"rans is only for non-empty arrays of {sorted(entropy.DTYPES)}, not "
+    if codec in ("rans", "rans-ctx") and (spec.dtype not in entropy.DTYPES or spec.size == 0):
+        raise KernelpackError(f"{codec} is only for non-empty arrays of {sorted(entropy.DTYPES)}, not "
                               f"{spec.dtype} of shape {list(spec.shape)}", field=field)
     return codec
 
@@ -908,9 +911,9 @@ class Container:
         if hashlib.sha256(body).digest() != ref.sha256:
             raise KernelpackError("payload checksum mismatch: the file is corrupted",
                                   path=self.path, tensor=tensor, field=field)
-        if ref.codec == "rans":
+        if ref.codec in entropy.DECODERS:
             try:
-                body = entropy.decode(body, NUMPY_DTYPES[ref.spec.dtype], ref.spec.size)
+                body = entropy.DECODERS[ref.codec](body, NUMPY_DTYPES[ref.spec.dtype], ref.spec.size)
             except KernelpackError as exc:
                 raise KernelpackError(exc.reason, path=self.path, tensor=tensor, field=field) from None
         elif ref.codec != "none":  # zstd, zstd-shuffle: the same frame checks

@@ -20,7 +20,9 @@ payload, so they are encoder policy, not format.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -40,8 +42,25 @@ LANE_ELEMENTS = 1024
 MAX_LANES = 4096
 
 
-def _bad(message: str) -> KernelpackError:
-    return KernelpackError(f"bad rans payload: {message}")
+class _Malformed(Exception):
+    """A payload that does not follow the spec; the public decoders make it a KernelpackError
+    naming their codec."""
+
+
+def _bad(message: str) -> _Malformed:
+    return _Malformed(message)
+
+
+def _refused(codec: str, decoder: Callable[[bytes, np.dtype, int], np.ndarray]
+             ) -> Callable[[bytes, np.dtype, int], np.ndarray]:
+    """``decoder`` raising KernelpackError("bad CODEC payload: ...") for a malformed payload."""
+    @functools.wraps(decoder)
+    def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+        try:
+            return decoder(body, dtype, count)
+        except _Malformed as exc:
+            raise KernelpackError(f"bad {codec} payload: {exc}") from None
+    return decode
 
 
 # --- symbols ----------------------------------------------------------------------------
@@ -193,25 +212,26 @@ def encode(values: np.ndarray) -> bytes:
     assert best is not None
     _, precision, freq = best
     lanes = _lanes(len(sym))
-    states, words = _code(sym, freq, precision, lanes)
+    cum = np.concatenate([[0], np.cumsum(freq)[:-1]])
+    states, words = _code(freq[sym], cum[sym], precision, lanes)
     head = (bytes([precision]) + _varint(k) + _varint(lanes) + _varint(int(escapes.sum()))
             + _table_bytes(freq))
     raw_escapes = u[escapes].astype(f"<u{flat.dtype.itemsize}").tobytes()
     return head + states.astype("<u4").tobytes() + raw_escapes + words.astype("<u2").tobytes()
 
 
-def _code(sym: np.ndarray, freq: np.ndarray, precision: int, lanes: int) -> tuple[np.ndarray, np.ndarray]:
-    """rANS over ``lanes`` interleaved states, last element first: the decoder's initial
-    states and its word stream (words in the order the decoder reads them)."""
-    cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint64)
-    freq = freq.astype(np.uint64)
+def _code(freq: np.ndarray, cum: np.ndarray, precision: int, lanes: int) -> tuple[np.ndarray, np.ndarray]:
+    """rANS over ``lanes`` interleaved states, last element first, element ``i`` coded with
+    frequency ``freq[i]`` at cumulative frequency ``cum[i]`` (of its symbol in its table):
+    the decoder's initial states and its word stream (words in the order it reads them)."""
+    freq, cum = freq.astype(np.uint64), cum.astype(np.uint64)
     x = np.full(lanes, STATE_LOW, dtype=np.uint64)
     chunks = []
-    count = len(sym)
+    count = len(freq)
     for start in range(((count - 1) // lanes) * lanes, -1, -lanes):
-        s = sym[start:start + lanes]
-        r = len(s)
-        f, c, xs = freq[s], cum[s], x[:r]
+        f, c = freq[start:start + lanes], cum[start:start + lanes]
+        r = len(f)
+        xs = x[:r]
         big = xs >= f << np.uint64(32 - precision)
         if big.any():
             chunks.append((xs[big] & np.uint64(0xFFFF))[::-1])
@@ -222,6 +242,7 @@ def _code(sym: np.ndarray, freq: np.ndarray, precision: int, lanes: int) -> tupl
 
 
 # --- decoder ------------------------------------------------------------------------------
+@functools.partial(_refused, "rans")
 def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     """The ``count`` elements of a ``rans`` payload, by FORMAT.md 2.1; any payload that does
     not follow it is a KernelpackError naming the payload field. Work and memory are bounded
@@ -247,7 +268,7 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     if len(rest) % 2:
         raise _bad(f"words: {len(rest)} bytes, not a whole number of 16-bit words")
     words = np.frombuffer(rest, dtype="<u2").astype(np.uint32)
-    out = _run(states, words, freq, precision, count, unsigned)  # every symbol, k included, fits
+    out = _run(states, words, [freq], precision, count, unsigned)  # every symbol, k included, fits
 
     escaped = np.flatnonzero(out == k)
     if len(escaped) != n_escapes:
@@ -257,24 +278,29 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     return from_unsigned(out, dtype)
 
 
-def _run(states: np.ndarray, words: np.ndarray, freq: np.ndarray, precision: int, count: int,
-         sym_dtype: np.dtype) -> np.ndarray:
-    """The decode loop: one step decodes one element of every lane still running."""
+def _run(states: np.ndarray, words: np.ndarray, tables: list[np.ndarray], precision: int, count: int,
+         sym_dtype: np.dtype, row_class: np.ndarray | None = None, row_length: int = 1) -> np.ndarray:
+    """The decode loop: one step decodes one element of every lane still running. Element
+    ``i`` reads the table ``row_class[i // row_length]`` (the only table if ``row_class`` is
+    None): the tables' slots are laid end to end, table ``g`` from slot ``g * M``."""
     m = 1 << precision
-    symbol = np.repeat(np.arange(len(freq), dtype=sym_dtype), freq)  # slot -> symbol
-    cum = np.concatenate([[0], np.cumsum(freq)[:-1]])
-    slot_freq = freq[symbol].astype(np.uint32)
-    slot_bias = (np.arange(m) - cum[symbol]).astype(np.uint32)  # slot - cum[symbol]
+    symbol = np.concatenate([np.repeat(np.arange(len(f), dtype=sym_dtype), f) for f in tables])
+    cum = np.concatenate([np.repeat(np.concatenate([[0], np.cumsum(f)[:-1]]), f) for f in tables])
+    slot_freq = np.concatenate([np.repeat(f, f) for f in tables]).astype(np.uint32)
+    slot_bias = (np.arange(m * len(tables)) % m - cum).astype(np.uint32)  # slot - cum[symbol]
     mask, shift, low = np.uint32(m - 1), np.uint32(precision), np.uint32(STATE_LOW)
     sixteen = np.uint32(16)
     out = np.empty(count, dtype=sym_dtype)
     x = states
     lanes = len(states)
+    lane = np.arange(lanes)
     p, available = 0, len(words)
     for start in range(0, count, lanes):
         r = min(lanes, count - start)
         xs = x[:r]
         slot = xs & mask
+        if row_class is not None:
+            slot = slot + row_class[(start + lane[:r]) // row_length] * np.uint32(m)
         out[start:start + r] = symbol[slot]
         xs = slot_freq[slot] * (xs >> shift) + slot_bias[slot]
         need = xs < low
@@ -291,3 +317,227 @@ def _run(states: np.ndarray, words: np.ndarray, freq: np.ndarray, precision: int
     if np.any(x != low):
         raise _bad(f"states: lane {int(np.argmax(x != low))} does not end in the state 2^16")
     return out
+
+
+# --- rans-ctx: hybrid-integer tokens, a table per row class (format 1.5) -------------------
+#: Largest ``split``: values below 2^split are tokens of their own (bounds the tables).
+MAX_SPLIT = 12
+#: Largest number of row classes (tables).
+MAX_CLASSES = 16
+#: Encoder policy: the (split, msb) pairs tried, and the class counts.
+SPLITS = range(0, 9)
+MSBS = range(0, 4)
+CLASS_COUNTS = (1, 2, 4, 8, 16)
+#: Encoder estimate of a table entry's cost in bits (a varint of a frequency, runs of zeros).
+ENTRY_BITS = 12
+#: Elements converted between tokens and values at once (bounds the working set).
+CHUNK = 1 << 16
+
+
+def token_count(bits: int, split: int, msb: int) -> int:
+    """T, the tokens of ``bits``-bit values: 2^split direct ones, then 2^msb per exponent
+    ``split .. bits - 1``."""
+    return (1 << split) + (bits - split) * (1 << msb)
+
+
+def tokens(u: np.ndarray, split: int, msb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token, extra bit count k, extra value) of every value (FORMAT.md 2.3): a value below
+    2^split is its own token; a larger one, of exponent e (2^e <= u < 2^(e+1)), is the token
+    2^split + (e - split) * 2^msb + its msb bits after the leading one, and its low
+    k = e - msb bits are stored raw."""
+    u = u.astype(np.int64)
+    e = np.frexp(np.maximum(u, 1).astype(np.float64))[1].astype(np.int64) - 1
+    big = u >= (1 << split)
+    k = np.where(big, e - msb, 0)
+    head = (u >> k) & ((1 << msb) - 1)
+    tok = np.where(big, (1 << split) + (e - split) * (1 << msb) + head, u)
+    return tok, k, u & ((1 << k) - 1)
+
+
+def _token_bits(counts: np.ndarray, bits: int, split: int, msb: int) -> float:
+    """Estimated coded bits of values with histogram ``counts`` (one table): the tokens'
+    order-0 code length, the table, the raw bits."""
+    values = np.flatnonzero(counts)
+    tok, k, _ = tokens(values, split, msb)
+    c = counts[values]
+    per_token = np.bincount(tok, weights=c)
+    used = per_token[per_token > 0]
+    total = used.sum()
+    return float(-(used * np.log2(used / total)).sum() + ENTRY_BITS * len(used) + (c * k).sum())
+
+
+def _row_classes(u: np.ndarray, rows: int, classes: int) -> np.ndarray:
+    """Encoder policy: rows ranked by their mean log-magnitude, cut into ``classes`` groups of
+    about equal size (the channels' scales, which differ a lot after batch-norm folding)."""
+    if classes == 1:
+        return np.zeros(rows, dtype=np.int64)
+    scale = np.log2(1.0 + u.reshape(rows, -1)).mean(axis=1)
+    rank = np.argsort(np.argsort(scale, kind="stable"), kind="stable")
+    return rank * classes // rows
+
+
+def _packed(values: np.ndarray, widths: np.ndarray) -> bytes:
+    """``values[i]`` in ``widths[i]`` bits each, end to end, least significant bit first."""
+    out = []
+    for a in range(0, len(values), CHUNK):
+        v, w = values[a:a + CHUNK], widths[a:a + CHUNK]
+        grid = np.arange(int(w.max(initial=0)))
+        bit = ((v[:, None] >> grid) & 1).astype(np.uint8)
+        out.append(bit[grid < w[:, None]])
+    bits = np.concatenate(out) if out else np.zeros(0, np.uint8)
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def encode_ctx(values: np.ndarray, rows: int = 1) -> bytes:
+    """The ``rans-ctx`` payload of a non-empty int8/int16/uint8/uint16 array, C order, seen as
+    ``rows`` rows of equal length (``rows`` divides the size; the output channels of a weight)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    bits = 8 * flat.dtype.itemsize
+    u = to_unsigned(flat).astype(np.int64)
+    counts = np.bincount(u)
+    _, split, msb = min((_token_bits(counts, bits, s, m), s, m) for s in SPLITS if s <= bits
+                        for m in MSBS if m <= s)
+    best = None
+    for classes in CLASS_COUNTS:
+        if classes > rows:
+            break
+        row_class = _row_classes(u, rows, classes)
+        by_class = np.bincount(np.repeat(row_class, len(u) // rows) * len(counts) + u,
+                               minlength=classes * len(counts)).reshape(classes, len(counts))
+        size = (sum(_token_bits(c, bits, split, msb) for c in by_class)
+                + rows * (classes - 1).bit_length())
+        if best is None or size < best[0]:
+            best = (size, row_class)
+    assert best is not None
+    row_class = best[1]
+    tok, k, extra = tokens(u, split, msb)
+    context = np.repeat(row_class, len(u) // rows)
+    classes = int(row_class.max()) + 1
+    size = token_count(bits, split, msb)
+    folded = np.bincount(context * size + tok, minlength=classes * size).reshape(classes, size)
+    precision, tables = _precision(folded)
+    lanes = _lanes(len(u))
+    cums = np.concatenate([np.concatenate([[0], np.cumsum(f)[:-1]]) for f in tables])
+    flat_freq = np.concatenate(tables)
+    index = context * size + tok
+    states, words = _code(flat_freq[index], cums[index], precision, lanes)
+    width = (classes - 1).bit_length()
+    extra_bytes = _packed(extra, k)
+    head = (bytes([precision, split, msb, classes]) + _varint(rows) + _varint(lanes)
+            + _packed(row_class, np.full(rows, width)) + b"".join(_table_bytes(f) for f in tables))
+    return (head + states.astype("<u4").tobytes() + _varint(len(extra_bytes)) + extra_bytes
+            + words.astype("<u2").tobytes())
+
+
+def _precision(counts: np.ndarray) -> tuple[int, list[np.ndarray]]:
+    """The table precision n of least estimated size (tables plus code length) and every
+    row's counts quantised to 2^n (encoder policy, as ``rans``)."""
+    present = int(np.count_nonzero(counts, axis=1).max())
+    best = None
+    for precision in range(max(1, (present - 1).bit_length()), MAX_PRECISION + 1):
+        tables = [quantise(c, precision) for c in counts]
+        size = 0.0
+        for c, f in zip(counts, tables):
+            used = c > 0
+            size += 8 * len(_table_bytes(f)) + float(np.sum(c[used] * (precision - np.log2(f[used]))))
+        if best is None or size < best[0]:
+            best = (size, precision, tables)
+    assert best is not None
+    return best[1], best[2]
+
+
+@functools.partial(_refused, "rans-ctx")
+def decode_ctx(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+    """The ``count`` elements of a ``rans-ctx`` payload, by FORMAT.md 2.3; any payload that
+    does not follow it is a KernelpackError naming the payload field. Work and memory are
+    bounded by ``count``, the payload's length and the tables (at most 16 x 2^15 slots)."""
+    bits = 8 * dtype.itemsize
+    unsigned = np.dtype(f"<u{dtype.itemsize}")
+    reader = _Reader(body)
+    precision, split, msb, classes = reader.take(4, "precision, split, msb, classes")
+    for field, value, low, high in (("precision", precision, 1, MAX_PRECISION),
+                                    ("split", split, 0, min(bits, MAX_SPLIT)), ("msb", msb, 0, split),
+                                    ("classes", classes, 1, MAX_CLASSES)):
+        if not low <= value <= high:
+            raise _bad(f"{field}: {value} is not in [{low}, {high}]")
+    rows = reader.varint("rows", 1, count)
+    if count % rows:
+        raise _bad(f"rows: {rows} rows do not divide the {count} elements")
+    lanes = reader.varint("lanes", 1, count)
+    width = (classes - 1).bit_length()
+    row_class = _unpacked(reader.take(-(-rows * width // 8), "row classes"), np.full(rows, width),
+                          "row classes").astype(np.uint32)
+    if np.any(row_class >= classes):
+        raise _bad(f"row classes: row {int(np.argmax(row_class >= classes))} has a class >= {classes}")
+    size = token_count(bits, split, msb)
+    tables = [_read_table(reader, size, 1 << precision) for _ in range(classes)]
+    states = np.frombuffer(reader.take(4 * lanes, "states"), dtype="<u4").astype(np.uint32)
+    if np.any(states < STATE_LOW):
+        raise _bad(f"states: a state below 2^16 (lane {int(np.argmax(states < STATE_LOW))})")
+    extra = reader.take(reader.varint("extra length", 0, 2 * count), "extra")
+    rest = body[reader.pos:]
+    if len(rest) % 2:
+        raise _bad(f"words: {len(rest)} bytes, not a whole number of 16-bit words")
+    words = np.frombuffer(rest, dtype="<u2").astype(np.uint32)
+    out = _run(states, words, tables, precision, count, unsigned, row_class, count // rows)
+    _values_in_place(out, extra, split, msb)
+    return from_unsigned(out, dtype)
+
+
+def _unpacked(data: bytes, widths: np.ndarray, field: str) -> np.ndarray:
+    """The inverse of ``_packed`` for ``len(widths)`` values of at most 15 bits; the bits after
+    the last value up to the end of ``data`` must be zero and fill less than a byte."""
+    ends = np.cumsum(widths)
+    total = int(ends[-1]) if len(ends) else 0
+    if len(data) != -(-total // 8):
+        raise _bad(f"{field}: {len(data)} bytes hold {total} bits")
+    if total % 8 and data[-1] >> (total % 8):
+        raise _bad(f"{field}: the bits after the last value are not zero")
+    return _bits_at(_padded(data), ends - widths, widths)
+
+
+def _padded(data: bytes) -> np.ndarray:
+    """``data`` as bytes with 3 zero bytes after it, so that a 3-byte window never runs out."""
+    return np.concatenate([np.frombuffer(data, np.uint8), np.zeros(3, np.uint8)])
+
+
+def _bits_at(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The ``width``-bit (<= 17) values at bit positions ``pos`` of ``buf`` (LSB first)."""
+    byte = (pos >> 3).astype(np.int64)
+    window = buf[byte].astype(np.int64) | buf[byte + 1].astype(np.int64) << 8 | buf[byte + 2].astype(np.int64) << 16
+    return (window >> (pos & 7)) & ((1 << width) - 1)
+
+
+def _values_in_place(out: np.ndarray, extra: bytes, split: int, msb: int) -> None:
+    """Tokens (in ``out``) to values, in chunks, reading the extra bits in element order."""
+    buf = _padded(extra)
+    base, pos = 1 << split, 0
+    for a in range(0, len(out), CHUNK):
+        t = out[a:a + CHUNK].astype(np.int64)
+        big = t >= base
+        d = np.where(big, t - base, 0)
+        k = np.where(big, split + (d >> msb) - msb, 0)
+        ends = pos + np.cumsum(k)
+        if len(ends) and ends[-1] > 8 * len(extra):
+            raise _bad(f"extra: {len(extra)} bytes end inside the raw bits of element {a + int(np.argmax(ends > 8 * len(extra)))}")
+        raw = _bits_at(buf, ends - k, k)
+        out[a:a + CHUNK] = np.where(big, (((1 << msb) + (d & ((1 << msb) - 1))) << k) | raw, t)
+        pos = int(ends[-1]) if len(ends) else pos
+    if len(extra) != -(-pos // 8):
+        raise _bad(f"extra: {len(extra)} bytes, the values use {pos} bits")
+    if pos % 8 and extra[-1] >> (pos % 8):
+        raise _bad("extra: the bits after the last value are not zero")
+
+
+# --- the codecs by name ---------------------------------------------------------------------
+def encode_as(codec: str, values: np.ndarray, shape: tuple[int, ...] | list[int]) -> bytes:
+    """The payload of entropy codec ``codec`` (``rans`` or ``rans-ctx``) for the elements
+    ``values`` of an array of ``shape``; the rows of ``rans-ctx`` are its first dimension
+    (a weight's output channels), one row if the rank is below 2."""
+    if codec == "rans":
+        return encode(values)
+    return encode_ctx(values, shape[0] if len(shape) >= 2 else 1)
+
+
+#: The decoders of the entropy codecs by codec name (spec/FORMAT.md sections 2.1, 2.3).
+DECODERS = {"rans": decode, "rans-ctx": decode_ctx}

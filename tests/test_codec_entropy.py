@@ -281,7 +281,7 @@ def test_any_bytes_decode_or_are_refused_never_anything_else(data: bytes, count:
 
 
 # --- in a container ------------------------------------------------------------------------------
-def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = container.CODECS) -> RawFile:
+def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = codecs_of(3)) -> RawFile:
     tensor = DenseTensor(stored, "float32" if stored.step is not None else stored.dtype)
     write(path, {"w": tensor}, codecs=codecs, compact=False)
     return RawFile.read(path)

@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -297,6 +297,50 @@ def rans_large_file() -> dict[str, Entry]:
     }
 
 
+def channel_codes(seed: int, rows: int, columns: int, scales: tuple[float, float], dtype: str) -> np.ndarray:
+    """Laplacian codes whose scale grows geometrically from row to row (a weight's output
+    channels after batch-norm folding), clipped to ``dtype``; absolute values if unsigned."""
+    info = np.iinfo(dtype)
+    scale = np.geomspace(*scales, rows)[:, None]
+    values = np.rint(np.random.default_rng(seed).laplace(0.0, 1.0, (rows, columns)) * scale)
+    values = np.abs(values) if info.min == 0 else values
+    return np.clip(values, info.min, info.max).astype(dtype)
+
+
+def rans_ctx_file() -> dict[str, Entry]:
+    """Format 1.5, codec ``rans-ctx`` (FORMAT.md 2.3) on every array of int8, int16, uint8 and
+    uint16 (forced, even where another codec is smaller): rows of channel scales from 0.5 to
+    2000 (several row classes, tokens with extra bits up to exponent 15), one-row and 1-D
+    arrays (one class), Laplacian codes of scales 0.3 to 300, all zeros, a single symbol,
+    uniform uint8 and uint16 values, the extremes -32768 and 32767, tiny arrays of 1 and 2
+    elements, one lane and a few."""
+    extremes = laplace_codes(1506, 1500, 3.0, "int16")
+    extremes[[10, 700, 1499]] = [-32768, 32767, 12345]
+    return {
+        "channels_int16": dense_codes(channel_codes(1501, 64, 72, (0.5, 2000.0), "int16"), 2.0 ** -12),
+        "channels_int8": dense_codes(channel_codes(1502, 32, 27, (0.3, 40.0), "int8"), 2.0 ** -7),
+        "channels_uint8": dense_codes(channel_codes(1503, 24, 50, (1.0, 60.0), "uint8")),
+        "channels_uint16": dense_codes(channel_codes(1504, 16, 64, (2.0, 900.0), "uint16")),
+        "laplace_int8_peaked": dense_codes(laplace_codes(1507, 3000, 0.3, "int8"), 2.0 ** -6),
+        "laplace_int16_wide": dense_codes(laplace_codes(1508, 1200, 300.0, "int16"), 2.0 ** -12),
+        "int16_extremes": dense_codes(extremes, 2.0 ** -10),
+        "zeros_int16": dense_codes(np.zeros((40, 50), np.int16), 0.5),
+        "single_symbol_int8": dense_codes(np.full((7, 100), -7, np.int8), 0.25),
+        "uniform_uint8": dense_codes(np.random.default_rng(1509).integers(0, 256, (8, 128)).astype(np.uint8)),
+        "uniform_uint16": dense_codes(np.random.default_rng(1510).integers(0, 65536, 512).astype(np.uint16)),
+        "tiny_int8_1": dense_codes(np.array([-3], np.int8), 0.5),
+        "tiny_int16_2": dense_codes(np.array([[-32768], [32767]], np.int16), 2.0 ** -15),
+        "tiny_uint8_2": dense_codes(np.array([7, 200], np.uint8)),
+        "tiny_uint16_1": dense_codes(np.array([65535], np.uint16)),
+    }
+
+
+def rans_ctx_large_file() -> dict[str, Entry]:
+    """Format 1.5, codec ``rans-ctx`` on an array of 100,000 elements (about a hundred lanes,
+    16 row classes): int8 codes of 400 rows of channel scales from 0.001 to 2."""
+    return {"large_channels_int8": dense_codes(channel_codes(1505, 400, 250, (0.001, 2.0), "int8"), 2.0 ** -9)}
+
+
 #: NaNs of the 2-byte float dtypes, both signs, signalling (quiet bit clear) and quiet, several
 #: payloads, then +-inf and 1.0: 15 patterns, a "short" array (fewer than 16 elements).
 NAN_PATTERNS = {
@@ -390,22 +434,27 @@ FILES = (
     VectorFile("nan.kpk", nan_file.__doc__ or "", nan_file),
     VectorFile("rans.kpk", rans_file.__doc__ or "", rans_file, minor=3, force="rans"),
     VectorFile("rans_large.kpk", rans_large_file.__doc__ or "", rans_large_file, minor=3, force="rans"),
+    VectorFile("rans_ctx.kpk", rans_ctx_file.__doc__ or "", rans_ctx_file, minor=5, force="rans-ctx"),
+    VectorFile("rans_ctx_large.kpk", rans_ctx_large_file.__doc__ or "", rans_ctx_large_file, minor=5,
+               force="rans-ctx"),
 )
 
 
 @contextlib.contextmanager
 def forced(codec: str | None) -> Iterator[None]:
-    """The writer with ``codec`` on every array whose stored dtype it takes (``rans`` only)."""
+    """The writer with ``codec`` on every array whose stored dtype it takes (``rans`` or
+    ``rans-ctx``, the entropy codecs)."""
     if codec is None:
         yield
         return
-    assert codec == "rans"
+    assert codec in entropy.DECODERS
     choose = container._compress
 
-    def compress(raw: bytes, dtype: np.dtype, level: int, codecs: Any, name: str | None = None) -> tuple[str, bytes]:
+    def compress(raw: bytes, dtype: np.dtype, level: int, codecs: Any, name: str | None = None,
+                 shape: Sequence[int] = ()) -> tuple[str, bytes]:
         if raw and name in entropy.DTYPES:
-            return codec, entropy.encode(np.frombuffer(raw, dtype=dtype))
-        return choose(raw, dtype, level, codecs, name)
+            return codec, entropy.encode_as(codec, np.frombuffer(raw, dtype=dtype), shape)
+        return choose(raw, dtype, level, codecs, name, shape)
 
     container._compress = compress
     try:
@@ -574,6 +623,36 @@ def check_rans(folder: str) -> None:
         raise AssertionError(f"the rans vectors no longer cover their promises: {dtypes} {fields}")
 
 
+def rans_ctx_fields(body: bytes) -> dict[str, int]:
+    """precision, split, msb, classes, rows, lanes and extra length of a rans-ctx payload
+    (FORMAT.md 2.3)."""
+    reader = entropy._Reader(body)
+    precision, split, msb, classes = reader.take(4, "head")
+    rows, lanes = reader.varint("rows", 1, 1 << 31), reader.varint("lanes", 1, 1 << 31)
+    reader.take(-(-rows * (classes - 1).bit_length() // 8), "row classes")
+    return {"precision": precision, "split": split, "msb": msb, "classes": classes, "rows": rows, "lanes": lanes}
+
+
+def check_rans_ctx(folder: str) -> None:
+    """The rans-ctx vectors hold what they promise: every int8/int16/uint8/uint16 array is
+    rans-ctx, every such dtype occurs, with 1 and with 16 row classes, one lane and about a
+    hundred, several splits and msb counts, in arrays of 1, 2 and 100,000 elements."""
+    fields, dtypes, sizes = [], set(), set()
+    for name in ("rans_ctx.kpk", "rans_ctx_large.kpk"):
+        with Container(os.path.join(folder, name)) as c:
+            for ref in (r for n in c.keys() for r in c.info(n).arrays.values()):
+                if ref.codec != "rans-ctx":
+                    raise AssertionError(f"{name}: a {ref.spec.dtype} array is {ref.codec}, not rans-ctx")
+                fields.append(rans_ctx_fields(c._read(ref.length, c._data_start + ref.offset)))
+                dtypes.add(ref.spec.dtype)
+                sizes.add(ref.spec.size)
+    seen = {key: {f[key] for f in fields} for key in fields[0]}
+    if not (dtypes == entropy.DTYPES and {1, 16} <= seen["classes"] and 1 in seen["lanes"]
+            and max(seen["lanes"]) >= 64 and len(seen["split"]) >= 3 and len(seen["msb"]) >= 2
+            and {1, 2, 100_000} <= sizes):
+        raise AssertionError(f"the rans-ctx vectors no longer cover their promises: {dtypes} {seen} {sizes}")
+
+
 def generate(folder: str) -> dict[str, Any]:
     """Write every vector file and manifest.json into ``folder``; return the manifest."""
     os.makedirs(folder, exist_ok=True)
@@ -589,12 +668,13 @@ def generate(folder: str) -> dict[str, Any]:
     total = sum(f["size"] for f in files.values())
     if total > MAX_TOTAL_BYTES:
         raise AssertionError(f"the vectors take {total} bytes; the limit is {MAX_TOTAL_BYTES}")
-    manifest = {"format_version": [1, 3], "generator": "spec/vectors/generate.py", "files": files}
+    manifest = {"format_version": [1, 5], "generator": "spec/vectors/generate.py", "files": files}
     check_coverage(manifest)
     check_uint16_indices(folder)
     check_signed_zeros(folder)
     check_nans(folder)
     check_rans(folder)
+    check_rans_ctx(folder)
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")

@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from kernelpack.container import ZSTD_MAGIC, Container, digest, header_block, write
+from kernelpack.container import ZSTD_MAGIC, Container, codecs_of, digest, header_block, write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import BasisTensor, DCTTensor, DenseTensor, Encoded, LinearTensor, SeriesTensor
 from kernelpack.forms._base import Stored, to_stored
@@ -198,10 +198,29 @@ def shuffled(path: str) -> None:
 
 
 def entropy(path: str) -> None:
-    write(path, entropy_coded(), metadata={"corpus": "1.3 rans"}, compact=False)
+    write(path, entropy_coded(), metadata={"corpus": "1.3 rans"}, codecs=codecs_of(3), compact=False)
     with Container(path) as c:  # the codec really is in the file
         codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
     assert codecs == {**dict.fromkeys(["int8", "int16", "uint8", "uint16"], "rans"), "float16": "zstd-shuffle"}, codecs
+
+
+def context_coded(path: str) -> None:
+    """Format 1.5 by its codec alone: the codes of ``entropy_coded`` as rows (64 x 64) whose
+    scales differ row by row, written with ``rans-ctx`` (and zstd) as the codecs, beside a float16 array."""
+    tensors = entropy_coded()
+    scale = 1 + (np.arange(4096, dtype=np.int64) // 64) % 4
+    laplace = tensors["int8"].arrays()["data"].data.astype(np.int64)
+    for name in ("int8", "int16", "uint8", "uint16"):
+        stored = tensors[name].arrays()["data"]
+        values = (laplace if name.startswith("int") else np.abs(laplace)) * scale
+        info = np.iinfo(stored.dtype)
+        values = np.clip(values, info.min, info.max).astype(stored.dtype).reshape(64, 64)
+        tensors[name] = DenseTensor(Stored(values, stored.dtype, stored.step), tensors[name].dtype)
+    write(path, tensors, metadata={"corpus": "1.5 rans-ctx"}, codecs=("zstd", "zstd-shuffle", "rans-ctx"), compact=False)
+    with Container(path) as c:  # the codec really is in the file
+        codecs = {name: c.info(name).arrays["data"].codec for name in c.keys()}
+    assert codecs == {**dict.fromkeys(["int8", "int16", "uint8", "uint16"], "rans-ctx"),
+                      "float16": "zstd-shuffle"}, codecs
 
 
 def compact(path: str) -> None:
@@ -260,6 +279,10 @@ FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
         "expect": "refuse", "tensor": "int8", "field": "arrays.data.codec",
         "message": "in a version 1.2 file, got 'rans'"}),
     "v1.4-compact.kpk": (compact, LOAD),
+    "v1.5-rans-ctx.kpk": (context_coded, LOAD),
+    "v1.4-rans-ctx.kpk": (edited(context_coded, 1, 4, keep), {
+        "expect": "refuse", "tensor": "int8", "field": "arrays.data.codec",
+        "message": "in a version 1.4 file, got 'rans-ctx'"}),
     "v1.3-compressed-header.kpk": (as_minor(compact, 3), {
         "expect": "refuse", "tensor": None, "field": "header",
         "message": "compressed headers are a 1.4 feature"}),
