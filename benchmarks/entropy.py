@@ -1,22 +1,31 @@
-"""Codec ``rans`` (format 1.3) on the suite's real models at NNCodec's steps: bits per code
-against the order-0 entropy of the codes, against zstd / zstd-shuffle, and decode speed.
+"""The entropy codecs ``rans`` (1.3) and ``rans-ctx`` (1.5) on the suite's real models at
+NNCodec's steps: bits per code against the order-0 entropy of the codes, against zstd, their
+decode and encode speed, and (``--nncodec``) whole files against NNCodec's at the same step
+and at the same weight error.
 
-For each real model (benchmarks/models.py) and each NNCodec qp (-38, -32, -26), every weight
-of rank >= 2 is quantised as ``Dense(step=nncodec_step(qp))`` stores it (absolute step,
-round to nearest: int8 or int16 codes); 1-D tensors are left out (NNCodec keeps them nearly
-exact). On every code array of more than 4 KB:
+**Codes.** For each real model (benchmarks/models.py) and each NNCodec qp (-38, -32, -26),
+every weight of rank >= 2 is quantised as ``Dense(step=nncodec_step(qp))`` stores it
+(absolute step, round to nearest: int8 or int16 codes). On every code array of more than
+4 KB:
 
 * ``H``: the order-0 entropy of the codes (bits per code, no table cost);
-* ``rans``: the payload of ``kernelpack.entropy.encode`` in bits per code (table, lane states
-  and escapes included), and its ratio to ``H``;
-* ``zstd*``: the smaller of ``zstd`` and ``zstd-shuffle`` at level 19 (what a 1.2 writer keeps);
-* decode MB/s of codes (bytes of the int8/int16 arrays) on one thread, rans against the zstd
-  codec, each decoded 3 times, best time.
+* ``rans`` / ``rans-ctx``: the payloads' bits per code (tables, lane states, row classes
+  and raw bits included), their ratio to ``H``, and the worst array's ``rans-ctx / H``;
+* ``zstd*``: the smaller of ``zstd`` and ``zstd-shuffle`` at level 19 (what the default
+  writer keeps);
+* decode MB/s of codes (bytes of the int8/int16 arrays) on one thread, best of 3, and
+  ``rans-ctx`` encode seconds per 10 MB of float32 weights.
 
-With ``--nncodec`` also the whole model's kernelpack bytes (every weight of rank >= 2 at the
-step, 1-D tensors float32, the writer's choice per array) against NNCodec's at the same qp.
+**Whole files** (``--nncodec``): the suite's "step of qp" container (benchmarks/suite.py
+``absolute_step``: weights at the step, 1-D tensors float16 where they fit), written with
+the default codecs and with every codec (``rans-ctx`` kept where smallest), against
+NNCodec's artifact at the same qp; weight error is the suite's ``rel_error`` of each file's
+decode. NNCodec's dependent quantisation moves codes by up to two steps, so at the same
+step its error is about 1.75 times kernelpack's; **at equal error** kernelpack's step is
+raised (bisection on the step multiplier) until its error is just at or below NNCodec's,
+and that file's bytes are compared.
 
-    python benchmarks/entropy.py [--nncodec]
+    python benchmarks/entropy.py [--nncodec] [--models NAME,...]
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernelpack import entropy  # noqa: E402
-from kernelpack.container import _compress, _unshuffle  # noqa: E402
+from kernelpack.container import CODECS, _compress, _unshuffle  # noqa: E402
 from kernelpack.errors import KernelpackError  # noqa: E402
 from kernelpack.forms import Dense  # noqa: E402
 
@@ -67,8 +76,8 @@ def zstd_decoder(codec: str, body: bytes, dtype: np.dtype, size: int) -> Callabl
 
 
 def codes_of(weights: dict[str, np.ndarray], step: float) -> dict[str, np.ndarray]:
-    """int8/int16 codes of every weight of rank >= 2 at ``step``; weights whose codes overflow
-    int16 are left out (NNCodec would raise its qp there)."""
+    """int8/int16 codes of every weight of rank >= 2 at ``step``, in their shape; weights whose
+    codes overflow int16 are left out (NNCodec would raise its qp there)."""
     out = {}
     for name, w in weights.items():
         if np.ndim(w) < 2:
@@ -80,68 +89,133 @@ def codes_of(weights: dict[str, np.ndarray], step: float) -> dict[str, np.ndarra
     return out
 
 
-def measure(model: str, qp: int, codes: dict[str, np.ndarray]) -> dict[str, float]:
-    """One row per array over MIN_BYTES, and the totals of the model at this qp."""
-    total = dict.fromkeys(["codes", "bytes", "H", "rans", "zstd", "rans_s", "zstd_s"], 0.0)
+def measure(model: str, qp: int, codes: dict[str, np.ndarray]) -> None:
+    """One table row: the totals over the model's arrays of more than MIN_BYTES."""
+    total = dict.fromkeys(["codes", "bytes", "H", "rans", "ctx", "zstd", "rans_s", "ctx_s", "zstd_s", "enc_s"], 0.0)
     worst = 0.0
-    for name, c in codes.items():
+    for c in codes.values():
         if c.nbytes <= MIN_BYTES:
             continue
-        raw = c.tobytes()
-        body = entropy.encode(c)
-        zcodec, zbody = min((_compress(raw, c.dtype, LEVEL, (k,)) for k in ("zstd", "zstd-shuffle")),
+        flat = c.reshape(-1)
+        rans = entropy.encode(flat)
+        start = time.perf_counter()
+        ctx = entropy.encode_as("rans-ctx", flat, c.shape)
+        total["enc_s"] += time.perf_counter() - start
+        zcodec, zbody = min((_compress(c.tobytes(), c.dtype, LEVEL, (k,)) for k in ("zstd", "zstd-shuffle")),
                             key=lambda r: len(r[1]))
         h = entropy_bits(c)
-        ratio = 8 * len(body) / c.size / max(h, 1e-9)
-        worst = max(worst, ratio if h > 0.05 else 0.0)
+        if h > 0.05:
+            worst = max(worst, 8 * len(ctx) / c.size / h)
         total["codes"] += c.size
         total["bytes"] += c.nbytes
         total["H"] += h * c.size
-        total["rans"] += 8 * len(body)
+        total["rans"] += 8 * len(rans)
+        total["ctx"] += 8 * len(ctx)
         total["zstd"] += 8 * len(zbody)
-        total["rans_s"] += best_time(lambda: entropy.decode(body, c.dtype, c.size))
+        total["rans_s"] += best_time(lambda: entropy.decode(rans, c.dtype, c.size))
+        total["ctx_s"] += best_time(lambda: entropy.decode_ctx(ctx, c.dtype, c.size))
         total["zstd_s"] += best_time(zstd_decoder(zcodec, zbody, c.dtype, c.nbytes)) if zcodec != "none" else 0
     n = total["codes"]
-    print(f"| {model} | {qp} | {int(n)} | {total['H'] / n:.3f} | {total['rans'] / n:.3f} | "
-          f"{total['rans'] / total['H']:.3f} | {worst:.3f} | {total['zstd'] / n:.3f} | "
-          f"{total['rans'] / total['zstd']:.3f} | {total['bytes'] / total['rans_s'] / 1e6:.0f} | "
-          f"{total['bytes'] / total['zstd_s'] / 1e6:.0f} |")
-    return total
+    print(f"| {model} | {qp} | {int(n)} | {total['H'] / n:.3f} | {total['rans'] / n:.3f} | {total['ctx'] / n:.3f} | "
+          f"{total['ctx'] / total['H']:.3f} | {worst:.3f} | {total['zstd'] / n:.3f} | {total['ctx'] / total['zstd']:.3f} | "
+          f"{total['bytes'] / total['ctx_s'] / 1e6:.0f} | {total['bytes'] / total['rans_s'] / 1e6:.0f} | "
+          f"{total['bytes'] / total['zstd_s'] / 1e6:.0f} | {total['enc_s'] / (4 * n) * 10e6:.2f} |", flush=True)
 
 
-def nncodec_bytes(weights: dict[str, np.ndarray], qp: int) -> tuple[int, int]:
-    """(kernelpack file bytes, NNCodec artifact bytes) at the same step."""
+# --- whole files ---------------------------------------------------------------------------------
+def step_file(weights: dict[str, np.ndarray], step: float, path: str, codecs: Any) -> tuple[int, float]:
+    """(bytes, weight error) of the suite's "step of qp" container at ``step``."""
     import kernelpack
+    import suite
+
+    kernelpack.save(weights, path, forms=suite.per_tensor(weights, suite.absolute_step(step), 0), codecs=codecs)
+    return os.path.getsize(path), suite.rel_error(weights, kernelpack.load_numpy(path))
+
+
+def error_at(weights: dict[str, np.ndarray], step: float) -> float:
+    """The weight error of the "step of qp" container at ``step``, without writing it: the
+    codes' decode ``float32(q) * float32(step)``, float16 for the small tensors of rank >= 2."""
+    import suite
+
+    plan = suite.per_tensor(weights, suite.absolute_step(step), 0)
+    got = {}
+    for name, w in weights.items():
+        config = plan.get(name)
+        if np.ndim(w) < 2 or config is None:
+            got[name] = w
+        elif config.step is None:
+            got[name] = np.asarray(w, np.float32).astype(np.float16)
+        else:
+            codes = config.encode(np.asarray(w, np.float32), "float32").arrays()["data"]
+            got[name] = codes.data.astype(np.float32) * np.float32(codes.step)
+    return suite.rel_error(weights, got)
+
+
+def matched_step(weights: dict[str, np.ndarray], step: float, target: float) -> float:
+    """The largest step (a multiple of ``step`` in [1, 4], 12 bisections) whose error is at
+    most ``target``."""
+    low, high = 1.0, 4.0
+    if error_at(weights, step) > target:
+        return step
+    for _ in range(12):
+        middle = (low + high) / 2
+        low, high = (middle, high) if error_at(weights, step * middle) <= target else (low, middle)
+    return step * low
+
+
+def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> None:
     import peers
+    import suite
 
     step = peers.nncodec_step(qp)
-    forms = {n: Dense(step=step) for n, w in weights.items() if np.ndim(w) >= 2}
+    peer = peers.nncodec_peer(qp)
+    artifact = peer.encode(weights)
+    theirs, their_error = len(artifact), suite.rel_error(weights, peer.decode(artifact))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "m.kpk")
-        kernelpack.save({n: np.asarray(w, np.float32) for n, w in weights.items()}, path, forms=forms)
-        ours = os.path.getsize(path)
-    return ours, len(peers.nncodec_peer(qp).encode(weights))
+        default, error = step_file(weights, step, path, kernelpack_default())
+        ctx, _ = step_file(weights, step, path, CODECS)
+        matched = matched_step(weights, step, their_error)
+        equal_default, equal_error = step_file(weights, matched, path, kernelpack_default())
+        equal_ctx, _ = step_file(weights, matched, path, CODECS)
+    print(f"| {name} | {qp} | {theirs:,} | {their_error:.3g} | {default:,} | {ctx:,} | {error:.3g} | "
+          f"{ctx / theirs:.3f} | {matched / step:.3f} | {equal_default:,} | {equal_ctx:,} | {equal_error:.3g} | "
+          f"{equal_default / theirs:.3f} | {equal_ctx / theirs:.3f} |", flush=True)
+
+
+def kernelpack_default() -> Any:
+    from kernelpack.container import DEFAULT_CODECS
+
+    return DEFAULT_CODECS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nncodec", action="store_true", help="also whole-model bytes against NNCodec")
+    parser.add_argument("--nncodec", action="store_true", help="also whole files against NNCodec")
+    parser.add_argument("--models", default="", help="comma-separated model names (default: every real model)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import models
     import peers
 
-    print("| model | qp | codes (arrays > 4 KB) | H bits/code | rans bits/code | rans / H | worst array rans / H "
-          "| zstd* bits/code | rans / zstd* | rans decode MB/s | zstd* decode MB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for model in models.real_models(quick=True):
+    chosen = [m for m in models.real_models(quick=True) if not args.models or m.name in args.models.split(",")]
+    print("| model | qp | codes (arrays > 4 KB) | H bits/code | rans bits/code | rans-ctx bits/code | rans-ctx / H "
+          "| worst array rans-ctx / H | zstd* bits/code | rans-ctx / zstd* | rans-ctx decode MB/s "
+          "| rans decode MB/s | zstd* decode MB/s | rans-ctx encode s per 10 MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in chosen:
         weights = {n: np.asarray(w) for n, w in model.weights.items()}
         for qp in QPS:
             measure(model.name, qp, codes_of(weights, peers.nncodec_step(qp)))
-            if args.nncodec:
-                ours, theirs = nncodec_bytes(weights, qp)
-                print(f"  {model.name} qp {qp}: kernelpack {ours} bytes, NNCodec {theirs} bytes, "
-                      f"ratio {ours / theirs:.3f}")
+    if args.nncodec:
+        print("\n| model | qp | NNCodec bytes | NNCodec error | kpk same step, default codecs | kpk same step, "
+              "rans-ctx | kpk error | rans-ctx / NNCodec | step x for equal error | kpk equal error, default "
+              "| kpk equal error, rans-ctx | kpk error | default / NNCodec | rans-ctx / NNCodec |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for model in chosen:
+            weights = {n: np.asarray(w) for n, w in model.weights.items()}
+            for qp in QPS:
+                whole_files(model.name, weights, qp)
     return 0
 
 
