@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -79,6 +79,17 @@ def from_unsigned(u: np.ndarray, dtype: np.dtype) -> np.ndarray:
         one = u.dtype.type(1)
         u = (u >> one) ^ (u.dtype.type(0) - (u & one))
     return u.view(dtype)
+
+
+@functools.cache
+def _jit() -> Any:
+    """The compiled loops (kernelpack/_rans_jit.py) if numba is installed, else None (the numpy
+    loops here, the reference). Imported on first use only: numba takes about 0.3 s to load."""
+    try:
+        from kernelpack import _rans_jit
+    except ImportError:
+        return None
+    return _rans_jit
 
 
 # --- varints ------------------------------------------------------------------------------
@@ -226,6 +237,11 @@ def _code(freq: np.ndarray, cum: np.ndarray, precision: int, lanes: int) -> tupl
     the decoder's initial states and its word stream (words in the order it reads them)."""
     freq, cum = freq.astype(np.uint64), cum.astype(np.uint64)
     x = np.full(lanes, STATE_LOW, dtype=np.uint64)
+    jit = _jit()
+    if jit is not None:
+        emitted = np.empty(len(freq), dtype=np.uint64)  # at most one word per element
+        n = jit.encode_loop(freq, cum, precision, lanes, x, emitted)
+        return x, emitted[:n][::-1]
     chunks = []
     count = len(freq)
     for start in range(((count - 1) // lanes) * lanes, -1, -lanes):
@@ -295,6 +311,15 @@ def _run(states: np.ndarray, words: np.ndarray, tables: list[np.ndarray], precis
     lanes = len(states)
     lane = np.arange(lanes)
     p, available = 0, len(words)
+    jit = _jit()
+    if jit is not None:
+        classes = row_class if row_class is not None else np.zeros(1, dtype=np.uint32)
+        p = jit.decode_loop(x, words, symbol, slot_freq, slot_bias, precision, classes,
+                            row_length if row_class is not None else count, out)
+        if p < 0:
+            raise _bad(f"words: the stream ends after {available} words, "
+                       f"element {(-1 - p) // lanes * lanes} needs more")
+        count = 0  # decoded: the checks below
     for start in range(0, count, lanes):
         r = min(lanes, count - start)
         xs = x[:r]
@@ -511,7 +536,15 @@ def _bits_at(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
 def _values_in_place(out: np.ndarray, extra: bytes, split: int, msb: int) -> None:
     """Tokens (in ``out``) to values, in chunks, reading the extra bits in element order."""
     buf = _padded(extra)
-    base, pos = 1 << split, 0
+    jit = _jit()
+    if jit is not None:
+        pos = jit.values_loop(out, buf, len(extra), split, msb)
+        if pos < 0:
+            raise _bad(f"extra: {len(extra)} bytes end inside the raw bits of element {-1 - pos}")
+        out = out[:0]  # converted: the checks below
+    else:
+        pos = 0
+    base = 1 << split
     for a in range(0, len(out), CHUNK):
         t = out[a:a + CHUNK].astype(np.int64)
         big = t >= base

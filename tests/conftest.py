@@ -20,11 +20,13 @@ from typing import Any, Mapping
 
 import msgpack
 import numpy as np
+import pytest
 import zstandard
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import kernelpack
+from kernelpack import entropy
 from kernelpack._backend import NumpyOps, TorchOps
 from kernelpack.container import COMPACT, unaligned
 from kernelpack.forms import Encoded
@@ -278,3 +280,15 @@ def linear_cases(draw: st.DrawFn, dtype: st.SearchStrategy = storage) -> tuple[n
 def any_compressed_case() -> st.SearchStrategy:
     return dct_cases() | series_cases() | basis_cases() | linear_cases()
 
+
+
+@pytest.fixture(params=["numpy loops", "compiled loops"])
+def rans_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test of an entropy codec twice: with entropy.py's numpy loops (the reference) and
+    with the compiled ones (kernelpack/_rans_jit.py; skipped without numba). Both must give
+    the same elements, the same bytes and the same errors."""
+    if request.param == "numpy loops":
+        monkeypatch.setattr(entropy, "_jit", lambda: None)
+    elif entropy._jit() is None:
+        pytest.skip("numba is not installed: pip install kernelpack[fast]")
+    return str(request.param)

@@ -101,12 +101,14 @@ def test_a_decoder_written_from_the_spec_reproduces_every_vector(name: str, tens
     assert spec_decode(body, dtype, decoded.size) == decoded.reshape(-1).tolist()
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @pytest.mark.parametrize("name, tensor, dtype, body, decoded", VECTOR_ARRAYS, ids=IDS)
 def test_the_encoder_reproduces_the_committed_vector_bytes(name: str, tensor: str, dtype: str, body: bytes,
                                                            decoded: np.ndarray) -> None:
     assert entropy.encode(decoded) == body
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_the_vectors_decode_to_the_manifest_digests() -> None:
     manifest = json.loads((VECTORS / "manifest.json").read_text(encoding="utf-8"))["files"]
     for name in RANS_VECTORS:
@@ -139,6 +141,7 @@ def int_arrays(draw: st.DrawFn) -> np.ndarray:
     return values
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @settings(max_examples=20, deadline=None)
 @given(values=int_arrays())
 def test_every_array_round_trips_and_the_spec_decoder_agrees(values: np.ndarray) -> None:
@@ -149,6 +152,7 @@ def test_every_array_round_trips_and_the_spec_decoder_agrees(values: np.ndarray)
         assert spec_decode(body, str(values.dtype), values.size) == values.tolist()
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @pytest.mark.parametrize("dtype", sorted(entropy.DTYPES))
 def test_extremes_of_every_dtype_round_trip(dtype: str) -> None:
     info = np.iinfo(dtype)
@@ -232,6 +236,7 @@ MALFORMED: dict[str, tuple[Callable[[bytes], bytes], str]] = {
 }
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_a_malformed_payload_is_refused_naming_the_payload_field(case: str) -> None:
     change, message = MALFORMED[case]
@@ -240,6 +245,7 @@ def test_a_malformed_payload_is_refused_naming_the_payload_field(case: str) -> N
     assert message in str(caught.value)
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_a_lane_that_does_not_end_in_the_initial_state_is_refused() -> None:
     """One lane, one symbol (frequency M: decoding leaves the state as it is), started at
     2^16 + 1: every word is used, and only the final state is wrong."""
@@ -251,12 +257,14 @@ def test_a_lane_that_does_not_end_in_the_initial_state_is_refused() -> None:
         entropy.decode(body[:start] + (65537).to_bytes(4, "little"), zeros.dtype, zeros.size)
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_every_truncation_of_a_payload_is_refused() -> None:
     for end in range(len(BODY)):
         with pytest.raises(kernelpack.KernelpackError, match="bad rans payload"):
             entropy.decode(BODY[:end], VALUES.dtype, VALUES.size)
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_a_wrong_escape_count_is_refused() -> None:
     """The payload declares one escape fewer: its values no longer line up with the symbols."""
     fewer = edit(ENDS["head"] - 1, bytes([ENDS["escapes"] - 1]))(BODY)
@@ -269,6 +277,7 @@ def test_a_wrong_escape_count_is_refused() -> None:
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=300), count=st.integers(1, 5000),
        dtype=st.sampled_from(sorted(entropy.DTYPES)))
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_any_bytes_decode_or_are_refused_never_anything_else(data: bytes, count: int, dtype: str) -> None:
     """The decode loop runs ceil(count / lanes) steps, each reading at most one word per lane,
     so any payload ends after O(count + length) work."""

@@ -126,12 +126,14 @@ def test_a_decoder_written_from_the_spec_reproduces_every_vector(name: str, tens
     assert spec_decode(body, dtype, decoded.size) == decoded.reshape(-1).tolist()
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @pytest.mark.parametrize("name, tensor, dtype, body, decoded", VECTOR_ARRAYS, ids=IDS)
 def test_the_encoder_reproduces_the_committed_vector_bytes(name: str, tensor: str, dtype: str, body: bytes,
                                                            decoded: np.ndarray) -> None:
     assert entropy.encode_as("rans-ctx", decoded.reshape(-1), decoded.shape) == body
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_the_vectors_decode_to_the_manifest_digests() -> None:
     manifest = json.loads((VECTORS / "manifest.json").read_text(encoding="utf-8"))["files"]
     for name in FILES:
@@ -177,6 +179,7 @@ def int_arrays(draw: st.DrawFn) -> np.ndarray:
     return values
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @settings(max_examples=25, deadline=None)
 @given(values=int_arrays())
 def test_every_array_round_trips_and_the_spec_decoder_agrees(values: np.ndarray) -> None:
@@ -284,6 +287,7 @@ MALFORMED: dict[str, tuple[Callable[[bytes], bytes], str]] = {
 }
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_a_malformed_payload_is_refused_naming_the_payload_field(case: str) -> None:
     change, message = MALFORMED[case]
@@ -292,6 +296,7 @@ def test_a_malformed_payload_is_refused_naming_the_payload_field(case: str) -> N
     assert message in str(caught.value)
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_nonzero_padding_bits_are_refused() -> None:
     """The last byte of the extra bits and of the row classes end in padding that must be 0."""
     used = 8 * ENDS["extra length"] - int(np.sum(entropy.tokens(entropy.to_unsigned(VALUES.reshape(-1)),
@@ -308,6 +313,7 @@ def test_nonzero_padding_bits_are_refused() -> None:
         entropy.decode_ctx(edit(10, b"\x8f")(body), rows.dtype, rows.size)
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_every_truncation_of_a_payload_is_refused() -> None:
     for end in range(len(BODY)):
         with pytest.raises(kernelpack.KernelpackError, match="bad rans-ctx payload"):
@@ -317,6 +323,7 @@ def test_every_truncation_of_a_payload_is_refused() -> None:
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=300), count=st.integers(1, 5000),
        dtype=st.sampled_from(sorted(entropy.DTYPES)))
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_any_bytes_decode_or_are_refused_never_anything_else(data: bytes, count: int, dtype: str) -> None:
     try:
         out = entropy.decode_ctx(data, np.dtype(dtype), count)
@@ -326,6 +333,7 @@ def test_any_bytes_decode_or_are_refused_never_anything_else(data: bytes, count:
         assert out.shape == (count,) and out.dtype == np.dtype(dtype)
 
 
+@pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 @settings(max_examples=100, deadline=None)
 @given(position=st.integers(0, len(BODY) - 1), mask=st.integers(1, 255))
 def test_a_flipped_byte_decodes_or_is_refused_never_anything_else(position: int, mask: int) -> None:
