@@ -785,7 +785,15 @@ def worker(seeds: list[bytes], seed: int, indices: range, skip: frozenset[int], 
 
 
 def warm_up(torch_every: int) -> None:
-    """Do once what the first input would otherwise time: import torch, compress the bombs."""
+    """Do once what the first input would otherwise time: import torch, compress the bombs,
+    load the compiled rans loops (numba's import and cache: about 0.8 s)."""
+    import numpy as np
+
+    from kernelpack import entropy
+
+    for codec in entropy.DECODERS:
+        for dtype in ("uint8", "uint16"):
+            entropy.DECODERS[codec](entropy.encode_as(codec, np.arange(3, dtype=dtype), (3,)), np.dtype(dtype), 3)
     if torch_every:
         from kernelpack._backend import get_ops
 
