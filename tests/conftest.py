@@ -292,3 +292,17 @@ def rans_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     elif entropy._jit() is None:
         pytest.skip("numba is not installed: pip install kernelpack[fast]")
     return str(request.param)
+
+
+def codec_payloads(paths: Any, codec: str) -> list[tuple[str, str, str, bytes, np.ndarray]]:
+    """(file name, tensor, dtype, payload, decoded elements) of every array stored with
+    ``codec`` in the vector files ``paths``: the cases of a codec's conformance tests."""
+    found = []
+    for path in paths:
+        with kernelpack.open(path) as c:
+            for tensor in c.keys():
+                for key, ref in c.info(tensor).arrays.items():
+                    if ref.codec == codec:
+                        body = bytes(c._read(ref.length, c._data_start + ref.offset))
+                        found.append((path.name, tensor, ref.spec.dtype, body, c.read_array(ref, key, tensor).data))
+    return found

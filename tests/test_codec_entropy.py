@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernelpack
-from conftest import RawFile
+from conftest import RawFile, codec_payloads
 from kernelpack import container, entropy
 from kernelpack.container import Container, codecs_of, write
 from kernelpack.forms import DenseTensor
@@ -78,19 +78,7 @@ def spec_decode(body: bytes, dtype: str, count: int) -> list[int]:
     return values
 
 
-def rans_payloads(name: str) -> list[tuple[str, str, bytes, np.ndarray]]:
-    """(tensor, dtype, payload, decoded elements) of every rans array of a vector file."""
-    found = []
-    with Container(VECTORS / name) as c:
-        for tensor in c.keys():
-            for key, ref in c.info(tensor).arrays.items():
-                if ref.codec == "rans":
-                    body = bytes(c._read(ref.length, c._data_start + ref.offset))
-                    found.append((tensor, ref.spec.dtype, body, c.read_array(ref, key, tensor).data))
-    return found
-
-
-VECTOR_ARRAYS = [(f, *item) for f in RANS_VECTORS for item in rans_payloads(f)]
+VECTOR_ARRAYS = codec_payloads([VECTORS / f for f in RANS_VECTORS], "rans")
 IDS = [f"{f}:{t}" for f, t, *_ in VECTOR_ARRAYS]
 
 
