@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernelpack import entropy  # noqa: E402
-from kernelpack.container import CODECS, _compress, _unshuffle  # noqa: E402
+from kernelpack.container import CODECS, DEFAULT_CODECS, _compress, _unshuffle  # noqa: E402
 from kernelpack.errors import KernelpackError  # noqa: E402
 from kernelpack.forms import Dense  # noqa: E402
 
@@ -173,20 +173,14 @@ def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> None:
     theirs, their_error = len(artifact), suite.rel_error(weights, peer.decode(artifact))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "m.kpk")
-        default, error = step_file(weights, step, path, kernelpack_default())
+        default, error = step_file(weights, step, path, DEFAULT_CODECS)
         ctx, _ = step_file(weights, step, path, CODECS)
         matched = matched_step(weights, step, their_error)
-        equal_default, equal_error = step_file(weights, matched, path, kernelpack_default())
+        equal_default, equal_error = step_file(weights, matched, path, DEFAULT_CODECS)
         equal_ctx, _ = step_file(weights, matched, path, CODECS)
     print(f"| {name} | {qp} | {theirs:,} | {their_error:.3g} | {default:,} | {ctx:,} | {error:.3g} | "
           f"{ctx / theirs:.3f} | {matched / step:.3f} | {equal_default:,} | {equal_ctx:,} | {equal_error:.3g} | "
           f"{equal_default / theirs:.3f} | {equal_ctx / theirs:.3f} |", flush=True)
-
-
-def kernelpack_default() -> Any:
-    from kernelpack.container import DEFAULT_CODECS
-
-    return DEFAULT_CODECS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,24 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     import models
     import peers
 
-    chosen = [m for m in models.real_models(quick=True) if not args.models or m.name in args.models.split(",")]
+    chosen = [(m.name, {n: np.asarray(w) for n, w in m.weights.items()}) for m in models.real_models(quick=True)
+              if not args.models or m.name in args.models.split(",")]
     print("| model | qp | codes (arrays > 4 KB) | H bits/code | rans bits/code | rans-ctx bits/code | rans-ctx / H "
           "| worst array rans-ctx / H | zstd* bits/code | rans-ctx / zstd* | rans-ctx decode MB/s "
           "| rans decode MB/s | zstd* decode MB/s | rans-ctx encode s per 10 MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for model in chosen:
-        weights = {n: np.asarray(w) for n, w in model.weights.items()}
+    for name, weights in chosen:
         for qp in QPS:
-            measure(model.name, qp, codes_of(weights, peers.nncodec_step(qp)))
+            measure(name, qp, codes_of(weights, peers.nncodec_step(qp)))
     if args.nncodec:
         print("\n| model | qp | NNCodec bytes | NNCodec error | kpk same step, default codecs | kpk same step, "
               "rans-ctx | kpk error | rans-ctx / NNCodec | step x for equal error | kpk equal error, default "
               "| kpk equal error, rans-ctx | kpk error | default / NNCodec | rans-ctx / NNCodec |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for model in chosen:
-            weights = {n: np.asarray(w) for n, w in model.weights.items()}
+        for name, weights in chosen:
             for qp in QPS:
-                whole_files(model.name, weights, qp)
+                whole_files(name, weights, qp)
     return 0
 
 

@@ -296,52 +296,60 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
 
 def _run(states: np.ndarray, words: np.ndarray, tables: list[np.ndarray], precision: int, count: int,
          sym_dtype: np.dtype, row_class: np.ndarray | None = None, row_length: int = 1) -> np.ndarray:
-    """The decode loop: one step decodes one element of every lane still running. Element
-    ``i`` reads the table ``row_class[i // row_length]`` (the only table if ``row_class`` is
-    None): the tables' slots are laid end to end, table ``g`` from slot ``g * M``."""
+    """The decode loop and its final checks. Element ``i`` reads the table
+    ``row_class[i // row_length]`` (the only table if ``row_class`` is None): the tables' slots
+    are laid end to end, table ``g`` from slot ``g * M``. The loop is the compiled one when
+    numba is installed, else ``_numpy_loop``: the same arithmetic, the same results."""
     m = 1 << precision
     symbol = np.concatenate([np.repeat(np.arange(len(f), dtype=sym_dtype), f) for f in tables])
     cum = np.concatenate([np.repeat(np.concatenate([[0], np.cumsum(f)[:-1]]), f) for f in tables])
     slot_freq = np.concatenate([np.repeat(f, f) for f in tables]).astype(np.uint32)
     slot_bias = (np.arange(m * len(tables)) % m - cum).astype(np.uint32)  # slot - cum[symbol]
+    if row_class is None:
+        row_class, row_length = np.zeros(1, dtype=np.uint32), max(count, 1)
+    out = np.empty(count, dtype=sym_dtype)
+    jit = _jit()
+    loop = jit.decode_loop if jit is not None else _numpy_loop
+    p = loop(states, words, symbol, slot_freq, slot_bias, precision, row_class, row_length, out)
+    available, lanes = len(words), len(states)
+    if p < 0:
+        raise _bad(f"words: the stream ends after {available} words, "
+                   f"element {(-1 - p) // lanes * lanes} needs more")
+    if p != available:
+        raise _bad(f"words: {available - p} of {available} words left over")
+    if np.any(states != STATE_LOW):
+        raise _bad(f"states: lane {int(np.argmax(states != STATE_LOW))} does not end in the state 2^16")
+    return out
+
+
+def _numpy_loop(x: np.ndarray, words: np.ndarray, symbol: np.ndarray, slot_freq: np.ndarray,
+                slot_bias: np.ndarray, precision: int, row_class: np.ndarray, row_length: int,
+                out: np.ndarray) -> int:
+    """The decode loop in numpy (the reference of kernelpack/_rans_jit.py ``decode_loop``, same
+    arguments and result): one step decodes one element of every lane still running. Returns
+    the words read, or ``-1 - i`` for the first element ``i`` of a step that needed a word
+    after the last one; the states ``x`` are updated in place."""
+    m = 1 << precision
     mask, shift, low = np.uint32(m - 1), np.uint32(precision), np.uint32(STATE_LOW)
     sixteen = np.uint32(16)
-    out = np.empty(count, dtype=sym_dtype)
-    x = states
-    lanes = len(states)
+    count, lanes = len(out), len(x)
     lane = np.arange(lanes)
     p, available = 0, len(words)
-    jit = _jit()
-    if jit is not None:
-        classes = row_class if row_class is not None else np.zeros(1, dtype=np.uint32)
-        p = jit.decode_loop(x, words, symbol, slot_freq, slot_bias, precision, classes,
-                            row_length if row_class is not None else count, out)
-        if p < 0:
-            raise _bad(f"words: the stream ends after {available} words, "
-                       f"element {(-1 - p) // lanes * lanes} needs more")
-        count = 0  # decoded: the checks below
     for start in range(0, count, lanes):
         r = min(lanes, count - start)
         xs = x[:r]
-        slot = xs & mask
-        if row_class is not None:
-            slot = slot + row_class[(start + lane[:r]) // row_length] * np.uint32(m)
+        slot = (xs & mask) + row_class[(start + lane[:r]) // row_length] * np.uint32(m)
         out[start:start + r] = symbol[slot]
         xs = slot_freq[slot] * (xs >> shift) + slot_bias[slot]
         need = xs < low
         n = int(np.count_nonzero(need))
         if n:
             if p + n > available:
-                raise _bad(f"words: the stream ends after {available} words, "
-                           f"element {start} needs more")
+                return -1 - start
             xs[need] = (xs[need] << sixteen) | words[p:p + n]
             p += n
         x[:r] = xs
-    if p != available:
-        raise _bad(f"words: {available - p} of {available} words left over")
-    if np.any(x != low):
-        raise _bad(f"states: lane {int(np.argmax(x != low))} does not end in the state 2^16")
-    return out
+    return p
 
 
 # --- rans-ctx: hybrid-integer tokens, a table per row class (format 1.5) -------------------
@@ -534,32 +542,36 @@ def _bits_at(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
 
 
 def _values_in_place(out: np.ndarray, extra: bytes, split: int, msb: int) -> None:
-    """Tokens (in ``out``) to values, in chunks, reading the extra bits in element order."""
-    buf = _padded(extra)
+    """Tokens (in ``out``) to values, reading the extra bits in element order, and the checks
+    of the extra field (compiled when numba is installed, else ``_numpy_values``)."""
     jit = _jit()
-    if jit is not None:
-        pos = jit.values_loop(out, buf, len(extra), split, msb)
-        if pos < 0:
-            raise _bad(f"extra: {len(extra)} bytes end inside the raw bits of element {-1 - pos}")
-        out = out[:0]  # converted: the checks below
-    else:
-        pos = 0
-    base = 1 << split
+    convert = jit.values_loop if jit is not None else _numpy_values
+    pos = convert(out, _padded(extra), len(extra), split, msb)
+    if pos < 0:
+        raise _bad(f"extra: {len(extra)} bytes end inside the raw bits of element {-1 - pos}")
+    if len(extra) != -(-pos // 8):
+        raise _bad(f"extra: {len(extra)} bytes, the values use {pos} bits")
+    if pos % 8 and extra[-1] >> (pos % 8):
+        raise _bad("extra: the bits after the last value are not zero")
+
+
+def _numpy_values(out: np.ndarray, buf: np.ndarray, size: int, split: int, msb: int) -> int:
+    """``values_loop`` of kernelpack/_rans_jit.py in numpy, in chunks of CHUNK elements (same
+    arguments and result: the bits read, or ``-1 - i`` for the first element ``i`` whose bits
+    run past the ``size`` bytes of ``buf``)."""
+    base, pos = 1 << split, 0
     for a in range(0, len(out), CHUNK):
         t = out[a:a + CHUNK].astype(np.int64)
         big = t >= base
         d = np.where(big, t - base, 0)
         k = np.where(big, split + (d >> msb) - msb, 0)
         ends = pos + np.cumsum(k)
-        if len(ends) and ends[-1] > 8 * len(extra):
-            raise _bad(f"extra: {len(extra)} bytes end inside the raw bits of element {a + int(np.argmax(ends > 8 * len(extra)))}")
+        if len(ends) and ends[-1] > 8 * size:
+            return -1 - (a + int(np.argmax(ends > 8 * size)))
         raw = _bits_at(buf, ends - k, k)
         out[a:a + CHUNK] = np.where(big, (((1 << msb) + (d & ((1 << msb) - 1))) << k) | raw, t)
         pos = int(ends[-1]) if len(ends) else pos
-    if len(extra) != -(-pos // 8):
-        raise _bad(f"extra: {len(extra)} bytes, the values use {pos} bits")
-    if pos % 8 and extra[-1] >> (pos % 8):
-        raise _bad("extra: the bits after the last value are not zero")
+    return pos
 
 
 # --- the codecs by name ---------------------------------------------------------------------

@@ -318,25 +318,37 @@ def test_rans_is_never_tried_on_other_dtypes(tmp_path: Path) -> None:
     assert saved(tmp_path / "b.kpk", Stored(bits, "bfloat16"), ("rans",)).ref(*KEY)["codec"] == "none"
 
 
+def coded(path: Path, codec: str) -> RawFile:
+    """A one-array file whose codes the writer stores with ``codec`` (rans or rans-ctx)."""
+    if codec == "rans":
+        return saved(path, laplace_codes())
+    from test_codec_rans_ctx import channel_codes
+
+    return saved(path, channel_codes(), container.CODECS)
+
+
+@pytest.mark.parametrize("codec", sorted(entropy.DECODERS))
 @pytest.mark.parametrize("dtype, shape", [("float16", [4096]), ("int32", [4096]), ("bfloat16", [4096]),
                                           ("int16", [0])])
-def test_rans_on_an_array_it_does_not_take_is_refused_when_the_file_opens(dtype: str, shape: list[int],
-                                                                         tmp_path: Path) -> None:
-    raw = saved(tmp_path / "r.kpk", laplace_codes())
+def test_an_entropy_codec_on_an_array_it_does_not_take_is_refused_when_the_file_opens(
+        codec: str, dtype: str, shape: list[int], tmp_path: Path) -> None:
+    raw = coded(tmp_path / "r.kpk", codec)
+    assert raw.ref(*KEY)["codec"] == codec
     raw.ref(*KEY).update(dtype=dtype, shape=shape)
     raw.header["tensors"]["w"]["dtype"] = "float32" if dtype == "bfloat16" else dtype
     raw.ref(*KEY).pop("step")
     raw.write(tmp_path / "r.kpk")
-    with pytest.raises(kernelpack.KernelpackError, match="rans is only for non-empty arrays") as caught:
+    with pytest.raises(kernelpack.KernelpackError, match=f"{codec} is only for non-empty arrays") as caught:
         Container(tmp_path / "r.kpk")
     assert (caught.value.tensor, caught.value.field) == ("w", "arrays.data.codec")
 
 
-def test_a_malformed_payload_in_a_file_names_file_tensor_and_array(tmp_path: Path) -> None:
-    raw = saved(tmp_path / "r.kpk", laplace_codes())
+@pytest.mark.parametrize("codec", sorted(entropy.DECODERS))
+def test_a_malformed_payload_in_a_file_names_file_tensor_and_array(codec: str, tmp_path: Path) -> None:
+    raw = coded(tmp_path / "r.kpk", codec)
     raw.replace_payload(KEY, raw.payload(*KEY)[:-2])  # with its SHA-256: the stream is what is wrong
     raw.write(tmp_path / "r.kpk")
-    with pytest.raises(kernelpack.KernelpackError, match="bad rans payload: words") as caught:
+    with pytest.raises(kernelpack.KernelpackError, match=f"bad {codec} payload: words") as caught:
         kernelpack.load_numpy(tmp_path / "r.kpk")
     assert (caught.value.path, caught.value.tensor, caught.value.field) == (str(tmp_path / "r.kpk"), "w",
                                                                             "arrays.data")

@@ -365,30 +365,6 @@ def test_with_the_codecs_of_1_4_the_writer_writes_what_it_wrote_before(tmp_path:
     assert raw.minor < 5 and raw.ref(*KEY)["codec"] in codecs_of(4)
 
 
-@pytest.mark.parametrize("dtype, shape", [("float16", [4096]), ("int32", [4096]), ("bfloat16", [4096]),
-                                          ("int16", [0])])
-def test_rans_ctx_on_an_array_it_does_not_take_is_refused_when_the_file_opens(dtype: str, shape: list[int],
-                                                                             tmp_path: Path) -> None:
-    raw = saved(tmp_path / "r.kpk", channel_codes())
-    raw.ref(*KEY).update(dtype=dtype, shape=shape)
-    raw.header["tensors"]["w"]["dtype"] = "float32" if dtype == "bfloat16" else dtype
-    raw.ref(*KEY).pop("step")
-    raw.write(tmp_path / "r.kpk")
-    with pytest.raises(kernelpack.KernelpackError, match="rans-ctx is only for non-empty arrays") as caught:
-        Container(tmp_path / "r.kpk")
-    assert (caught.value.tensor, caught.value.field) == ("w", "arrays.data.codec")
-
-
-def test_a_malformed_payload_in_a_file_names_file_tensor_and_array(tmp_path: Path) -> None:
-    raw = saved(tmp_path / "r.kpk", channel_codes())
-    raw.replace_payload(KEY, raw.payload(*KEY)[:-2])  # with its SHA-256: the stream is what is wrong
-    raw.write(tmp_path / "r.kpk")
-    with pytest.raises(kernelpack.KernelpackError, match="bad rans-ctx payload: words") as caught:
-        kernelpack.load_numpy(tmp_path / "r.kpk")
-    assert (caught.value.path, caught.value.tensor, caught.value.field) == (str(tmp_path / "r.kpk"), "w",
-                                                                            "arrays.data")
-
-
 def test_a_reader_of_1_4_refuses_a_1_5_file_as_an_unknown_codec(monkeypatch: pytest.MonkeyPatch) -> None:
     """This reader with the version table of 1.4: the committed v1.5 file is refused when it is
     opened, never misread."""
