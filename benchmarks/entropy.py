@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 import tempfile
 import time
@@ -89,7 +90,13 @@ def codes_of(weights: dict[str, np.ndarray], step: float) -> dict[str, np.ndarra
     return out
 
 
-def measure(model: str, qp: int, codes: dict[str, np.ndarray]) -> None:
+CODES_HEADER = ["| model | qp | codes (arrays > 4 KB) | H bits/code | rans bits/code | rans-ctx bits/code | rans-ctx / H "
+                "| worst array rans-ctx / H | zstd* bits/code | rans-ctx / zstd* | rans-ctx decode MB/s "
+                "| rans decode MB/s | zstd* decode MB/s | zstd* / rans-ctx decode time | rans-ctx encode s per 10 MB |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def measure(model: str, qp: int, codes: dict[str, np.ndarray]) -> str:
     """One table row: the totals over the model's arrays of more than MIN_BYTES."""
     total = dict.fromkeys(["codes", "bytes", "H", "rans", "ctx", "zstd", "rans_s", "ctx_s", "zstd_s", "enc_s"], 0.0)
     worst = 0.0
@@ -116,20 +123,26 @@ def measure(model: str, qp: int, codes: dict[str, np.ndarray]) -> None:
         total["ctx_s"] += best_time(lambda: entropy.decode_ctx(ctx, c.dtype, c.size))
         total["zstd_s"] += best_time(zstd_decoder(zcodec, zbody, c.dtype, c.nbytes)) if zcodec != "none" else 0
     n = total["codes"]
-    print(f"| {model} | {qp} | {int(n)} | {total['H'] / n:.3f} | {total['rans'] / n:.3f} | {total['ctx'] / n:.3f} | "
-          f"{total['ctx'] / total['H']:.3f} | {worst:.3f} | {total['zstd'] / n:.3f} | {total['ctx'] / total['zstd']:.3f} | "
-          f"{total['bytes'] / total['ctx_s'] / 1e6:.0f} | {total['bytes'] / total['rans_s'] / 1e6:.0f} | "
-          f"{total['bytes'] / total['zstd_s'] / 1e6:.0f} | {total['enc_s'] / (4 * n) * 10e6:.2f} |", flush=True)
+    if not n:
+        return f"| {model} | {qp} | 0 (no array over {MIN_BYTES} B) |" + " |" * 12
+    return (f"| {model} | {qp} | {int(n):,} | {total['H'] / n:.3f} | {total['rans'] / n:.3f} | {total['ctx'] / n:.3f} | "
+            f"{total['ctx'] / total['H']:.3f} | {worst:.3f} | {total['zstd'] / n:.3f} | "
+            f"{total['ctx'] / total['zstd']:.3f} | {total['bytes'] / total['ctx_s'] / 1e6:.0f} | "
+            f"{total['bytes'] / total['rans_s'] / 1e6:.0f} | {total['bytes'] / total['zstd_s'] / 1e6:.0f} | "
+            f"{total['zstd_s'] / total['ctx_s']:.3f} | {total['enc_s'] / (4 * n) * 10e6:.2f} |")
 
 
 # --- whole files ---------------------------------------------------------------------------------
-def step_file(weights: dict[str, np.ndarray], step: float, path: str, codecs: Any) -> tuple[int, float]:
-    """(bytes, weight error) of the suite's "step of qp" container at ``step``."""
+def step_file(weights: dict[str, np.ndarray], step: float, path: str, codecs: Any) -> tuple[int, float, float]:
+    """(bytes, weight error, header bytes per tensor) of the suite's "step of qp" container
+    at ``step``."""
     import kernelpack
     import suite
 
     kernelpack.save(weights, path, forms=suite.per_tensor(weights, suite.absolute_step(step), 0), codecs=codecs)
-    return os.path.getsize(path), suite.rel_error(weights, kernelpack.load_numpy(path))
+    with open(path, "rb") as f:
+        header = struct.unpack("<I", f.read(16)[12:16])[0]
+    return os.path.getsize(path), suite.rel_error(weights, kernelpack.load_numpy(path)), header / len(weights)
 
 
 def error_at(weights: dict[str, np.ndarray], step: float) -> float:
@@ -163,7 +176,14 @@ def matched_step(weights: dict[str, np.ndarray], step: float, target: float) -> 
     return step * low
 
 
-def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> None:
+FILES_HEADER = ["| model | qp | NNCodec bytes | NNCodec error | kpk same step, default codecs | kpk same step, "
+                "rans-ctx | kpk error | rans-ctx / NNCodec | step x for equal error | kpk equal error, default "
+                "| kpk equal error, rans-ctx | kpk error | default / NNCodec | rans-ctx / NNCodec "
+                "| header B/tensor |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> str:
     import peers
     import suite
 
@@ -173,14 +193,41 @@ def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> None:
     theirs, their_error = len(artifact), suite.rel_error(weights, peer.decode(artifact))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "m.kpk")
-        default, error = step_file(weights, step, path, DEFAULT_CODECS)
-        ctx, _ = step_file(weights, step, path, CODECS)
+        default, error, _ = step_file(weights, step, path, DEFAULT_CODECS)
+        ctx, _, _ = step_file(weights, step, path, CODECS)
         matched = matched_step(weights, step, their_error)
-        equal_default, equal_error = step_file(weights, matched, path, DEFAULT_CODECS)
-        equal_ctx, _ = step_file(weights, matched, path, CODECS)
-    print(f"| {name} | {qp} | {theirs:,} | {their_error:.3g} | {default:,} | {ctx:,} | {error:.3g} | "
-          f"{ctx / theirs:.3f} | {matched / step:.3f} | {equal_default:,} | {equal_ctx:,} | {equal_error:.3g} | "
-          f"{equal_default / theirs:.3f} | {equal_ctx / theirs:.3f} |", flush=True)
+        equal_default, equal_error, _ = step_file(weights, matched, path, DEFAULT_CODECS)
+        equal_ctx, _, header = step_file(weights, matched, path, CODECS)
+    return (f"| {name} | {qp} | {theirs:,} | {their_error:.3g} | {default:,} | {ctx:,} | {error:.3g} | "
+            f"{ctx / theirs:.3f} | {matched / step:.3f} | {equal_default:,} | {equal_ctx:,} | {equal_error:.3g} | "
+            f"{equal_default / theirs:.3f} | {equal_ctx / theirs:.3f} | {header:.1f} |")
+
+
+def tables(chosen: list[tuple[str, dict[str, np.ndarray]]], nncodec: bool,
+           say: Callable[[str], None] = lambda line: print(line, flush=True)) -> list[str]:
+    """The codes table and (``nncodec``) the whole-files table of ``chosen`` (name, weights)
+    models at every qp of QPS, each row also passed to ``say`` as it is measured."""
+    import peers
+
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        lines.append(line)
+        say(line)
+
+    for line in CODES_HEADER:
+        add(line)
+    for name, weights in chosen:
+        for qp in QPS:
+            add(measure(name, qp, codes_of(weights, peers.nncodec_step(qp))))
+    if nncodec:
+        add("")
+        for line in FILES_HEADER:
+            add(line)
+        for name, weights in chosen:
+            for qp in QPS:
+                add(whole_files(name, weights, qp))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,25 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import models
-    import peers
 
     chosen = [(m.name, {n: np.asarray(w) for n, w in m.weights.items()}) for m in models.real_models(quick=True)
               if not args.models or m.name in args.models.split(",")]
-    print("| model | qp | codes (arrays > 4 KB) | H bits/code | rans bits/code | rans-ctx bits/code | rans-ctx / H "
-          "| worst array rans-ctx / H | zstd* bits/code | rans-ctx / zstd* | rans-ctx decode MB/s "
-          "| rans decode MB/s | zstd* decode MB/s | rans-ctx encode s per 10 MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, weights in chosen:
-        for qp in QPS:
-            measure(name, qp, codes_of(weights, peers.nncodec_step(qp)))
-    if args.nncodec:
-        print("\n| model | qp | NNCodec bytes | NNCodec error | kpk same step, default codecs | kpk same step, "
-              "rans-ctx | kpk error | rans-ctx / NNCodec | step x for equal error | kpk equal error, default "
-              "| kpk equal error, rans-ctx | kpk error | default / NNCodec | rans-ctx / NNCodec |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, weights in chosen:
-            for qp in QPS:
-                whole_files(name, weights, qp)
+    tables(chosen, args.nncodec)
     return 0
 
 

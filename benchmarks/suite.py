@@ -49,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import entropy  # noqa: E402
 import kernelpack  # noqa: E402
 from kernelpack import DCT, Basis, Dense, Linear, Series  # noqa: E402
 
@@ -715,7 +716,7 @@ def environment() -> list[str]:
         pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    libs = {m: version(m) for m in ("numpy", "torch", "onnxruntime", "safetensors", "zstandard")}
+    libs = {m: version(m) for m in ("numpy", "torch", "onnxruntime", "safetensors", "zstandard", "numba")}
     libs.update(peers.versions())
     return [f"- Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; no GPU used",
             f"- Python {platform.python_version()}; kernelpack {kernelpack.__version__} at commit {commit}"
@@ -766,16 +767,26 @@ def main(argv: list[str] | None = None) -> None:
                 report(evaluate(model, method, work, repeats))
             calibrated_sweep(model, work, repeats, args.quick, report)
             nncodec_sweep(model, work, repeats, args.quick, report)
+    same_step = same_step_tables(models, args.quick)
     ltr = None if args.no_load_to_ready else load_to_ready(repeats)
     figures = plots(models, results, args.figures)
     minutes = (time.perf_counter() - started) / 60
-    write_report(args.out, command, minutes, machine, models, results, ltr, figures, missing)
+    write_report(args.out, command, minutes, machine, models, results, ltr, figures, missing, same_step)
     print(f"wrote {args.out} in {minutes:.1f} min")
+
+
+def same_step_tables(models: list[Any], quick: bool) -> list[str]:
+    """Issue 14's tables (``benchmarks/entropy.py``) for every model of the run: codes at
+    NNCodec's steps against their entropy, and whole files against NNCodec at the same step
+    and at equal weight error (quick: the codes table only)."""
+    print("same-step tables (benchmarks/entropy.py):", flush=True)
+    chosen = [(m.name, {n: np.asarray(w) for n, w in m.weights.items()}) for m in models]
+    return entropy.tables(chosen, nncodec=not quick)
 
 
 def write_report(path: str, command: str, minutes: float, machine: list[str], models: list[Any],
                  results: list[Result], ltr: dict[str, dict[str, float]] | None, figures: list[str],
-                 missing: str | None = None) -> None:
+                 missing: str | None = None, same_step: list[str] | None = None) -> None:
     text = io.StringIO()
     w = lambda line="": print(line, file=text)  # noqa: E731
     w("# Benchmarks: kernelpack against its peers on real trained models")
@@ -811,6 +822,20 @@ def write_report(path: str, command: str, minutes: float, machine: list[str], mo
     for line in targets(models, results, ltr):
         w(line)
     w()
+    if same_step:
+        w("## Issue 14: at NNCodec's quantisation steps (qp " + ", ".join(map(str, entropy.QPS)) + ")")
+        w()
+        w("Targets: bytes <= 0.95x NNCodec's with weight error <= NNCodec's; bits per code within 3% of the "
+          "order-0 entropy H on every array over 4 KB; header <= 80 B per tensor; `rans-ctx` decode >= 200 MB/s "
+          "of codes on one core (beside zstd*, the better of `zstd` and `zstd-shuffle`, on the same codes); "
+          "encode <= 5 s per 10 MB. Columns and method: `benchmarks/entropy.py` (its docstring). "
+          "NNCodec's dependent quantisation has about 1.75x kernelpack's weight error at the same step, so "
+          "the equal-error columns raise kernelpack's step until its error is at or just below NNCodec's; "
+          "header B/tensor is that rans-ctx file's.")
+        w()
+        for line in same_step:
+            w(line)
+        w()
     w("## Figures")
     w()
     w("Accuracy or agreement against bytes (lines: the best score each of NNCodec and kernelpack reaches "
