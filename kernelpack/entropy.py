@@ -161,6 +161,20 @@ def _table_bytes(freq: np.ndarray) -> bytes:
     return bytes(out)
 
 
+def _read_tables(reader: _Reader, classes: int, size: int, m: int) -> np.ndarray:
+    """``classes`` frequency tables of ``size`` symbols summing to ``m``, as the rows of an
+    int64 array (compiled when numba is installed; on any refusal, or without numba, this
+    reader reads the bytes again and names what is wrong)."""
+    jit = _jit()
+    if jit is not None:
+        freq = np.zeros((classes, size), dtype=np.int64)
+        end = jit.tables_loop(np.frombuffer(reader.body, np.uint8), reader.pos, m, freq)
+        if end >= 0:
+            reader.pos = end
+            return freq
+    return np.array([_read_table(reader, size, m) for _ in range(classes)])
+
+
 def _read_table(reader: _Reader, size: int, m: int) -> np.ndarray:
     freq = np.zeros(size, dtype=np.int64)
     i = 0
@@ -273,7 +287,7 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     k = reader.varint("symbols", 0, (1 << (8 * itemsize)) - 1)
     lanes = reader.varint("lanes", 1, count)
     n_escapes = reader.varint("escapes", 0, count)
-    freq = _read_table(reader, k + 1, m)
+    freq = _read_tables(reader, 1, k + 1, m)
     states = np.frombuffer(reader.take(4 * lanes, "states"), dtype="<u4").astype(np.uint32)
     if np.any(states < STATE_LOW):
         raise _bad(f"states: a state below 2^16 (lane {int(np.argmax(states < STATE_LOW))})")
@@ -284,7 +298,7 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     if len(rest) % 2:
         raise _bad(f"words: {len(rest)} bytes, not a whole number of 16-bit words")
     words = np.frombuffer(rest, dtype="<u2").astype(np.uint32)
-    out = _run(states, words, [freq], precision, count, unsigned)  # every symbol, k included, fits
+    out = _run(states, words, freq, precision, count, unsigned)  # every symbol, k included, fits
 
     escaped = np.flatnonzero(out == k)
     if len(escaped) != n_escapes:
@@ -294,21 +308,26 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     return from_unsigned(out, dtype)
 
 
-def _run(states: np.ndarray, words: np.ndarray, tables: list[np.ndarray], precision: int, count: int,
+def _run(states: np.ndarray, words: np.ndarray, tables: np.ndarray, precision: int, count: int,
          sym_dtype: np.dtype, row_class: np.ndarray | None = None, row_length: int = 1) -> np.ndarray:
-    """The decode loop and its final checks. Element ``i`` reads the table
-    ``row_class[i // row_length]`` (the only table if ``row_class`` is None): the tables' slots
+    """The decode loop and its final checks. Element ``i`` reads the table (row of ``tables``)
+    ``row_class[i // row_length]`` (the only one if ``row_class`` is None): the tables' slots
     are laid end to end, table ``g`` from slot ``g * M``. The loop is the compiled one when
     numba is installed, else ``_numpy_loop``: the same arithmetic, the same results."""
     m = 1 << precision
-    symbol = np.concatenate([np.repeat(np.arange(len(f), dtype=sym_dtype), f) for f in tables])
-    cum = np.concatenate([np.repeat(np.concatenate([[0], np.cumsum(f)[:-1]]), f) for f in tables])
-    slot_freq = np.concatenate([np.repeat(f, f) for f in tables]).astype(np.uint32)
-    slot_bias = (np.arange(m * len(tables)) % m - cum).astype(np.uint32)  # slot - cum[symbol]
+    jit = _jit()
+    if jit is not None:
+        symbol = np.empty(m * len(tables), dtype=sym_dtype)
+        slot_freq, slot_bias = np.empty(m * len(tables), np.uint32), np.empty(m * len(tables), np.uint32)
+        jit.slots_loop(tables, precision, symbol, slot_freq, slot_bias)
+    else:
+        symbol = np.concatenate([np.repeat(np.arange(len(f), dtype=sym_dtype), f) for f in tables])
+        cum = np.concatenate([np.repeat(np.concatenate([[0], np.cumsum(f)[:-1]]), f) for f in tables])
+        slot_freq = np.concatenate([np.repeat(f, f) for f in tables]).astype(np.uint32)
+        slot_bias = (np.arange(m * len(tables)) % m - cum).astype(np.uint32)  # slot - cum[symbol]
     if row_class is None:
         row_class, row_length = np.zeros(1, dtype=np.uint32), max(count, 1)
     out = np.empty(count, dtype=sym_dtype)
-    jit = _jit()
     loop = jit.decode_loop if jit is not None else _numpy_loop
     p = loop(states, words, symbol, slot_freq, slot_bias, precision, row_class, row_length, out)
     available, lanes = len(words), len(states)
@@ -503,7 +522,7 @@ def decode_ctx(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     if np.any(row_class >= classes):
         raise _bad(f"row classes: row {int(np.argmax(row_class >= classes))} has a class >= {classes}")
     size = token_count(bits, split, msb)
-    tables = [_read_table(reader, size, 1 << precision) for _ in range(classes)]
+    tables = _read_tables(reader, classes, size, 1 << precision)
     states = np.frombuffer(reader.take(4 * lanes, "states"), dtype="<u4").astype(np.uint32)
     if np.any(states < STATE_LOW):
         raise _bad(f"states: a state below 2^16 (lane {int(np.argmax(states < STATE_LOW))})")
