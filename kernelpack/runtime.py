@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
@@ -98,6 +97,8 @@ def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int 
                 failure, names = exc, names[:position]
                 break
     big = [name for name in names if costs[name] >= PARALLEL_MIN]
+    from concurrent.futures import ThreadPoolExecutor  # here: 3 ms of import a one-thread load never needs
+
     with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
         futures = {name: pool.submit(fn, name) for name in sorted(big, key=costs.__getitem__, reverse=True)}
         try:

@@ -27,7 +27,7 @@ from scipy.fft import idctn
 import kernelpack
 from conftest import (NUMPY, TORCH, any_compressed_case, assert_same_bits, random_array, rel_error,
                       unit_filters, zigzag_by_definition)
-from kernelpack._backend import TorchOps
+from kernelpack._backend import BLAS_ONE_THREAD, MIN_BLOCK_ROWS, TorchOps
 from kernelpack._exact import chebyshev_table, cospi, dct_table, fixed_matmul, named_points
 from kernelpack.forms import Encoded
 
@@ -222,6 +222,19 @@ def test_fixed_matmul_is_the_integer_rule(ab: tuple[np.ndarray, np.ndarray]) -> 
     for ops in (NUMPY, TORCH):
         got = ops.to_numpy(fixed_matmul(ops, ops.float64(a, "float64"), ops.float64(b, "float64")))
         assert_same_bits(got, expected)
+
+
+@pytest.mark.parametrize("k, n", [(2, 3), (9, 64), (512, 1)])
+def test_products_in_row_blocks_are_the_integer_rule(k: int, n: int) -> None:
+    """Tall products run in row blocks (NumpyOps.matmul), the last one short: the same bits
+    as the spec's rule on the whole product, signed zeros included."""
+    rows = BLAS_ONE_THREAD // (k * n)
+    rng = np.random.default_rng(k * n)
+    a = rng.standard_normal((3 * rows + 5, k))
+    a[rng.random(a.shape) < 0.3] = -0.0
+    b = rng.standard_normal((k, n))
+    assert rows >= MIN_BLOCK_ROWS and a.shape[0] > rows  # blocks really used
+    assert_same_bits(fixed_matmul(NUMPY, a, b), spec_fixed_matmul(a, b))
 
 
 @pytest.mark.cuda
