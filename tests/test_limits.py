@@ -273,3 +273,25 @@ def test_a_long_dct_table_built_once_gives_the_bits_of_the_two_pass_build(monkey
     assert _exact.table_blocks(k, n) == (1800, 2) and _exact.table_blocks(k, n, known_exponent=True) == (1800, 1)
     assert_same_bits(_exact.transform_axis(*args, lambda: _exact.dct_table_exponent(n, k)),
                      _exact.transform_axis(*args))
+
+
+def test_reused_decode_tables_are_read_only_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables kept between tensors (kernelpack._exact.reused) are the function's results,
+    read-only, dropped least recently used beyond REUSE_BYTES, never kept over REUSE_LARGEST."""
+    monkeypatch.setattr(_exact, "REUSE_BYTES", 3 * 800)
+    monkeypatch.setattr(_exact, "REUSE_LARGEST", 1000)
+    calls: list[int] = []
+
+    def table(n: int) -> np.ndarray:
+        calls.append(n)
+        return np.full(n, float(n))
+
+    kept = _exact.reused(table)
+    first = kept(100)  # 800 bytes
+    assert kept(100) is first and calls == [100] and not first.flags.writeable
+    for n in (99, 98, 97):  # 3 more of ~800 bytes: 100, the least recently used, is dropped
+        kept(n)
+    kept(100)
+    assert calls == [100, 99, 98, 97, 100]
+    big = kept(200)  # 1600 bytes: over REUSE_LARGEST, returned but not kept (and still writable)
+    assert big.flags.writeable and kept(200) is not big

@@ -29,8 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from kernelpack._backend import Ops
-from kernelpack._exact import (MAX_REDUCTION, dct_table, dct_table_exponent, table_blocks, transform_axis,
-                              zigzag_box, zigzag_positions, zigzag_scatter)
+from kernelpack._exact import (MAX_REDUCTION, dct_table_exponent, decode_dct_table, decode_scatter, table_blocks,
+                              transform_axis, zigzag_box, zigzag_positions)
 from kernelpack.forms._base import (ELEMENT_WORK, FLOAT_DTYPES, TABLE_ENTRY_WORK, ArraySpec, Cost, Encoded,
                                     Quantisable, Stored, encoder_input, need, need_array, need_finite, need_int,
                                     need_only, read_work)
@@ -108,12 +108,12 @@ class DCTTensor(Encoded):
     def decode(self, ops: Ops) -> Any:
         # Box holding every kept index: its extent K along a transformed axis is the
         # reduction length of that axis's stage (it fixes the grid widths).
-        box, flat = zigzag_scatter(self.shape, self.axes, self.boundary)
+        box, flat = decode_scatter(self.shape, self.axes, self.boundary)
         values = ops.float64(*self.coefficients.numbers())
         x = ops.reshape(ops.scatter(math.prod(box), flat, values), box)
         for a in self.axes:
             n, k = self.shape[a], box[a]
-            x = transform_axis(ops, x, a, lambda lo, hi, n=n, k=k: dct_table(n, k, lo, hi), k, n,
+            x = transform_axis(ops, x, a, lambda lo, hi, n=n, k=k: decode_dct_table(n, k, lo, hi), k, n,
                                lambda n=n, k=k: dct_table_exponent(n, k))
         return ops.to_float32(x)
 
