@@ -10,25 +10,26 @@ so that any corrupted byte is an error. ``limits`` (a :class:`Limits`) bounds wh
 may make the reader allocate; services that open untrusted files may lower the defaults.
 
 Whole-file loads decode their tensors on ``threads`` threads (default None: one per CPU
-core, at most one per tensor of PARALLEL_MIN elements or more, and none beside the calling
-thread when those tensors hold fewer than AUTO_PARALLEL_TOTAL elements in all; smaller
-tensors decode in the calling thread first): reading, SHA-256, zstd and the large numpy/torch operations
+core, at most one per tensor whose decode costs PARALLEL_MIN_WORK or more, and none beside
+the calling thread when those tensors cost less than AUTO_PARALLEL_WORK in all; cheaper
+tensors decode in the calling thread first). Costs are the work the header declares for
+each decode (spec/FORMAT.md section 5: multiply-adds, table entries, elements read and
+written), so a small dct tensor with long products goes to the pool where a dense tensor
+of the same size does not. Reading, SHA-256, zstd and the large numpy/torch operations
 release the GIL. The result is the same with any number of threads (each tensor's decode
 is deterministic and independent of the others), and so is a failure: the error raised is
 the one of the first failing tensor in the file's order, as a one-thread load would raise.
 Each decode is checked against ``limits`` before it allocates, as on one thread; ``threads``
 decodes run at once, so peak memory is up to ``threads`` times one decode's.
-``threads=1`` decodes in the calling thread, one tensor after another. The forms whose
-decode is mostly matrix products (dct, series, linear) gain from the threads in numpy only
-when numpy's BLAS runs on one thread (``OPENBLAS_NUM_THREADS=1``, or
-``threadpoolctl.threadpool_limits(1, "blas")`` around the load: a process-wide setting,
-left to the application); with a multi-threaded BLAS they load at about the one-thread
-speed (benchmarks/README.md).
+``threads=1`` decodes in the calling thread, one tensor after another. kernelpack never
+changes a thread pool's size (BLAS's, OpenMP's, torch's: process-wide settings stay the
+application's); instead its products are cut so that they never make BLAS's threads and
+its own collide (kernelpack._backend: tall products in blocks BLAS runs on the calling
+thread, and the large products, where BLAS's threads pay, one at a time).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -58,23 +59,25 @@ def worker_count(threads: int | None, tasks: int) -> int:
     return max(1, min(wanted, tasks))
 
 
-#: Tensors of fewer elements decode in the calling thread, before the others start on the
-#: pool: their decode is mostly Python, and a thread running Python beside threads busy in
-#: C calls makes each of those wait for the GIL when its call returns (up to the 5 ms switch
-#: interval), which made many small tensors load slower on two threads than on one.
-PARALLEL_MIN = 1 << 15
-#: With ``threads=None`` a load whose big tensors hold fewer elements than this in all runs in
+#: Tensors whose decode costs less work decode in the calling thread, before the others start
+#: on the pool: their decode is mostly Python, and a thread running Python beside threads
+#: busy in C calls makes each of those wait for the GIL when its call returns (up to the 5 ms
+#: switch interval), which made many small tensors load slower on two threads than on one.
+#: 2^20 is the work of reading and writing a dense tensor of 2^15 elements.
+PARALLEL_MIN_WORK = 1 << 20
+#: With ``threads=None`` a load whose pooled tensors cost less work than this in all runs in
 #: the calling thread: below it the pool's start and the GIL hand-offs cost more than the
-#: second core gives back (measured on the PP-OCR models, 1.2M-2.7M elements: one thread was
-#: up to 1.3x faster for quantised containers; a ResNet-18, 11.7M, loads 1.8x faster on two).
-AUTO_PARALLEL_TOTAL = 1 << 22
+#: second core gives back (measured on the PP-OCR models, 1.2M-2.7M elements of mostly
+#: dense tensors: one thread was up to 1.3x faster; a ResNet-18, 11.7M, loads 1.8x faster on
+#: two). 2^27 is the work of a dense load of 4M elements.
+AUTO_PARALLEL_WORK = 1 << 27
 
 
 def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int | None,
                  cost: Callable[[str], int]) -> dict[str, Value]:
     """``{name: fn(name)}`` in the order of ``names``, on up to ``threads`` threads.
 
-    Items costing less than PARALLEL_MIN run first, in the calling thread; the others then
+    Items costing less than PARALLEL_MIN_WORK run first, in the calling thread; the others then
     run on the pool, costliest first, so that no big item is left running alone at the end.
     The exception raised is that of the first failing name in the order of ``names``,
     exactly as a sequential loop would raise it: after a failing small item only the big
@@ -83,20 +86,20 @@ def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int 
     working after the call).
     """
     costs = {name: cost(name) for name in names}  # once: for a small tensor it is a good part of its load
-    big = [name for name in names if costs[name] >= PARALLEL_MIN]
+    big = [name for name in names if costs[name] >= PARALLEL_MIN_WORK]
     workers = worker_count(threads, len(big))
-    if workers == 1 or (threads is None and sum(costs[name] for name in big) < AUTO_PARALLEL_TOTAL):
+    if workers == 1 or (threads is None and sum(costs[name] for name in big) < AUTO_PARALLEL_WORK):
         return {name: fn(name) for name in names}
     results: dict[str, Value] = {}
     failure: Exception | None = None
     for position, name in enumerate(names):
-        if costs[name] < PARALLEL_MIN:
+        if costs[name] < PARALLEL_MIN_WORK:
             try:
                 results[name] = fn(name)
             except Exception as exc:  # raised below, unless a big item before it fails first
                 failure, names = exc, names[:position]
                 break
-    big = [name for name in names if costs[name] >= PARALLEL_MIN]
+    big = [name for name in names if costs[name] >= PARALLEL_MIN_WORK]
     from concurrent.futures import ThreadPoolExecutor  # here: 3 ms of import a one-thread load never needs
 
     with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
@@ -111,10 +114,11 @@ def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int 
     return {name: results[name] for name in names}
 
 
-def _elements(container: Container) -> Callable[[str], int]:
-    """A tensor's decode cost, roughly: its element count (from the checked header); 0 for a
-    name the container lacks (its decode raises the error, in the calling thread)."""
-    return lambda name: math.prod(container.info(name).shape) if name in container else 0
+def _work(container: Container) -> Callable[[str], int]:
+    """A tensor's decode cost: the work its checked header declares (already computed by the
+    load's limit check); 0 for a name the container lacks (its decode raises the error, in
+    the calling thread)."""
+    return lambda name: container.cost(name).work if name in container else 0
 
 
 def decode_all(c: Container, decode: Callable[[str], Value], threads: int | None,
@@ -127,7 +131,7 @@ def decode_all(c: Container, decode: Callable[[str], Value], threads: int | None
     names = c.keys() if names is None else list(names)
     auto = worker_count(threads, len(names))
     fitting = c.plan_load(auto, names)
-    state = map_in_order(decode, names, threads if fitting == auto else fitting, _elements(c))
+    state = map_in_order(decode, names, threads if fitting == auto else fitting, _work(c))
     if whole:
         c.check_payloads()
     return state

@@ -1,13 +1,14 @@
 """Parallel load: a whole-file load gives the same tensors, and fails with the same error,
 on any number of threads as one tensor after another (kernelpack.runtime, ``threads``).
 
-Tensors below ``runtime.PARALLEL_MIN`` elements decode in the calling thread and the
+Tensors whose decode costs less than ``runtime.PARALLEL_MIN_WORK`` decode in the calling thread and the
 others on the pool; the tests run with the real threshold and with 0 (every tensor on the
 pool), and check that the pool was used, so that both paths are exercised.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import tracemalloc
@@ -30,19 +31,19 @@ BIG = (64, 32, 4, 4)  # 32768 elements: at the threshold, so it goes to the pool
 
 @pytest.fixture(params=["threshold", "all-on-pool"])
 def pools(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Runs with the real PARALLEL_MIN and AUTO_PARALLEL_TOTAL and with both 0; yields the
+    """Runs with the real PARALLEL_MIN_WORK and AUTO_PARALLEL_WORK and with both 0; yields the
     worker counts of the pools made."""
     if request.param == "all-on-pool":
-        monkeypatch.setattr(runtime, "PARALLEL_MIN", 0)
-        monkeypatch.setattr(runtime, "AUTO_PARALLEL_TOTAL", 0)
+        monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(runtime, "AUTO_PARALLEL_WORK", 0)
     made: list[int] = []
-    real = runtime.ThreadPoolExecutor
+    real = concurrent.futures.ThreadPoolExecutor  # runtime imports it when a load first needs a pool
 
     def counting(workers: int, **kwargs: Any) -> Any:
         made.append(workers)
         return real(workers, **kwargs)
 
-    monkeypatch.setattr(runtime, "ThreadPoolExecutor", counting)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", counting)
     yield made
 
 
@@ -89,7 +90,7 @@ def test_every_form_loads_to_the_same_bits_on_any_number_of_threads(
     assert digests(kernelpack.load(every_form, threads=threads)) == expected
     wanted = (os.cpu_count() or 1) if threads is None else threads
     # the pool really ran (one thread never makes one; by default, neither does a file this small)
-    assert bool(pools) == (wanted > 1 and (threads is not None or runtime.AUTO_PARALLEL_TOTAL == 0))
+    assert bool(pools) == (wanted > 1 and (threads is not None or runtime.AUTO_PARALLEL_WORK == 0))
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["files"]))
