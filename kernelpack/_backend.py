@@ -86,6 +86,12 @@ class Ops(Protocol):
 #: (a real GEMM, where BLAS's own threads pay).
 BLAS_ONE_THREAD = 1 << 18
 MIN_BLOCK_ROWS = 64
+def blas_threaded(entries: int) -> bool:
+    """Whether a product whose right operand has ``entries`` (K x N) is one BLAS runs on its
+    own threads: its row blocks under BLAS_ONE_THREAD would be under MIN_BLOCK_ROWS rows."""
+    return BLAS_ONE_THREAD // max(1, entries) < MIN_BLOCK_ROWS
+
+
 #: Held by each large product of a decode (one BLAS runs on all its threads): the threads of
 #: a parallel load run them one at a time, every core busy in each, instead of two calls
 #: splitting BLAS's threads between them (or OpenBLAS serialising them, its own threads
@@ -134,10 +140,10 @@ class NumpyOps:
         exact integer sum (kernelpack/_exact.py), so the blocks never change a bit, and
         the whole-file pool (runtime.py) supplies the parallelism instead. A large product
         (BLAS's threads pay there) holds LARGE_PRODUCTS while it runs."""
-        rows = BLAS_ONE_THREAD // max(1, b.shape[0] * b.shape[1])
-        if rows < MIN_BLOCK_ROWS:
+        if blas_threaded(b.shape[0] * b.shape[1]):
             with LARGE_PRODUCTS:
                 return a @ b
+        rows = BLAS_ONE_THREAD // max(1, b.shape[0] * b.shape[1])
         if a.shape[0] <= rows:
             return a @ b
         out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))

@@ -24,8 +24,9 @@ decodes run at once, so peak memory is up to ``threads`` times one decode's.
 ``threads=1`` decodes in the calling thread, one tensor after another. kernelpack never
 changes a thread pool's size (BLAS's, OpenMP's, torch's: process-wide settings stay the
 application's); instead its products are cut so that they never make BLAS's threads and
-its own collide (kernelpack._backend: tall products in blocks BLAS runs on the calling
-thread, and the large products, where BLAS's threads pay, one at a time).
+its own collide: tall products run in blocks BLAS keeps on the calling thread
+(kernelpack._backend), and the tensors with large products, where BLAS's threads pay,
+decode after the pool is done, one at a time, BLAS's threads having the cores.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from kernelpack._backend import blas_threaded
 from kernelpack.container import Container, Limits
 from kernelpack.errors import KernelpackError
+from kernelpack.forms._base import Cost
 from kernelpack.ort import ort_session  # noqa: F401 - an ONNX Runtime session, torch-free
 
 
@@ -74,51 +77,66 @@ AUTO_PARALLEL_WORK = 1 << 27
 
 
 def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int | None,
-                 cost: Callable[[str], int]) -> dict[str, Value]:
+                 cost: Callable[[str], Cost]) -> dict[str, Value]:
     """``{name: fn(name)}`` in the order of ``names``, on up to ``threads`` threads.
 
-    Items costing less than PARALLEL_MIN_WORK run first, in the calling thread; the others then
-    run on the pool, costliest first, so that no big item is left running alone at the end.
+    Items whose work is under PARALLEL_MIN_WORK run first, in the calling thread; then the
+    others on the pool, costliest first, so that no big item is left running alone at the
+    end; last, in the calling thread, the items whose products BLAS runs on its own threads
+    (``Cost.product``, kernelpack._backend.blas_threaded): BLAS then has every core, and its
+    threads, which spin for a while after each call, never compete with the pool's.
     The exception raised is that of the first failing name in the order of ``names``,
-    exactly as a sequential loop would raise it: after a failing small item only the big
-    items before it run, and pool results are collected in order. Items not yet started
-    are cancelled once one fails, and the pool waits for the running ones (nothing is left
+    exactly as a sequential loop would raise it: after a failure only the items before it
+    still run, and pool results are collected in order. Items not yet started are
+    cancelled once one fails, and the pool waits for the running ones (nothing is left
     working after the call).
     """
     costs = {name: cost(name) for name in names}  # once: for a small tensor it is a good part of its load
-    big = [name for name in names if costs[name] >= PARALLEL_MIN_WORK]
+    big = [name for name in names if costs[name].work >= PARALLEL_MIN_WORK]
     workers = worker_count(threads, len(big))
-    if workers == 1 or (threads is None and sum(costs[name] for name in big) < AUTO_PARALLEL_WORK):
+    if workers == 1 or (threads is None and sum(costs[name].work for name in big) < AUTO_PARALLEL_WORK):
         return {name: fn(name) for name in names}
+    position = {name: i for i, name in enumerate(names)}
     results: dict[str, Value] = {}
-    failure: Exception | None = None
-    for position, name in enumerate(names):
-        if costs[name] < PARALLEL_MIN_WORK:
+    failures: dict[int, Exception] = {}
+
+    def in_order(chosen: Sequence[str]) -> None:
+        for name in chosen:
+            if failures and position[name] > min(failures):
+                return
             try:
                 results[name] = fn(name)
-            except Exception as exc:  # raised below, unless a big item before it fails first
-                failure, names = exc, names[:position]
-                break
-    big = [name for name in names if costs[name] >= PARALLEL_MIN_WORK]
-    from concurrent.futures import ThreadPoolExecutor  # here: 3 ms of import a one-thread load never needs
+            except Exception as exc:  # raised at the end, unless an earlier item fails too
+                failures[position[name]] = exc
+                return
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
-        futures = {name: pool.submit(fn, name) for name in sorted(big, key=costs.__getitem__, reverse=True)}
-        try:
-            results.update((name, futures[name].result()) for name in big)
-        finally:
-            for future in futures.values():
-                future.cancel()
-    if failure is not None:
-        raise failure
+    in_order([name for name in names if costs[name].work < PARALLEL_MIN_WORK])
+    threaded = {name for name in big if blas_threaded(costs[name].product)}
+    pooled = [name for name in big if name not in threaded and not (failures and position[name] > min(failures))]
+    if pooled:
+        from concurrent.futures import ThreadPoolExecutor  # here: 3 ms of import a one-thread load never needs
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
+            futures = {name: pool.submit(fn, name) for name in sorted(pooled, key=lambda n: -costs[n].work)}
+            try:
+                for name in pooled:
+                    results[name] = futures[name].result()
+            except Exception as exc:
+                failures[position[name]] = exc
+            finally:
+                for future in futures.values():
+                    future.cancel()
+    in_order([name for name in big if name in threaded])
+    if failures:
+        raise failures[min(failures)]
     return {name: results[name] for name in names}
 
 
-def _work(container: Container) -> Callable[[str], int]:
-    """A tensor's decode cost: the work its checked header declares (already computed by the
-    load's limit check); 0 for a name the container lacks (its decode raises the error, in
-    the calling thread)."""
-    return lambda name: container.cost(name).work if name in container else 0
+def _cost(container: Container) -> Callable[[str], Cost]:
+    """A tensor's decode cost as its checked header declares it (already computed by the
+    load's limit check); none for a name the container lacks (its decode raises the error,
+    in the calling thread)."""
+    return lambda name: container.cost(name) if name in container else Cost(0, 0, 0)
 
 
 def decode_all(c: Container, decode: Callable[[str], Value], threads: int | None,
@@ -131,7 +149,7 @@ def decode_all(c: Container, decode: Callable[[str], Value], threads: int | None
     names = c.keys() if names is None else list(names)
     auto = worker_count(threads, len(names))
     fitting = c.plan_load(auto, names)
-    state = map_in_order(decode, names, threads if fitting == auto else fitting, _work(c))
+    state = map_in_order(decode, names, threads if fitting == auto else fitting, _cost(c))
     if whole:
         c.check_payloads()
     return state

@@ -29,13 +29,16 @@ MiB = 1 << 20
 BIG = (64, 32, 4, 4)  # 32768 elements: at the threshold, so it goes to the pool
 
 
-@pytest.fixture(params=["threshold", "all-on-pool"])
+@pytest.fixture(params=["threshold", "all-on-pool", "products-last"])
 def pools(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Runs with the real PARALLEL_MIN_WORK and AUTO_PARALLEL_WORK and with both 0; yields the
-    worker counts of the pools made."""
+    """Runs with the real PARALLEL_MIN_WORK and AUTO_PARALLEL_WORK, with both 0, and with every
+    tensor that has products taken as one whose products BLAS threads (so dct and linear
+    decode after the pool, in the calling thread); yields the worker counts of the pools made."""
     if request.param == "all-on-pool":
         monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(runtime, "AUTO_PARALLEL_WORK", 0)
+    if request.param == "products-last":
+        monkeypatch.setattr(runtime, "blas_threaded", lambda entries: entries > 0)
     made: list[int] = []
     real = concurrent.futures.ThreadPoolExecutor  # runtime imports it when a load first needs a pool
 
@@ -119,6 +122,7 @@ def corrupt(path: Path, out: Path, *tensors: str) -> Path:
     (("steps", "series"), "steps"),  # a small one before a big one
     (("series", "basis_small"), "series"),  # a big one before a small one (small ones run first)
     (("dct_small", "bias"), "bias"),  # two small ones
+    (("dct", "series"), "dct"),  # one decoded after the pool (products-last) before one on it
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_first_failing_tensor_in_file_order_is_the_error(

@@ -435,12 +435,17 @@ class Cost:
     largest: int
     peak_bytes: int
     work: int
+    #: Entries (K x N) of the largest right operand of its products, 0 without products: a
+    #: load runs a tensor whose products BLAS spreads over its own threads apart from its
+    #: pool (kernelpack._backend.blas_threaded, kernelpack.runtime).
+    product: int = 0
 
     @classmethod
-    def of(cls, largest: int, work: int, table_block: int = 0) -> "Cost":
+    def of(cls, largest: int, work: int, table_block: int = 0, product: int = 0) -> "Cost":
         """A cost whose peak is PEAK_FACTOR copies of the largest array plus the table block
         being built, all at 8 bytes per element."""
-        return cls(max(largest, table_block), 8 * (PEAK_FACTOR * largest + TABLE_COPIES * table_block), work)
+        return cls(max(largest, table_block), 8 * (PEAK_FACTOR * largest + TABLE_COPIES * table_block), work,
+                   product)
 
 
 def read_work(arrays: Mapping[str, ArraySpec]) -> int:

@@ -89,15 +89,15 @@ class DCTTensor(Encoded):
         size = math.prod(box)
         largest = max(math.prod(shape), boundary * len(shape), size)
         work = read_work(arrays) + ELEMENT_WORK * (size * (2 + size.bit_length()) + math.prod(shape))
-        current, block = list(box), 0
+        current, block, product = list(box), 0, 0
         for a in axes:
             k, n = current[a], shape[a]
             entries, passes = table_blocks(k, n, known_exponent=True)
             work += math.prod(current) * (n + 2 * ELEMENT_WORK) + passes * k * n * TABLE_ENTRY_WORK
-            block = max(block, entries)
+            block, product = max(block, entries), max(product, entries)
             current[a] = n
             largest = max(largest, math.prod(current))
-        return Cost.of(largest, work, block)
+        return Cost.of(largest, work, block, product)
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],

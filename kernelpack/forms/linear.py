@@ -97,7 +97,7 @@ class LinearTensor(Encoded):
         r = arrays["A1"].shape[1] if "A1" in arrays else 0
         largest = max(math.prod(shape), *(a.size for a in arrays.values()), p * s)
         work = read_work(arrays) + p * r * s + s * p * filt + 2 * ELEMENT_WORK * (math.prod(shape) + p * s)
-        return Cost.of(largest, work)
+        return Cost.of(largest, work, product=max(r * s, p * filt))
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
