@@ -2,10 +2,11 @@
 against ``safetensors.numpy.save_file`` of the same state dict as float32 (issue 15, "Writing").
 
 The state dict has every tensor of torchvision's ``resnet50()`` but ``num_batches_tracked``
-(161 tensors, 25.6M parameters), built by hand (no torchvision needed), initialised as
+(267 tensors, 25.6M parameters), built by hand (no torchvision needed), initialised as
 benchmarks/decode.py's whole-model rows are (He-initialised convolutions and fc, norm
 parameters near their usual values). Each form goes on the weights it suits, as there
-(``decode.MODEL_FORMS``), float16 on the rest. A save is timed whole: encode (fits) and
+(``decode.MODEL_FORMS``), float16 on the rest; and int8 codes (dense, ``rel_step=0.05``) on
+the weights of rank >= 2, for the level's effect on quantised numbers. A save is timed whole: encode (fits) and
 write (codec choice, compression, digests, fsync) of a file in a temporary folder.
 
 The contenders run interleaved, one round after another (safetensors, then every form at
@@ -41,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import MODEL_FORMS, OtherLoad, environment, model_weights, profile  # noqa: E402
 
 NORM = ("weight", "bias", "running_mean", "running_var")
+#: decode.py's whole-model forms, and int8 codes (the numbers the planner and NNCodec-like
+#: settings store), whose compression is zstd's entropy coding rather than matches.
+FORMS = MODEL_FORMS + (("quant dense rel_step 0.05", Dense(rel_step=0.05), lambda shape: len(shape) > 1),)
 
 
 def resnet50(width: int = 64) -> dict[str, tuple[int, ...]]:
@@ -76,10 +80,10 @@ class Contender:
 
 
 def contenders(forms: list[str], compare_level: int | None) -> list[Contender]:
-    """safetensors, then each chosen form of MODEL_FORMS at the default level and (if asked)
-    at ``compare_level``."""
+    """safetensors, then each chosen form of FORMS at the default level and (if asked) at
+    ``compare_level``."""
     fallback = Dense("float16")
-    chosen = [(label, config, takes) for label, config, takes in MODEL_FORMS if label.split()[0] in forms]
+    chosen = [(label, config, takes) for label, config, takes in FORMS if label.split()[0] in forms]
     levels = [None] + ([compare_level] if compare_level is not None else [])
     out = [Contender("safetensors float32", None, None)]
     for level in levels:
@@ -140,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="width-16 ResNet-50, one round: a smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
-    parser.add_argument("--forms", default="dense,dct,series,basis,linear",
-                        help="comma-separated forms of decode.MODEL_FORMS (default: all five)")
+    parser.add_argument("--forms", default="dense,dct,series,basis,linear,quant",
+                        help="comma-separated first words of FORMS' labels (default: all six)")
     parser.add_argument("--compare-level", type=int, default=19,
                         help="also save every form at this zstd level (0: not; default 19)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of each kernelpack save")

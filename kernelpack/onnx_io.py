@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from kernelpack.container import atomic_write, need_output
+from kernelpack.container import DEFAULT_LEVEL, atomic_write, need_output
 from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need_name
@@ -233,7 +233,7 @@ def pack_onnx(src: Any, path: str | os.PathLike, forms: FormPlan = None, *,
               max_error: float | None = None, max_bytes: int | None = None,
               max_output_error: float | None = None, calibration: Any = None, metric: Any = None,
               candidates: Any = None, metadata: Mapping[str, str] | None = None,
-              level: int = 19, progress: bool | None = None) -> dict[str, Encoded]:
+              level: int = DEFAULT_LEVEL, progress: bool | None = None) -> dict[str, Encoded]:
     """Pack an ONNX model (path, bytes or ModelProto): weights as tensors, the rest as ``onnx.graph``.
 
     See the module doc for what counts as a weight and which form it gets; without a

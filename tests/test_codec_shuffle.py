@@ -18,11 +18,14 @@ import zstandard
 
 import kernelpack
 from conftest import RawFile
-from kernelpack.container import CODECS, Container, codecs_of, write
+from kernelpack.container import CODECS, ESTIMATE_LEVEL, EXACT_BYTES, Container, codecs_of, write
 from kernelpack.forms import DenseTensor
 from kernelpack.forms._base import Stored, to_stored
 
 KEY = ("tensors", "w", "data")
+#: The level these tests write at: their arrays were made so that at 19 each codec wins where it
+#: should (at the default level 3, zstd keeps a smooth bfloat16 ramp smaller than its planes).
+LEVEL = 19
 
 
 def zigzag(values: np.ndarray) -> np.ndarray:
@@ -51,7 +54,7 @@ def smooth(dtype: str, count: int = 4096) -> np.ndarray:
 
 def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = CODECS) -> RawFile:
     tensor = DenseTensor(stored, "float32" if stored.step is not None or stored.dtype == "bfloat16" else stored.dtype)
-    write(path, {"w": tensor}, codecs=codecs, compact=False)
+    write(path, {"w": tensor}, level=LEVEL, codecs=codecs, compact=False)
     return RawFile.read(path)
 
 
@@ -108,13 +111,25 @@ def test_the_writer_keeps_the_smallest_payload(tmp_path: Path) -> None:
     ramp = np.arange(4096, dtype=np.int64)
     cases = {"zstd-shuffle": smooth("float32"), "zstd": (ramp % 3 * 1000 + 12345).astype(np.int32),
              "none": np.random.default_rng(0).integers(-2**31, 2**31, 512).astype(np.int32)}
-    level19 = zstandard.ZstdCompressor(level=19, write_content_size=True)
+    compressor = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True)
     for codec, values in cases.items():
-        sizes = {"none": values.nbytes, "zstd": len(level19.compress(values.tobytes())),
-                 "zstd-shuffle": len(level19.compress(planes(values)))}
+        sizes = {"none": values.nbytes, "zstd": len(compressor.compress(values.tobytes())),
+                 "zstd-shuffle": len(compressor.compress(planes(values)))}
         assert sizes[codec] < min(size for c, size in sizes.items() if c != codec), sizes
         ref = saved(tmp_path / "any.kpk", Stored(values, str(values.dtype))).ref(*KEY)
         assert (ref["codec"], ref["length"]) == (codec, sizes[codec])
+
+
+def test_a_large_payload_is_compared_at_the_estimate_level_and_compressed_once_at_the_final_one(
+        tmp_path: Path) -> None:
+    """Beyond EXACT_BYTES the codecs are compared at ESTIMATE_LEVEL; the winner's bytes are then
+    its frame at the level asked for (here 19), not the estimate's."""
+    values = (1 + np.random.default_rng(0).random(EXACT_BYTES // 4 + 1024) / 64).astype(np.float32)  # high bytes repeat
+    final = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(planes(values))
+    estimate = zstandard.ZstdCompressor(level=ESTIMATE_LEVEL, write_content_size=True).compress(planes(values))
+    assert len(final) != len(estimate)
+    raw = saved(tmp_path / "large.kpk", Stored(values, "float32"))
+    assert raw.ref(*KEY)["codec"] == "zstd-shuffle" and raw.payload(*KEY) == final
 
 
 def test_a_tie_keeps_the_simpler_codec(tmp_path: Path) -> None:

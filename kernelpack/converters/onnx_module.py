@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kernelpack.container import DEFAULT_LEVEL
 from kernelpack.errors import KernelpackError
 from kernelpack.onnx_io import GRAPH, _onnx, checked, read_model, source_name, take_out, tensor_array
 from kernelpack.pack import FormPlan, save
@@ -359,7 +360,7 @@ class OnnxModule(nn.Module):
         return getattr(self.get_submodule(module), tensor)
 
     def save(self, path: str | os.PathLike, forms: FormPlan = None, metadata: Mapping[str, str] | None = None,
-             level: int = 19) -> dict[str, Any]:
+             level: int = DEFAULT_LEVEL) -> dict[str, Any]:
         """Pack as :func:`kernelpack.onnx_io.pack_onnx` does: the weights (trained forms as they are,
         others by ``forms``, e.g. the plan that compressed the module, else dense) and the graph."""
         return save(self, path, forms=forms, metadata=metadata, level=level, attachments={GRAPH: self._graph})

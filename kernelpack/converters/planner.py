@@ -14,10 +14,8 @@ Decisions:
   float16, whose error the sensitivity probes measure); the rest stays dense as it is. Each is planned as the float32 tensor of its numbers. Tensors that
   ``forms`` names keep that config (not planned) but take part in every measurement.
 * **Bytes** of a candidate are its stored arrays and banks compressed as the writer does
-  (the smallest of raw, zstd and zstd-shuffle per array) at zstd level 3 rather than the
-  writer's default 19: level 3 is ~20x faster, and on model weights level 19 saves only a
-  few per cent more, about alike for every candidate, so the choice does not change (the
-  header is not counted). ``max_bytes`` caps their total over the planned tensors.
+  (the smallest of raw, zstd and zstd-shuffle per array) at zstd level 3, the writer's
+  default (a file written at level 19 is within about 1% of it; the header is not counted). ``max_bytes`` caps their total over the planned tensors.
 * **Weight error** of a tensor is ||W - W'|| / ||W|| (0 for a zero tensor); ``max_error``
   caps it for every planned tensor.
 * **Estimated output error** of a tensor, with calibration statistics (H = E[x x^T] of its
