@@ -112,8 +112,8 @@ def run_child(case: dict[str, Any], one_core: bool) -> dict[str, Any]:
 
 
 # --- parent --------------------------------------------------------------------------------
-def containers(folder: str, width: int) -> tuple[list[tuple[str, str]], str, float]:
-    """(label, path) of each form's container, the safetensors file, and MB of float32."""
+def containers(folder: str, width: int, wanted: list[str]) -> tuple[list[tuple[str, str]], str, float]:
+    """(label, path) of each wanted form's container, the safetensors file, and MB of float32."""
     import kernelpack
     from decode import MODEL_FORMS, model_weights
     from kernelpack.forms import Dense
@@ -125,6 +125,8 @@ def containers(folder: str, width: int) -> tuple[list[tuple[str, str]], str, flo
     forms = list(MODEL_FORMS) + [("int8 codes", Dense(rel_step=0.1), lambda shape: len(shape) > 1)]
     paths = []
     for label, config, takes in forms:
+        if label.split()[0] not in wanted:
+            continue
         path = os.path.join(folder, f"{label.split()[0]}-{len(paths)}.kpk")
         start = time.perf_counter()
         kernelpack.save(state, path, forms=lambda name, w, c=config, t=takes: c if t(w.shape) else fallback)
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="width-16 ResNet-50, one round")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed loads per child (default 3)")
+    parser.add_argument("--forms", default="dense,dct,series,basis,linear,int8",
+                        help="comma-separated forms (first word of the labels; default all)")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(environment() + "\n")
     with tempfile.TemporaryDirectory() as folder:
-        forms, dense, mb = containers(folder, 16 if args.quick else 64)
+        forms, dense, mb = containers(folder, 16 if args.quick else 64, args.forms.split(","))
         tiny_kpk, tiny_st = tiny_files(folder)
         cases: dict[str, tuple[dict[str, Any], bool]] = {
             "safetensors, 1 core": ({"kind": "safetensors", "path": dense}, True),
