@@ -106,6 +106,19 @@ def test_no_order_is_stored_when_the_leading_filters_are_the_primaries() -> None
     assert rel_error(decoded, array) < 2**-20
 
 
+@given(seeds, st.integers(1, 40), st.integers(1, 40))
+def test_primaries_are_picked_as_pivoted_qr_picks_them(seed: int, c_out: int, k: int) -> None:
+    """pivot_order (pivoted Cholesky of the Gram matrix) picks the filters in the order of
+    scipy's QR with column pivoting, up to the rank (where the picks stop meaning anything)."""
+    from scipy.linalg import qr
+
+    from kernelpack.forms.linear import pivot_order
+
+    rows = np.random.default_rng(seed).standard_normal((c_out, k)) * np.geomspace(1, 4, k)
+    rank = min(c_out, k)
+    np.testing.assert_array_equal(pivot_order(rows)[:rank], qr(rows.T, mode="r", pivoting=True)[1][:rank])
+
+
 def test_a_zero_filter_is_not_a_primary() -> None:
     array = random_array(5, (4, 2, 3, 3))
     array[0] = 0.0
