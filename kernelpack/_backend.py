@@ -44,19 +44,58 @@ def has_nan(stored: np.ndarray, dtype: str) -> bool:
                                 or int(stored.view(np.uint16).max()) > inf | 0x8000)
 
 
+def has_special(stored: np.ndarray) -> bool:
+    """Whether stored float16 numbers hold an infinity or a NaN (exponent all ones), in two
+    integer max reductions and no temporary, as :func:`has_nan`."""
+    return stored.size > 0 and (int(stored.view(np.int16).max()) >= 0x7C00
+                                or int(stored.view(np.uint16).max()) >= 0xFC00)
+
+
+#: Elements per block of :func:`float16_to_float32`: a block of the input and of the output
+#: stay in the core's L2 cache across its passes.
+WIDEN_BLOCK = 1 << 16
+#: 2^112: scales float16 bits moved into float32's place (exponent bias 15 -> 127) to their
+#: value; a power of two, so the product is exact.
+_REBIAS = np.float32(2.0 ** 112)
+#: The smallest float32 subnormal: the rebias scales float16 subnormals from float32
+#: subnormals, which a thread with denormals-are-zero set (MXCSR DAZ, set by some libraries
+#: built with -ffast-math) would read as 0. Checked per call, in the calling thread.
+_TINY = np.array([1], dtype=np.uint32).view(np.float32)
+
+
 def float16_to_float32(stored: np.ndarray) -> np.ndarray:
     """Widen float16 to float32 exactly for every bit pattern (spec/FORMAT.md section 3):
-    numbers by value, a NaN to ``sign | 0x7F800000 | payload << 13``, so that a signalling
-    NaN stays signalling. numpy's cast already does this on the builds we know, hardware
-    conversions (x86 F16C, CUDA, torch's cast) set the quiet bit; the NaN lanes are written
-    from the bits here, so the result does not depend on which one ran."""
-    out = stored.astype(np.float32)
-    if has_nan(stored, "float16"):
-        bits = stored.view(np.uint16)
-        nan = (bits & 0x7FFF) > INFINITY_BITS["float16"]
-        h = bits[nan].astype(np.uint32)
-        out.view(np.uint32)[nan] = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
-    return out
+    numbers by value, infinities and NaNs to ``sign | 0x7F800000 | payload << 13``, so that a
+    signalling NaN stays signalling (hardware conversions, x86 F16C, CUDA, torch's cast,
+    set the quiet bit; these lanes are written from the bits here, so the result does not
+    depend on which one ran).
+
+    Why not numpy's cast: it converts one element at a time, 2 ns each, and was the largest
+    single cost of loading a ResNet-50 (most of its tensors are float16). Here the magnitude
+    bits are shifted into float32's place and scaled by 2^112 (exact), the sign put back, in
+    blocks that stay in L2: about 2x faster, the same bits (tests/test_narrowing.py). A
+    thread whose floating point reads subnormals as zero gets numpy's cast instead."""
+    bits = np.ascontiguousarray(stored).view(np.uint16).reshape(-1)
+    if not (_TINY * _REBIAS)[0]:  # denormals are zero in this thread: the rebias would lose them
+        out = bits.view(np.float16).astype(np.float32)
+    else:
+        out = np.empty(bits.shape, dtype=np.float32)
+        word = out.view(np.uint32)
+        sign = np.empty(min(len(bits), WIDEN_BLOCK), dtype=np.uint32)
+        for start in range(0, len(bits), WIDEN_BLOCK):
+            block, sign_block = word[start:start + WIDEN_BLOCK], sign[:min(WIDEN_BLOCK, len(bits) - start)]
+            np.copyto(block, bits[start:start + WIDEN_BLOCK])
+            np.bitwise_and(block, 0x8000, out=sign_block)
+            block ^= sign_block
+            block <<= np.uint32(13)
+            out[start:start + WIDEN_BLOCK] *= _REBIAS
+            sign_block <<= np.uint32(16)
+            block |= sign_block
+    if has_special(stored):  # exponent all ones: infinities and NaNs, from their bits
+        special = (bits & 0x7C00) == 0x7C00
+        h = bits[special].astype(np.uint32)
+        out.view(np.uint32)[special] = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
+    return out.reshape(np.shape(stored))
 
 
 class Ops(Protocol):

@@ -152,3 +152,29 @@ def test_save_then_verify_with_torch_passes_for_nan_payloads(tmp_path: os.PathLi
     with kernelpack.open(path) as c:
         assert c.verify("numpy") == c.verify("torch") == {name: True for name in tensors}
         assert_same_bits(c.get_tensor("widened").numpy(), c.get_numpy("widened"))
+
+
+def spec_widened(bits: np.ndarray) -> np.ndarray:
+    """float16 bits -> float32 bits as spec/FORMAT.md section 3 says: numbers by value (numpy's
+    cast, element by element), an all-ones exponent to sign | 0x7F800000 | payload << 13."""
+    h = bits.astype(np.uint32)
+    out = bits.view(np.float16).astype(np.float32).view(np.uint32).copy()
+    special = (h & 0x7C00) == 0x7C00
+    out[special] = ((h[special] & 0x8000) << 16) | 0x7F800000 | ((h[special] & 0x3FF) << 13)
+    return out
+
+
+@pytest.mark.parametrize("denormals_are_zero", [False, True])
+def test_every_float16_bit_pattern_widens_as_the_spec_says(monkeypatch: pytest.MonkeyPatch,
+                                                           denormals_are_zero: bool) -> None:
+    """All 65536 patterns, in an array longer than one block and in a short one, on the
+    rebiasing path and on the fallback a thread with denormals-are-zero takes."""
+    from kernelpack import _backend
+
+    if denormals_are_zero:  # what such a thread computes for the subnormal probe
+        monkeypatch.setattr(_backend, "_TINY", np.zeros(1, dtype=np.float32))
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for bits in (np.tile(every, 3), every[:1000], every[::-1].reshape(256, 256)):
+        got = _backend.float16_to_float32(bits.view(np.float16))
+        assert got.shape == bits.shape and got.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.uint32), spec_widened(bits))
