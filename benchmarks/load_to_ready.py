@@ -30,6 +30,7 @@ ORT with the CUDA provider and torch on the GPU.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -273,6 +274,8 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     models, repeats = (["ppocr-cls", "digits-cnn"], 2) if args.quick else (args.models, args.repeats)
+    # as an installed package is: bytecode compiled (a child may run with PYTHONDONTWRITEBYTECODE)
+    compileall.compile_dir(os.path.join(ROOT, "kernelpack"), quiet=1)
     os.makedirs(args.work, exist_ok=True)
     all_cases = cases(models, args.device, args.work)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "

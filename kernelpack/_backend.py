@@ -10,7 +10,6 @@ float64 -> float32 rounding. See spec/FORMAT.md, "Bit-exact decode".
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -131,11 +130,6 @@ def blas_threaded(entries: int) -> bool:
     return BLAS_ONE_THREAD // max(1, entries) < MIN_BLOCK_ROWS
 
 
-#: Held by each large product of a decode (one BLAS runs on all its threads): the threads of
-#: a parallel load run them one at a time, every core busy in each, instead of two calls
-#: splitting BLAS's threads between them (or OpenBLAS serialising them, its own threads
-#: spinning). kernelpack's calls only: the application's own BLAS calls never wait on it.
-LARGE_PRODUCTS = threading.Lock()
 
 class NumpyOps:
     """The reference backend: numpy on the CPU, no torch import."""
@@ -177,13 +171,10 @@ class NumpyOps:
         than the arithmetic: 5 to 40x slower than the same rows in blocks small enough for
         OpenBLAS to stay on the calling thread (benchmarks/decode.py). Every row is its own
         exact integer sum (kernelpack/_exact.py), so the blocks never change a bit, and
-        the whole-file pool (runtime.py) supplies the parallelism instead. A large product
-        (BLAS's threads pay there) holds LARGE_PRODUCTS while it runs."""
-        if blas_threaded(b.shape[0] * b.shape[1]):
-            with LARGE_PRODUCTS:
-                return a @ b
+        the whole-file pool (runtime.py) supplies the parallelism instead (and holds BLAS
+        to one thread while a load has large products, runtime.one_blas_thread)."""
         rows = BLAS_ONE_THREAD // max(1, b.shape[0] * b.shape[1])
-        if a.shape[0] <= rows:
+        if blas_threaded(b.shape[0] * b.shape[1]) or a.shape[0] <= rows:
             return a @ b
         out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
         for start in range(0, a.shape[0], rows):

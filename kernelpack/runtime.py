@@ -25,14 +25,16 @@ decodes run at once, so peak memory is up to ``threads`` times one decode's.
 changes a thread pool's size (BLAS's, OpenMP's, torch's: process-wide settings stay the
 application's); instead its products are cut so that they never make BLAS's threads and
 its own collide: tall products run in blocks BLAS keeps on the calling thread
-(kernelpack._backend), and the tensors with large products, where BLAS's threads pay,
-decode after the pool is done, one at a time, BLAS's threads having the cores.
+(kernelpack._backend), and while a load with large products runs, numpy's BLAS is held
+to one thread (:func:`one_blas_thread`; the one process-wide change, undone when the
+load returns).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Sequence, TypeVar
 
 import numpy as np
 
@@ -80,56 +82,60 @@ def map_in_order(fn: Callable[[str], Value], names: Sequence[str], threads: int 
                  cost: Callable[[str], Cost]) -> dict[str, Value]:
     """``{name: fn(name)}`` in the order of ``names``, on up to ``threads`` threads.
 
-    Items whose work is under PARALLEL_MIN_WORK run first, in the calling thread; then the
-    others on the pool, costliest first, so that no big item is left running alone at the
-    end; last, in the calling thread, the items whose products BLAS runs on its own threads
-    (``Cost.product``, kernelpack._backend.blas_threaded): BLAS then has every core, and its
-    threads, which spin for a while after each call, never compete with the pool's.
-    The exception raised is that of the first failing name in the order of ``names``,
-    exactly as a sequential loop would raise it: after a failure only the items before it
-    still run, and pool results are collected in order. Items not yet started are
-    cancelled once one fails, and the pool waits for the running ones (nothing is left
+    Items whose work is under PARALLEL_MIN_WORK run first, in the calling thread; the others
+    then run on the pool, costliest first, so that no big item is left running alone at the
+    end. The exception raised is that of the first failing name in the order of ``names``,
+    exactly as a sequential loop would raise it: after a failing small item only the big
+    items before it run, and pool results are collected in order. Items not yet started
+    are cancelled once one fails, and the pool waits for the running ones (nothing is left
     working after the call).
     """
-    costs = {name: cost(name) for name in names}  # once: for a small tensor it is a good part of its load
-    big = [name for name in names if costs[name].work >= PARALLEL_MIN_WORK]
+    costs = {name: cost(name).work for name in names}  # once: for a small tensor it is a good part of its load
+    big = [name for name in names if costs[name] >= PARALLEL_MIN_WORK]
     workers = worker_count(threads, len(big))
-    if workers == 1 or (threads is None and sum(costs[name].work for name in big) < AUTO_PARALLEL_WORK):
+    if workers == 1 or (threads is None and sum(costs[name] for name in big) < AUTO_PARALLEL_WORK):
         return {name: fn(name) for name in names}
-    position = {name: i for i, name in enumerate(names)}
     results: dict[str, Value] = {}
-    failures: dict[int, Exception] = {}
-
-    def in_order(chosen: Sequence[str]) -> None:
-        for name in chosen:
-            if failures and position[name] > min(failures):
-                return
+    failure: Exception | None = None
+    for position, name in enumerate(names):
+        if costs[name] < PARALLEL_MIN_WORK:
             try:
                 results[name] = fn(name)
-            except Exception as exc:  # raised at the end, unless an earlier item fails too
-                failures[position[name]] = exc
-                return
+            except Exception as exc:  # raised below, unless a big item before it fails first
+                failure, names = exc, names[:position]
+                break
+    big = [name for name in names if costs[name] >= PARALLEL_MIN_WORK]
+    from concurrent.futures import ThreadPoolExecutor  # here: 3 ms of import a one-thread load never needs
 
-    in_order([name for name in names if costs[name].work < PARALLEL_MIN_WORK])
-    threaded = {name for name in big if blas_threaded(costs[name].product)}
-    pooled = [name for name in big if name not in threaded and not (failures and position[name] > min(failures))]
-    if pooled:
-        from concurrent.futures import ThreadPoolExecutor  # here: 3 ms of import a one-thread load never needs
-
-        with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
-            futures = {name: pool.submit(fn, name) for name in sorted(pooled, key=lambda n: -costs[n].work)}
-            try:
-                for name in pooled:
-                    results[name] = futures[name].result()
-            except Exception as exc:
-                failures[position[name]] = exc
-            finally:
-                for future in futures.values():
-                    future.cancel()
-    in_order([name for name in big if name in threaded])
-    if failures:
-        raise failures[min(failures)]
+    with ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-load") as pool:
+        futures = {name: pool.submit(fn, name) for name in sorted(big, key=costs.__getitem__, reverse=True)}
+        try:
+            results.update((name, futures[name].result()) for name in big)
+        finally:
+            for future in futures.values():
+                future.cancel()
+    if failure is not None:
+        raise failure
     return {name: results[name] for name in names}
+
+
+def one_blas_thread(costs: Sequence[Cost]) -> ContextManager[Any]:
+    """numpy's BLAS on one thread while a load runs, if one of its decodes has a product
+    BLAS would spread over its threads (``Cost.product``, kernelpack._backend.blas_threaded);
+    else nothing (threadpoolctl is not even imported).
+
+    Why: the load's own threads are the parallelism (one tensor per core), and BLAS's
+    threads beside them only compete: OpenBLAS's workers spin for a while after each call,
+    taking the core a load thread needs. On this project's 2-core machine, OpenBLAS on two
+    threads was even slower than on one for every product shape measured (1024^3: 35 against
+    50 GFLOP/s), and a ResNet-50 dct load took 2.2 s against 1.0 s (benchmarks/README.md,
+    load_targets.py). The limit is threadpoolctl's (what scikit-learn does around its own
+    BLAS-heavy code): process-wide while the load runs, restored when it returns."""
+    if not any(blas_threaded(c.product) for c in costs):
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _cost(container: Container) -> Callable[[str], Cost]:
@@ -149,7 +155,8 @@ def decode_all(c: Container, decode: Callable[[str], Value], threads: int | None
     names = c.keys() if names is None else list(names)
     auto = worker_count(threads, len(names))
     fitting = c.plan_load(auto, names)
-    state = map_in_order(decode, names, threads if fitting == auto else fitting, _cost(c))
+    with one_blas_thread([c.cost(name) for name in names if name in c]):
+        state = map_in_order(decode, names, threads if fitting == auto else fitting, _cost(c))
     if whole:
         c.check_payloads()
     return state

@@ -29,16 +29,13 @@ MiB = 1 << 20
 BIG = (64, 32, 4, 4)  # 32768 elements: at the threshold, so it goes to the pool
 
 
-@pytest.fixture(params=["threshold", "all-on-pool", "products-last"])
+@pytest.fixture(params=["threshold", "all-on-pool"])
 def pools(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Runs with the real PARALLEL_MIN_WORK and AUTO_PARALLEL_WORK, with both 0, and with every
-    tensor that has products taken as one whose products BLAS threads (so dct and linear
-    decode after the pool, in the calling thread); yields the worker counts of the pools made."""
+    """Runs with the real PARALLEL_MIN_WORK and AUTO_PARALLEL_WORK and with both 0; yields the
+    worker counts of the pools made."""
     if request.param == "all-on-pool":
         monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(runtime, "AUTO_PARALLEL_WORK", 0)
-    if request.param == "products-last":
-        monkeypatch.setattr(runtime, "blas_threaded", lambda entries: entries > 0)
     made: list[int] = []
     real = concurrent.futures.ThreadPoolExecutor  # runtime imports it when a load first needs a pool
 
@@ -122,7 +119,6 @@ def corrupt(path: Path, out: Path, *tensors: str) -> Path:
     (("steps", "series"), "steps"),  # a small one before a big one
     (("series", "basis_small"), "series"),  # a big one before a small one (small ones run first)
     (("dct_small", "bias"), "bias"),  # two small ones
-    (("dct", "series"), "dct"),  # one decoded after the pool (products-last) before one on it
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_first_failing_tensor_in_file_order_is_the_error(
@@ -157,3 +153,33 @@ def test_a_tensor_over_the_limits_is_refused_before_it_is_allocated(tmp_path: Pa
 def test_threads_must_be_a_positive_integer_or_none(every_form: Path, threads: Any) -> None:
     with pytest.raises(ValueError, match="threads"):
         kernelpack.load_numpy(every_form, threads=threads)
+
+
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_load_with_large_products_holds_blas_to_one_thread_while_it_runs(
+        every_form: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """runtime.one_blas_thread: every decode of the load sees numpy's BLAS on one thread, and
+    the application's setting is back when the load returns (and when it fails)."""
+    before = blas_threads()
+    seen: list[list[int]] = []
+    real = Container.get_numpy
+
+    def spying(self: Container, name: str) -> Any:
+        seen.append(blas_threads())
+        return real(self, name)
+
+    monkeypatch.setattr(Container, "get_numpy", spying)
+    monkeypatch.setattr(runtime, "blas_threaded", lambda entries: entries > 0)  # dct's and linear's count
+    kernelpack.load_numpy(every_form, threads=threads)
+    assert seen and all(set(s) == {1} for s in seen)
+    assert blas_threads() == before
+    monkeypatch.setattr(runtime, "blas_threaded", lambda entries: False)  # no large product: left alone
+    seen.clear()
+    kernelpack.load_numpy(every_form, threads=threads)
+    assert seen and all(s == before for s in seen)

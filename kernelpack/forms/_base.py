@@ -436,8 +436,8 @@ class Cost:
     peak_bytes: int
     work: int
     #: Entries (K x N) of the largest right operand of its products, 0 without products: a
-    #: load runs a tensor whose products BLAS spreads over its own threads apart from its
-    #: pool (kernelpack._backend.blas_threaded, kernelpack.runtime).
+    #: load with a product BLAS would spread over its own threads holds BLAS to one thread
+    #: (kernelpack._backend.blas_threaded, kernelpack.runtime.one_blas_thread).
     product: int = 0
 
     @classmethod
