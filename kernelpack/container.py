@@ -203,49 +203,66 @@ def _unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
 #: basis, linear and dct 0.35%, 0.25% and 1.4% smaller, while a save took 11-19 s instead of
 #: 0.5 s (dense float16); ``level=19`` is there for the last per cent.
 DEFAULT_LEVEL = 3
-#: zstd level at which the writer compares codecs on a payload of more than EXACT_BYTES: each
-#: is compressed by every codec offered at ``min(level, ESTIMATE_LEVEL)``, and at a higher final
-#: level only the smallest, and any within ESTIMATE_MARGIN of it, are compressed again (level 19
-#: is some 20-50 times slower than level 3, and comparing there cost two level-19 compressions
-#: per payload). Payloads of at most EXACT_BYTES are compared at the final level itself, which
-#: costs little there and keeps the choice exact where a few bytes decide it (the conformance
-#: vectors' arrays: at level 3, frames of 32 to 192 bytes came out in another order than at 19).
-#: On ResNet-50 shapes in each form (benchmarks/pack.py), a margin of 0 made level-19 files up
-#: to 0.12% larger than comparing at 19 (dct's payloads); from 0.002 up they came out the same
-#: bytes, with 274 level-19 compressions for the 213 payloads above EXACT_BYTES of the five files
-#: at 0.005 (comparing at 19: 426).
-ESTIMATE_LEVEL = 3
+#: How the writer compares codecs (``_compress``). Payloads of at most EXACT_BYTES are
+#: compressed by every codec offered at the final level, and the smallest kept: cheap there,
+#: and exact where a few bytes decide it (the conformance vectors' arrays: at level 3, frames of
+#: 32 to 192 bytes came out in another order than at 19). A larger payload is compressed for
+#: real only by the codecs whose estimate is within ESTIMATE_MARGIN of the smallest estimate:
+#: the size at ESTIMATE_LEVEL of the payload, or beyond SAMPLE_BYTES of a sample of it
+#: (SAMPLE_CHUNKS evenly spaced runs of whole elements, SAMPLE_BYTES in all), scaled to the
+#: payload's length. Comparing at level 19 cost two level-19 compressions per payload, some
+#: 20-50 times slower than level 3. Measured on ResNet-50 shapes in six forms (benchmarks/pack.py;
+#: 210 payloads over EXACT_BYTES): with a margin of 0, level-3 files came out the same bytes as
+#: comparing every codec in full, and level-19 files up to 0.12% larger (dct's payloads); with
+#: 0.005, the same bytes at both levels, 261 final compressions for the 210 payloads (every codec
+#: in full: 420). A sample of 64 KiB missed by up to 2.9% at a margin of 0.
 EXACT_BYTES = 64 << 10
+ESTIMATE_LEVEL = 3
+SAMPLE_BYTES = 256 << 10
+SAMPLE_CHUNKS = 16
 ESTIMATE_MARGIN = 0.005
 
 
 def _compress(raw: bytes, dtype: np.dtype, level: int, codecs: Collection[str],
               name: str | None = None, shape: Sequence[int] = ()) -> tuple[str, bytes]:
     """The smallest payload of ``codecs`` and ``none``, the simpler on a tie (so zero-size
-    arrays are ``none``), compared at ``level`` or, beyond EXACT_BYTES, estimated at
-    ESTIMATE_LEVEL (see there); ``zstd-shuffle`` only for elements of more than one byte;
-    ``rans`` only for the stored dtypes ``name`` it takes (entropy.DTYPES: a bfloat16 array has
-    the numpy dtype of uint16, so the name decides), and ``rans-ctx`` likewise (its rows: the
-    first dimension of ``shape``)."""
+    arrays are ``none``), the zstd codecs compared by estimate beyond EXACT_BYTES (see there);
+    ``zstd-shuffle`` only for elements of more than one byte; ``rans`` only for the stored
+    dtypes ``name`` it takes (entropy.DTYPES: a bfloat16 array has the numpy dtype of uint16,
+    so the name decides), and ``rans-ctx`` likewise (its rows: the first dimension of ``shape``)."""
     if not raw:
         return "none", raw
     import zstandard
 
-    compare = level if len(raw) <= EXACT_BYTES else min(level, ESTIMATE_LEVEL)
-    compressor = zstandard.ZstdCompressor(level=compare, write_content_size=True)
-    inputs = {"zstd": raw} if "zstd" in codecs else {}
-    if "zstd-shuffle" in codecs and dtype.itemsize > 1:
-        inputs["zstd-shuffle"] = _shuffle(raw, dtype)
-    candidates = [("none", raw)] + [(codec, compressor.compress(data)) for codec, data in inputs.items()]
-    if name in entropy.DTYPES:
-        candidates += [(c, entropy.encode_as(c, np.frombuffer(raw, dtype=dtype), shape))
-                       for c in entropy.DECODERS if c in codecs]
-    if level > compare:  # every body stays a valid payload: the estimates left are larger ones
-        close = min(len(body) for _, body in candidates) * (1 + ESTIMATE_MARGIN)
-        final = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        candidates = [(codec, final.compress(inputs[codec]) if codec in inputs and len(body) <= close else body)
-                      for codec, body in candidates]
+    zstd = [c for c in ("zstd", "zstd-shuffle") if c in codecs and (c == "zstd" or dtype.itemsize > 1)]
+    exact = len(raw) <= EXACT_BYTES
+    piece = raw if exact or len(raw) <= SAMPLE_BYTES else _sample(raw, dtype.itemsize)
+    trial_level = level if exact else min(level, ESTIMATE_LEVEL)
+    trial = zstandard.ZstdCompressor(level=trial_level, write_content_size=True)
+    trials = {c: trial.compress(_zstd_input(c, piece, dtype)) for c in zstd}
+    entropic = [(c, entropy.encode_as(c, np.frombuffer(raw, dtype=dtype), shape))
+                for c in entropy.DECODERS if c in codecs and name in entropy.DTYPES]
+    if piece is raw and trial_level == level:  # the trials are the payloads
+        final = trials
+    else:
+        estimate = {c: len(body) * len(raw) / len(piece) for c, body in trials.items()}
+        close = min([len(raw), *estimate.values(), *(len(body) for _, body in entropic)]) * (1 + ESTIMATE_MARGIN)
+        compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        final = {c: compressor.compress(_zstd_input(c, raw, dtype)) for c in zstd if estimate[c] <= close}
+    candidates = [("none", raw)] + list(final.items()) + entropic
     return min(candidates, key=lambda candidate: len(candidate[1]))  # min keeps the first of ties
+
+
+def _zstd_input(codec: str, data: bytes, dtype: np.dtype) -> bytes:
+    """What the zstd frame of ``codec`` holds: the bytes, or their byte planes."""
+    return _shuffle(data, dtype) if codec == "zstd-shuffle" else data
+
+
+def _sample(raw: bytes, itemsize: int) -> bytes:
+    """SAMPLE_CHUNKS evenly spaced runs of whole elements of ``raw``, SAMPLE_BYTES in all (about)."""
+    count, run = len(raw) // itemsize, max(1, SAMPLE_BYTES // SAMPLE_CHUNKS // itemsize)
+    starts = np.linspace(0, count - run, SAMPLE_CHUNKS).astype(np.int64) * itemsize
+    return b"".join(raw[start:start + run * itemsize] for start in starts.tolist())
 
 
 def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes, dict[str, Any]]:
@@ -257,6 +274,32 @@ def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes
     if stored.step is not None:
         ref["step"] = float(stored.step)  # msgpack float 64
     return body, ref
+
+
+#: Tensors a write prepares at once (decode for the digest, compression, payload hashes), on a
+#: thread each: zstd, SHA-256 and numpy's loops release the GIL. The file is the same bytes on
+#: any count; measured on ResNet-50 shapes on 2 cores (benchmarks/pack.py): dense float16
+#: 0.5 -> X s.
+WRITE_THREADS = min(os.cpu_count() or 1, 8)
+
+
+def _prepared(tensors: Iterable[Encoded], level: int,
+              codecs: Collection[str]) -> Iterator[tuple[bytes, dict[str, tuple[bytes, dict[str, Any]]]]]:
+    """Per tensor, in order: the digest of its decode and its payloads (body, array-ref), made
+    on WRITE_THREADS threads. A failure is raised when its tensor's turn comes, as in a loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ops = NumpyOps()
+
+    def prepare(tensor: Encoded) -> tuple[bytes, dict[str, tuple[bytes, dict[str, Any]]]]:
+        return (digest(tensor.decode(ops), tensor.dtype),
+                {key: _payload(stored, level, codecs) for key, stored in tensor.arrays().items()})
+
+    pool = ThreadPoolExecutor(WRITE_THREADS)
+    try:
+        yield from pool.map(prepare, tensors)
+    finally:  # after a failure, the tensors not started are not prepared for nothing
+        pool.shutdown(cancel_futures=True)
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
@@ -302,9 +345,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     used: set[str] = set()  # every codec used (so does it)
     end = 0  # bytes of the data area so far
 
-    def place(stored: Stored) -> dict[str, Any]:
+    def place(body: bytes, ref: dict[str, Any]) -> dict[str, Any]:
         nonlocal end
-        body, ref = _payload(stored, level, codecs)
         ref_keys.update(ref)
         used.add(ref["codec"])
         ref["offset"] = end if compact and unaligned(ref["codec"], len(body)) else _align(end)
@@ -314,7 +356,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
 
     header: dict[str, Any] = {"metadata": meta, "banks": {}, "tensors": {}}
     for bank_name in sorted(banks):
-        header["banks"][bank_name] = place(banks[bank_name])
+        header["banks"][bank_name] = place(*_payload(banks[bank_name], level, codecs))
     if attachments:
         header["attachments"] = {}
         for att_name in sorted(attachments):
@@ -322,13 +364,12 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
             need(isinstance(attachments[att_name], (bytes, bytearray, memoryview)),
                  f"attachments.{att_name}", "must be bytes")
             blob = np.frombuffer(bytes(attachments[att_name]), dtype=np.uint8)
-            header["attachments"][att_name] = place(Stored(blob, "uint8"))
-    ops = NumpyOps()
-    for name, tensor in tensors.items():
+            header["attachments"][att_name] = place(*_payload(Stored(blob, "uint8"), level, codecs))
+    for (name, tensor), (decoded, payloads) in zip(tensors.items(), _prepared(tensors.values(), level, codecs)):
         header["tensors"][name] = {
             "form": tensor.form, "shape": list(tensor.shape), "dtype": tensor.dtype,
-            "digest": digest(tensor.decode(ops), tensor.dtype), "fields": tensor.fields(),
-            "arrays": {k: place(v) for k, v in tensor.arrays().items()},
+            "digest": decoded, "fields": tensor.fields(),
+            "arrays": {k: place(*payload) for k, payload in payloads.items()},
         }
     head = msgpack.packb(header, use_bin_type=True)
     if len(head) > MAX_HEADER:

@@ -279,8 +279,10 @@ def test_any_bytes_decode_or_are_refused_never_anything_else(data: bytes, count:
 
 # --- in a container ------------------------------------------------------------------------------
 def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = codecs_of(3)) -> RawFile:
+    """Written at level 19, where these codes were sized (at the default level 3, zstd-shuffle
+    frames of laplace_codes come out 0.2% smaller than rans)."""
     tensor = DenseTensor(stored, "float32" if stored.step is not None else stored.dtype)
-    write(path, {"w": tensor}, codecs=codecs, compact=False)
+    write(path, {"w": tensor}, level=19, codecs=codecs, compact=False)
     return RawFile.read(path)
 
 

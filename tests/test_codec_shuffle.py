@@ -18,7 +18,7 @@ import zstandard
 
 import kernelpack
 from conftest import RawFile
-from kernelpack.container import CODECS, ESTIMATE_LEVEL, EXACT_BYTES, Container, codecs_of, write
+from kernelpack.container import CODECS, ESTIMATE_LEVEL, EXACT_BYTES, SAMPLE_BYTES, Container, codecs_of, write
 from kernelpack.forms import DenseTensor
 from kernelpack.forms._base import Stored, to_stored
 
@@ -120,11 +120,12 @@ def test_the_writer_keeps_the_smallest_payload(tmp_path: Path) -> None:
         assert (ref["codec"], ref["length"]) == (codec, sizes[codec])
 
 
-def test_a_large_payload_is_compared_at_the_estimate_level_and_compressed_once_at_the_final_one(
-        tmp_path: Path) -> None:
-    """Beyond EXACT_BYTES the codecs are compared at ESTIMATE_LEVEL; the winner's bytes are then
-    its frame at the level asked for (here 19), not the estimate's."""
-    values = (1 + np.random.default_rng(0).random(EXACT_BYTES // 4 + 1024) / 64).astype(np.float32)  # high bytes repeat
+@pytest.mark.parametrize("nbytes", [EXACT_BYTES + 4096, 2 * SAMPLE_BYTES])
+def test_a_large_payload_is_compared_by_estimate_and_compressed_once_at_the_final_level(
+        nbytes: int, tmp_path: Path) -> None:
+    """Beyond EXACT_BYTES the codecs are compared at ESTIMATE_LEVEL (beyond SAMPLE_BYTES on a
+    sample); the winner's bytes are then its frame at the level asked for (here 19)."""
+    values = (1 + np.random.default_rng(0).random(nbytes // 4) / 64).astype(np.float32)  # high bytes repeat
     final = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(planes(values))
     estimate = zstandard.ZstdCompressor(level=ESTIMATE_LEVEL, write_content_size=True).compress(planes(values))
     assert len(final) != len(estimate)
