@@ -198,10 +198,11 @@ def _unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
 
 
 #: The writer's zstd level (``write``, ``kernelpack.save``, ``pack_onnx``, ``kernelpack pack``).
-#: 3, not 19: on ResNet-50 shapes (benchmarks/pack.py, benchmarks/README.md) level 19 made the
-#: files of dense float16 0.2% larger, of series 0.1% larger, of int8 codes 0.08% larger, and of
-#: basis, linear and dct 0.35%, 0.25% and 1.4% smaller, while a save took 11-19 s instead of
-#: 0.5 s (dense float16); ``level=19`` is there for the last per cent.
+#: 3, not 19: saving ResNet-50 shapes (benchmarks/pack.py, benchmarks/README.md), level 19 made
+#: the files of dense float16 0.20% larger, of series 0.12% and of int8 codes 0.08% larger, of
+#: dct, basis and linear 1.37%, 0.35% and 0.25% smaller, and took 1.1-19 times as long (dense
+#: float16: 7.0 s against 0.36 s; 17 s when every codec was compared at 19). ``level=19`` is
+#: there for the last per cent.
 DEFAULT_LEVEL = 3
 #: How the writer compares codecs (``_compress``). Payloads of at most EXACT_BYTES are
 #: compressed by every codec offered at the final level, and the smallest kept: cheap there,
@@ -210,11 +211,12 @@ DEFAULT_LEVEL = 3
 #: real only by the codecs whose estimate is within ESTIMATE_MARGIN of the smallest estimate:
 #: the size at ESTIMATE_LEVEL of the payload, or beyond SAMPLE_BYTES of a sample of it
 #: (SAMPLE_CHUNKS evenly spaced runs of whole elements, SAMPLE_BYTES in all), scaled to the
-#: payload's length. Comparing at level 19 cost two level-19 compressions per payload, some
-#: 20-50 times slower than level 3. Measured on ResNet-50 shapes in six forms (benchmarks/pack.py;
-#: 210 payloads over EXACT_BYTES): with a margin of 0, level-3 files came out the same bytes as
+#: payload's length. Comparing at level 19 cost two level-19 compressions per payload, each
+#: some 20-50 times slower than one at level 3. Measured on the 210 payloads over EXACT_BYTES of
+#: benchmarks/pack.py's six ResNet-50 files (a throwaway script over the same arrays; pack.py's
+#: file bytes agree): with a margin of 0, level-3 files came out the same bytes as
 #: comparing every codec in full, and level-19 files up to 0.12% larger (dct's payloads); with
-#: 0.005, the same bytes at both levels, 261 final compressions for the 210 payloads (every codec
+#: 0.005, the same bytes at both levels, 271 final compressions for the 210 payloads (every codec
 #: in full: 420). A sample of 64 KiB missed by up to 2.9% at a margin of 0.
 EXACT_BYTES = 64 << 10
 ESTIMATE_LEVEL = 3
