@@ -110,9 +110,8 @@ class Ops(Protocol):
     def moveaxis(self, x: Any, source: int, destination: int) -> Any: ...
     def reshape(self, x: Any, shape: Sequence[int]) -> Any: ...
     def transpose2(self, x: Any) -> Any: ...
-    def take(self, x: Any, index: np.ndarray) -> Any: ...
     def scatter(self, size: int, positions: np.ndarray, values: Any) -> Any: ...
-    def concat(self, parts: Sequence[Any]) -> Any: ...
+    def rows_float32(self, parts: Sequence[Any], order: np.ndarray | None) -> Any: ...
     def concat_last(self, parts: Sequence[Any]) -> Any: ...
     def to_float32(self, x: Any) -> Any: ...
     def to_numpy(self, x: Any) -> np.ndarray: ...
@@ -190,16 +189,23 @@ class NumpyOps:
     def transpose2(self, x: np.ndarray) -> np.ndarray:
         return x.T  # a view: the quantize that reads it writes C order
 
-    def take(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
-        return x[index]
 
     def scatter(self, size: int, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
         out = np.zeros(size, dtype=np.float64)
         out[positions] = values
         return out
 
-    def concat(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts, axis=0)
+    def rows_float32(self, parts: Sequence[np.ndarray], order: np.ndarray | None) -> np.ndarray:
+        """The rows of ``parts`` stacked, stacked row i written to row ``order[i]`` (in place if
+        ``order`` is None), as float32: one pass into the result, no float64 stack or copy
+        in the new order (each was a full float64 copy of a linear tensor)."""
+        out = np.empty((sum(len(p) for p in parts),) + tuple(parts[0].shape[1:]), dtype=np.float32)
+        start = 0
+        with np.errstate(over="ignore"):  # beyond float32's range is +-inf, as the spec says
+            for part in parts:
+                out[slice(start, start + len(part)) if order is None else order[start:start + len(part)]] = part
+                start += len(part)
+        return out
 
     def concat_last(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts, axis=-1)
@@ -267,16 +273,22 @@ class TorchOps:
     def transpose2(self, x: Any) -> Any:
         return x.T
 
-    def take(self, x: Any, index: np.ndarray) -> Any:
-        return x[self.torch.from_numpy(index.astype(np.int64)).to(self.device)]
 
     def scatter(self, size: int, positions: np.ndarray, values: Any) -> Any:
         out = self.torch.zeros(size, dtype=self.torch.float64, device=self.device)
         out[self.torch.from_numpy(positions.astype(np.int64)).to(self.device)] = values
         return out
 
-    def concat(self, parts: Sequence[Any]) -> Any:
-        return self.torch.cat(list(parts), dim=0)
+    def rows_float32(self, parts: Sequence[Any], order: np.ndarray | None) -> Any:
+        out = self.torch.empty((sum(len(p) for p in parts),) + tuple(parts[0].shape[1:]),
+                               dtype=self.torch.float32, device=self.device)
+        start = 0
+        for part in parts:
+            rows = (slice(start, start + len(part)) if order is None else
+                    self.torch.from_numpy(order[start:start + len(part)].astype(np.int64)).to(self.device))
+            out[rows] = part.to(self.torch.float32)
+            start += len(part)
+        return out
 
     def concat_last(self, parts: Sequence[Any]) -> Any:
         return self.torch.cat(list(parts), dim=-1)

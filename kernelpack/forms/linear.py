@@ -120,10 +120,8 @@ class LinearTensor(Encoded):
             a = [ops.float64(*c.numbers()) for c in self.coefficients]
             coeff = fixed_matmul(ops, a[0], a[1]) if len(a) == 2 else a[0]
             parts.append(fixed_matmul(ops, ops.transpose2(coeff), primaries))
-        rows = ops.concat(parts)
-        if self.order is not None:
-            rows = ops.take(rows, np.argsort(self.order.data, kind="stable"))
-        return ops.to_float32(ops.reshape(rows, self.shape))
+        order = None if self.order is None else np.asarray(self.order.data, dtype=np.int64)
+        return ops.reshape(ops.rows_float32(parts, order), self.shape)  # stored row i is filter order[i]
 
 
 @dataclass(frozen=True)
