@@ -10,6 +10,7 @@ float64 -> float32 rounding. See spec/FORMAT.md, "Bit-exact decode".
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -43,11 +44,17 @@ def has_nan(stored: np.ndarray, dtype: str) -> bool:
                                 or int(stored.view(np.uint16).max()) > inf | 0x8000)
 
 
-def has_special(stored: np.ndarray) -> bool:
-    """Whether stored float16 numbers hold an infinity or a NaN (exponent all ones), in two
-    integer max reductions and no temporary, as :func:`has_nan`."""
-    return stored.size > 0 and (int(stored.view(np.int16).max()) >= 0x7C00
-                                or int(stored.view(np.uint16).max()) >= 0xFC00)
+def has_special(stored: np.ndarray, dtype: str) -> bool:
+    """Whether stored float numbers hold an infinity or a NaN (exponent all ones) with no
+    temporary array: for the 2-byte dtypes two integer max reductions (an infinity's bits
+    are the largest but for NaNs'), else a min and a max (NaN-propagating). The common
+    all-finite case costs two reads of the stored bytes."""
+    if not stored.size:
+        return False
+    if dtype in INFINITY_BITS:
+        inf = INFINITY_BITS[dtype]
+        return int(stored.view(np.int16).max()) >= inf or int(stored.view(np.uint16).max()) >= inf | 0x8000
+    return not (math.isfinite(float(np.max(stored))) and math.isfinite(float(np.min(stored))))
 
 
 #: Elements per block of :func:`float16_to_float32`: a block of the input and of the output
@@ -90,7 +97,7 @@ def float16_to_float32(stored: np.ndarray) -> np.ndarray:
             out[start:start + WIDEN_BLOCK] *= _REBIAS
             sign_block <<= np.uint32(16)
             block |= sign_block
-    if has_special(stored):  # exponent all ones: infinities and NaNs, from their bits
+    if has_special(stored, "float16"):  # exponent all ones: infinities and NaNs, from their bits
         special = (bits & 0x7C00) == 0x7C00
         h = bits[special].astype(np.uint32)
         out.view(np.uint32)[special] = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)

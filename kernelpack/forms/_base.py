@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from kernelpack._backend import INFINITY_BITS, NUMPY_DTYPES, Ops, bfloat16_bits_to_float32, has_nan
+from kernelpack._backend import NUMPY_DTYPES, Ops, bfloat16_bits_to_float32, has_nan, has_special
 from kernelpack.errors import KernelpackError
 
 #: Dtypes in which a compressed form may store its numbers (float16 by default).
@@ -192,7 +192,7 @@ def to_stored(values: Any, dtype: str) -> Stored:
             _quiet_float16_nans(values, stored.data)
     else:
         raise KernelpackError(f"unknown dtype {dtype!r}", field="dtype")
-    if dtype in FLOAT_DTYPES and _maybe_infinite(stored):
+    if dtype in FLOAT_DTYPES and has_special(stored.data, stored.dtype):
         need_no_overflow(values, stored)
     return stored
 
@@ -209,20 +209,6 @@ def _quiet_float16_nans(values: Any, out: np.ndarray) -> None:
     bits = source[nan]
     out.view(np.uint16)[nan] = (((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7E00)
                                 | ((bits >> np.uint32(13)) & np.uint32(0x1FF))).astype(np.uint16)
-
-
-def _maybe_infinite(stored: Stored) -> bool:
-    """Whether stored float numbers may hold an infinity (or NaN): two integer max reductions
-    for the 2-byte dtypes (an infinity's bits are the largest but for NaNs), a min and a max
-    (NaN-propagating) for float32, so that the common all-finite case costs two reads of the
-    stored bytes and no temporary array."""
-    if not stored.data.size:
-        return False
-    if stored.dtype in INFINITY_BITS:
-        inf = INFINITY_BITS[stored.dtype]
-        return (int(stored.data.view(np.int16).max()) >= inf
-                or int(stored.data.view(np.uint16).max()) >= inf | 0x8000)
-    return not (math.isfinite(float(np.max(stored.data))) and math.isfinite(float(np.min(stored.data))))
 
 
 def need_no_overflow(values: Any, stored: Stored) -> None:
@@ -401,14 +387,8 @@ def need_only(arrays: Mapping[str, Any], allowed: set[str]) -> None:
 def need_finite(stored: Stored, field: str) -> None:
     """Stored numbers of compressed forms are finite (no NaN or infinity; quantised numbers are,
     by the header check of their step)."""
-    values = stored.data
-    if stored.step is not None:
-        return
-    if stored.dtype == "bfloat16":
-        finite = (values & 0x7F80) != 0x7F80
-    else:
-        finite = np.isfinite(values)
-    need(bool(np.all(finite)), field, "holds a NaN or infinity")
+    if stored.step is None:
+        need(not has_special(stored.data, stored.dtype), field, "holds a NaN or infinity")
 
 
 #: Arrays a decode holds at once, at most, as multiples of its largest array at 8 bytes per
