@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import kernelpack
 from kernelpack import entropy
 from kernelpack._backend import NumpyOps, TorchOps
-from kernelpack.container import COMPACT, unaligned
+from kernelpack.container import COMPACT, DEFAULT_LEVEL, unaligned
 from kernelpack.forms import Encoded
 
 # CI (CI=true) draws the same examples every run, so a submission cannot fail by chance;
@@ -212,7 +212,7 @@ class RawFile:
         if head is None:
             head = msgpack.packb(self.header, use_bin_type=True)
             if self.compressed:
-                head = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(head)
+                head = zstandard.ZstdCompressor(level=DEFAULT_LEVEL, write_content_size=True).compress(head)
         fixed = MAGIC + struct.pack("<HHI", self.major, self.minor, len(head) if length is None else length)
         sha = hashlib.sha256(fixed + head).digest() if checksum is None else checksum
         start = fixed + sha + head

@@ -23,6 +23,7 @@ import zstandard
 import kernelpack
 from conftest import RawFile, random_array
 from kernelpack._backend import NUMPY_DTYPES
+from kernelpack.container import _unshuffle
 from kernelpack.forms import FORMS, LinearTensor, SeriesTensor
 from kernelpack.forms._base import FORBIDDEN_IN_NAMES, shown, to_stored
 
@@ -135,9 +136,10 @@ def values(key: tuple[str, ...], change: Callable[[np.ndarray], None]) -> Case:
     def make(raw: RawFile, path: Path) -> None:
         ref = raw.ref(*key)
         body = raw.payload(*key)
-        if ref["codec"] == "zstd":
+        if ref["codec"] in ("zstd", "zstd-shuffle"):
             body = zstandard.ZstdDecompressor().decompress(body)
-        data = np.frombuffer(body, NUMPY_DTYPES[ref["dtype"]]).copy()
+        data = (_unshuffle(body, NUMPY_DTYPES[ref["dtype"]]) if ref["codec"] == "zstd-shuffle"
+                else np.frombuffer(body, NUMPY_DTYPES[ref["dtype"]])).copy()
         change(data)
         raw.replace_payload(key, data.tobytes(), codec="none")
         raw.write(path)
