@@ -278,30 +278,32 @@ def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes
     return body, ref
 
 
-#: Tensors a write prepares at once (decode for the digest, compression, payload hashes), on a
-#: thread each: zstd, SHA-256 and numpy's loops release the GIL. The file is the same bytes on
-#: any count. A save of ResNet-50 shapes in dense float16 on 2 cores: 0.45 s on one thread,
-#: 0.33 s on two (medians of 5).
-WRITE_THREADS = min(os.cpu_count() or 1, 8)
-
-
-def _prepared(tensors: Iterable[Encoded], level: int,
-              codecs: Collection[str]) -> Iterator[tuple[bytes, dict[str, tuple[bytes, dict[str, Any]]]]]:
-    """Per tensor, in order: the digest of its decode and its payloads (body, array-ref), made
-    on WRITE_THREADS threads. A failure is raised when its tensor's turn comes, as in a loop."""
-    from concurrent.futures import ThreadPoolExecutor
+def _prepared(tensors: Mapping[str, Encoded], level: int,
+              codecs: Collection[str]) -> dict[str, tuple[bytes, dict[str, tuple[bytes, dict[str, Any]]]]]:
+    """Per tensor: the digest of its decode and its payloads (body, array-ref), made as a load
+    decodes (runtime.map_in_order: a thread per core for the costly tensors, by their declared
+    decode work, numpy's BLAS on one thread meanwhile where their products would thread it);
+    zstd, SHA-256 and numpy's loops release the GIL. The file is the same bytes on any thread
+    count, and a failure is that of the first failing tensor, as in a loop. A save of ResNet-50
+    shapes in dense float16 on 2 cores: 0.43 s on one thread, 0.32 s on two (medians of 5)."""
+    from kernelpack.runtime import map_in_order, one_blas_thread
 
     ops = NumpyOps()
+    costs = {name: _cost(tensor) for name, tensor in tensors.items()}
 
-    def prepare(tensor: Encoded) -> tuple[bytes, dict[str, tuple[bytes, dict[str, Any]]]]:
+    def prepare(name: str) -> tuple[bytes, dict[str, tuple[bytes, dict[str, Any]]]]:
+        tensor = tensors[name]
         return (digest(tensor.decode(ops), tensor.dtype),
                 {key: _payload(stored, level, codecs) for key, stored in tensor.arrays().items()})
 
-    pool = ThreadPoolExecutor(WRITE_THREADS)
-    try:
-        yield from pool.map(prepare, tensors)
-    finally:  # after a failure, the tensors not started are not prepared for nothing
-        pool.shutdown(cancel_futures=True)
+    with one_blas_thread(list(costs.values())):
+        return map_in_order(prepare, list(tensors), None, costs.__getitem__)
+
+
+def _cost(tensor: Encoded) -> Cost:
+    """A tensor's decode cost, as a reader would compute it from the header being written."""
+    return type(tensor).cost(tuple(tensor.shape), tensor.fields(), {k: v.spec for k, v in tensor.arrays().items()},
+                             {k: v.spec for k, v in tensor.banks().items()})
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
@@ -367,7 +369,9 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
                  f"attachments.{att_name}", "must be bytes")
             blob = np.frombuffer(bytes(attachments[att_name]), dtype=np.uint8)
             header["attachments"][att_name] = place(*_payload(Stored(blob, "uint8"), level, codecs))
-    for (name, tensor), (decoded, payloads) in zip(tensors.items(), _prepared(tensors.values(), level, codecs)):
+    prepared = _prepared(tensors, level, codecs)
+    for name, tensor in tensors.items():
+        decoded, payloads = prepared[name]
         header["tensors"][name] = {
             "form": tensor.form, "shape": list(tensor.shape), "dtype": tensor.dtype,
             "digest": decoded, "fields": tensor.fields(),
