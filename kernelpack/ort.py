@@ -133,23 +133,31 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value) of one protobuf message; value is an int or bytes view.
     Stricter than protobuf: groups (wire types 3, 4) are refused, as are field numbers protobuf
     refuses."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
+    pos, end = 0, len(buf)
+    while pos < end:
+        key = buf[pos]  # one-byte varints (most keys and lengths) read inline: the walk is a
+        if key < 0x80:  # Python loop over every field of the model, half of a small model's load
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if not 1 <= number < 1 << 29:
             raise _WireError(f"field number {number}")
         if wire == 0:
             value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size = buf[pos] if pos < end else 0x80
+            if size < 0x80:
+                pos += 1
+            else:
+                size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
             value, pos = buf[pos:pos + size], pos + size
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
         else:
             raise _WireError(f"unsupported wire type {wire}")
-        if pos > len(buf):
+        if pos > end:
             raise _WireError("a field runs past the end of its message")
         yield number, wire, value
 
