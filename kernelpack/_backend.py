@@ -177,8 +177,8 @@ class NumpyOps:
         than the arithmetic: 5 to 40x slower than the same rows in blocks small enough for
         OpenBLAS to stay on the calling thread (benchmarks/decode.py). Every row is its own
         exact integer sum (kernelpack/_exact.py), so the blocks never change a bit, and
-        the whole-file pool (runtime.py) supplies the parallelism instead (and holds BLAS
-        to one thread while a load has large products, runtime.one_blas_thread)."""
+        the whole-file pool (kernelpack._parallel) supplies the parallelism instead (and holds BLAS
+        to one thread while a load has large products, _parallel.blas_limit_for)."""
         rows = BLAS_ONE_THREAD // max(1, b.shape[0] * b.shape[1])
         if blas_threaded(b.shape[0] * b.shape[1]) or a.shape[0] <= rows:
             return a @ b

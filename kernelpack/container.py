@@ -32,6 +32,7 @@ import numpy as np
 
 from kernelpack import entropy
 from kernelpack._backend import NUMPY_DTYPES, NumpyOps, Ops, get_ops
+from kernelpack._parallel import blas_limit_for, map_in_order
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import FORMS, Encoded
 from kernelpack.forms._base import (ELEMENT_WORK, ArraySpec, Cost, Stored, key_shown, need, need_int, need_name,
@@ -281,13 +282,11 @@ def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes
 def _prepared(tensors: Mapping[str, Encoded], level: int,
               codecs: Collection[str]) -> dict[str, tuple[bytes, dict[str, tuple[bytes, dict[str, Any]]]]]:
     """Per tensor: the digest of its decode and its payloads (body, array-ref), made as a load
-    decodes (runtime.map_in_order: a thread per core for the costly tensors, by their declared
+    decodes (_parallel.map_in_order: a thread per core for the costly tensors, by their declared
     decode work, numpy's BLAS on one thread meanwhile where their products would thread it);
     zstd, SHA-256 and numpy's loops release the GIL. The file is the same bytes on any thread
     count, and a failure is that of the first failing tensor, as in a loop. A save of ResNet-50
     shapes in dense float16 on 2 cores: 0.43 s on one thread, 0.32 s on two (medians of 5)."""
-    from kernelpack.runtime import map_in_order, one_blas_thread
-
     ops = NumpyOps()
     costs = {name: _cost(tensor) for name, tensor in tensors.items()}
 
@@ -296,7 +295,7 @@ def _prepared(tensors: Mapping[str, Encoded], level: int,
         return (digest(tensor.decode(ops), tensor.dtype),
                 {key: _payload(stored, level, codecs) for key, stored in tensor.arrays().items()})
 
-    with one_blas_thread(list(costs.values())):
+    with blas_limit_for(list(costs.values())):
         return map_in_order(prepare, list(tensors), None, costs.__getitem__)
 
 

@@ -1,7 +1,7 @@
 """Parallel load: a whole-file load gives the same tensors, and fails with the same error,
 on any number of threads as one tensor after another (kernelpack.runtime, ``threads``).
 
-Tensors whose decode costs less than ``runtime.PARALLEL_MIN_WORK`` decode in the calling thread and the
+Tensors whose decode costs less than ``_parallel.PARALLEL_MIN_WORK`` decode in the calling thread and the
 others on the pool; the tests run with the real threshold and with 0 (every tensor on the
 pool), and check that the pool was used, so that both paths are exercised.
 """
@@ -20,7 +20,7 @@ import pytest
 
 import kernelpack
 from conftest import RawFile, random_array
-from kernelpack import runtime
+from kernelpack import _parallel
 from kernelpack.container import Container, digest
 
 VECTORS = Path(__file__).parent.parent / "spec" / "vectors"
@@ -34,10 +34,10 @@ def pools(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
     """Runs with the real PARALLEL_MIN_WORK and AUTO_PARALLEL_WORK and with both 0; yields the
     worker counts of the pools made."""
     if request.param == "all-on-pool":
-        monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)
-        monkeypatch.setattr(runtime, "AUTO_PARALLEL_WORK", 0)
+        monkeypatch.setattr(_parallel, "PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(_parallel, "AUTO_PARALLEL_WORK", 0)
     made: list[int] = []
-    real = concurrent.futures.ThreadPoolExecutor  # runtime imports it when a load first needs a pool
+    real = concurrent.futures.ThreadPoolExecutor  # _parallel imports it when a job first needs a pool
 
     def counting(workers: int, **kwargs: Any) -> Any:
         made.append(workers)
@@ -90,7 +90,7 @@ def test_every_form_loads_to_the_same_bits_on_any_number_of_threads(
     assert digests(kernelpack.load(every_form, threads=threads)) == expected
     wanted = (os.cpu_count() or 1) if threads is None else threads
     # the pool really ran (one thread never makes one; by default, neither does a file this small)
-    assert bool(pools) == (wanted > 1 and (threads is not None or runtime.AUTO_PARALLEL_WORK == 0))
+    assert bool(pools) == (wanted > 1 and (threads is not None or _parallel.AUTO_PARALLEL_WORK == 0))
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["files"]))
@@ -164,7 +164,7 @@ def blas_threads() -> list[int]:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_load_with_large_products_holds_blas_to_one_thread_while_it_runs(
         every_form: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
-    """runtime.one_blas_thread: every decode of the load sees numpy's BLAS on one thread, and
+    """_parallel.blas_limit_for: every decode of the load sees numpy's BLAS on one thread, and
     the application's setting is back when the load returns (and when it fails)."""
     before = blas_threads()
     seen: list[list[int]] = []
@@ -175,11 +175,11 @@ def test_a_load_with_large_products_holds_blas_to_one_thread_while_it_runs(
         return real(self, name)
 
     monkeypatch.setattr(Container, "get_numpy", spying)
-    monkeypatch.setattr(runtime, "blas_threaded", lambda entries: entries > 0)  # dct's and linear's count
+    monkeypatch.setattr(_parallel, "blas_threaded", lambda entries: entries > 0)  # dct's and linear's count
     kernelpack.load_numpy(every_form, threads=threads)
     assert seen and all(set(s) == {1} for s in seen)
     assert blas_threads() == before
-    monkeypatch.setattr(runtime, "blas_threaded", lambda entries: False)  # no large product: left alone
+    monkeypatch.setattr(_parallel, "blas_threaded", lambda entries: False)  # no large product: left alone
     seen.clear()
     kernelpack.load_numpy(every_form, threads=threads)
     assert seen and all(s == before for s in seen)

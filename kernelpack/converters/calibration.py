@@ -53,7 +53,6 @@ Decisions (one home: :class:`LayerStats` and :func:`LayerStats.matrix`):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -65,6 +64,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from kernelpack._parallel import one_blas_thread
 from kernelpack.errors import KernelpackError, need_module
 
 #: Samples (patches or rows) accumulated per layer use and batch, at most.
@@ -277,19 +277,6 @@ def _matrix_rows(x: np.ndarray, scale: float = 1.0) -> RowSource:
 def _sample_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype samples are gathered and multiplied in: float64 for float64 inputs, else float32."""
     return np.dtype(np.float64 if dtype == np.float64 else np.float32)
-
-
-def one_blas_thread() -> contextlib.AbstractContextManager:
-    """numpy's BLAS on one thread while collecting, where threadpoolctl is installed: the
-    accumulation is thousands of small products, and thread dispatch made the PP-OCR cls
-    collection 1.0 s on one thread against 12-17 s on two (2 loaded cores); one thread was
-    never slower on det or rec. Process-wide for the duration of the call, then restored (the
-    planner's tensor threads use it too)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, "blas")
 
 
 def _rng(seed: int, name: str, batch: int, use: int) -> np.random.Generator:

@@ -835,8 +835,7 @@ def _map_tensors(fn: Callable[[str], Any], names: list[str], threads: int | None
     those that ran (the ones not started are cancelled)."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-    from kernelpack.converters.calibration import one_blas_thread
-    from kernelpack.runtime import worker_count
+    from kernelpack._parallel import one_blas_thread, worker_count
 
     workers = worker_count(threads, len(names))
     if workers == 1:

@@ -417,7 +417,7 @@ class Cost:
     work: int
     #: Entries (K x N) of the largest right operand of its products, 0 without products: a
     #: load with a product BLAS would spread over its own threads holds BLAS to one thread
-    #: (kernelpack._backend.blas_threaded, kernelpack.runtime.one_blas_thread).
+    #: (kernelpack._backend.blas_threaded, kernelpack._parallel.blas_limit_for).
     product: int = 0
 
     @classmethod
