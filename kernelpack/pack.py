@@ -10,6 +10,7 @@ the converters' training-time parametrisations) is packed as it is, no re-fit.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from typing import Any, Callable, Collection, Mapping
 
@@ -19,7 +20,7 @@ from kernelpack._backend import NUMPY_DTYPES, bfloat16_bits_to_float32
 from kernelpack.container import DEFAULT_CODECS, DEFAULT_LEVEL, need_output, write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import Config, Dense, Encoded
-from kernelpack.forms._base import need, shown
+from kernelpack.forms._base import ELEMENT_WORK, Cost, need, shown
 
 #: How a caller says which tensor gets which form.
 FormPlan = Config | Mapping[str, Config] | Callable[[str, Any], Config | None] | None
@@ -116,6 +117,31 @@ def encode(name: str, value: Any, config: Config, hessian: Any = None) -> Encode
         raise exc.located(tensor=name) from None
 
 
+def encode_all(state: Mapping[str, Any], configs: Mapping[str, Config],
+               hessians: Mapping[str, Any]) -> dict[str, Encoded]:
+    """Every tensor of ``state`` by :func:`encode`, in order, the larger ones on a thread per
+    core and numpy's BLAS on one thread meanwhile (kernelpack._parallel, as loads and the
+    planner run theirs). Why one BLAS thread even where the fits run one after the other: a
+    fit's many small factorisations on BLAS's threads stall whenever another process keeps a
+    core busy (a 128 x 128 Cholesky: 120 ms on two OpenBLAS threads beside one busy process,
+    0.1 ms on one). The encoded tensors do not depend on the thread count; a failure is the
+    first failing tensor's, as in a loop."""
+    from kernelpack._parallel import map_in_order, one_blas_thread
+
+    def one(name: str) -> Encoded:
+        return encode(name, state[name], configs[name], hessians.get(name))
+
+    with one_blas_thread():
+        return map_in_order(one, list(state), None, lambda name: _encode_cost(state[name]))
+
+
+def _encode_cost(value: Any) -> Cost:
+    """What map_in_order schedules an encode by: the work of reading its elements (a tensor
+    already encoded costs nothing)."""
+    size = 0 if isinstance(value, Encoded) else math.prod(getattr(value, "shape", np.shape(value)))
+    return Cost(size, 0, ELEMENT_WORK * size)
+
+
 def state_of(obj: Any) -> Mapping[str, Any]:
     """A model's state_dict (trained-in-place forms as they are, no re-fit), or the mapping itself."""
     if hasattr(obj, "state_dict") and callable(obj.state_dict) and hasattr(obj, "named_modules"):
@@ -151,8 +177,7 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     try:
         state = state_of(obj)
         warn_unused(forms, list(state))
-        encoded = {name: encode(name, value, choose(forms, name, value), hessians.get(name))
-                   for name, value in state.items()}
+        encoded = encode_all(state, {name: choose(forms, name, value) for name, value in state.items()}, hessians)
         write(path, encoded, metadata, level, attachments, codecs, compact)
     except KernelpackError as exc:  # a refusal names the file it was writing
         raise exc.located(path=os.fspath(path)) from None

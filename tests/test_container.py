@@ -176,6 +176,22 @@ def test_open_reads_one_tensor_without_touching_the_others(mixed: Path) -> None:
             c.get_numpy("dct")
 
 
+def test_a_save_is_the_same_bytes_on_one_thread_as_on_every_core(tmp_path: Path, monkeypatch) -> None:
+    """Tensors large enough for the thread pools of encode and write (kernelpack._parallel:
+    over AUTO_PARALLEL_WORK in all), in several forms: the file does not depend on the thread
+    count, and it verifies."""
+    import os
+
+    state = {f"t{i}": random_array(i, (1024, 2048)) for i in range(5)} | {"bias": random_array(9, (16,))}
+    forms = {"t0": kernelpack.Linear(0.5), "t1": kernelpack.DCT(keep=0.1), "*": kernelpack.Dense("float16")}
+    kernelpack.save(state, tmp_path / "pooled.kpk", forms=forms)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    kernelpack.save(state, tmp_path / "one.kpk", forms=forms)
+    assert (tmp_path / "pooled.kpk").read_bytes() == (tmp_path / "one.kpk").read_bytes()
+    with kernelpack.open(tmp_path / "pooled.kpk") as c:
+        assert all(c.verify().values())
+
+
 def test_metadata_round_trips(tmp_path: Path) -> None:
     meta = {"name": "lenet", "accuracy": "0.978", "unicode": "Größe ✓", "empty": ""}
     path = tmp_path / "meta.kpk"
