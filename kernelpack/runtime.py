@@ -21,13 +21,12 @@ is deterministic and independent of the others), and so is a failure: the error 
 the one of the first failing tensor in the file's order, as a one-thread load would raise.
 Each decode is checked against ``limits`` before it allocates, as on one thread; ``threads``
 decodes run at once, so peak memory is up to ``threads`` times one decode's.
-``threads=1`` decodes in the calling thread, one tensor after another. kernelpack never
-changes a thread pool's size (BLAS's, OpenMP's, torch's: process-wide settings stay the
-application's); instead its products are cut so that they never make BLAS's threads and
-its own collide: tall products run in blocks BLAS keeps on the calling thread
-(kernelpack._backend), and while a load with large products runs, numpy's BLAS is held
-to one thread (kernelpack._parallel.blas_limit_for; the one process-wide change, undone
-when the load returns).
+``threads=1`` decodes in the calling thread, one tensor after another. Thread pools stay
+the application's (torch's and OpenMP's are never touched) with one exception, scoped to
+the load: BLAS's threads and kernelpack's must not collide, so tall products run in row
+blocks that BLAS keeps on the calling thread (kernelpack._backend), and while a load with
+products large enough for BLAS's own threads runs, numpy's BLAS is held to one thread
+(kernelpack._parallel.blas_limit_for), restored when the load returns.
 """
 
 from __future__ import annotations
