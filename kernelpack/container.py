@@ -201,8 +201,8 @@ def _unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
 #: The writer's zstd level (``write``, ``kernelpack.save``, ``pack_onnx``, ``kernelpack pack``).
 #: 3, not 19: saving ResNet-50 shapes (benchmarks/pack.py, benchmarks/README.md), level 19 made
 #: the files of dense float16 0.20% larger, of series 0.12% and of int8 codes 0.08% larger, of
-#: dct, basis and linear 1.37%, 0.35% and 0.25% smaller, and took 1.3-25 times as long (dense
-#: float16: 6.1 s against 0.24 s; 17 s when every codec was compared at 19). ``level=19`` is
+#: dct, basis and linear 1.37%, 0.35% and 0.25% smaller, and took 1.5-29 times as long (dense
+#: float16: 6.7 s against 0.23 s; 17 s when every codec was compared at 19). ``level=19`` is
 #: there for the last per cent.
 DEFAULT_LEVEL = 3
 #: How the writer compares codecs (``_compress``). Payloads of at most EXACT_BYTES are

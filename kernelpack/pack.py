@@ -165,7 +165,7 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
     by 1.1 readers; ``compact`` (format 1.4) stores the header zstd-compressed and compressed
     payloads unaligned, where that saves bytes; ``compact=False`` writes for readers before
-    1.4. ``level`` is zstd's, 1..22 (default 3, ``container.DEFAULT_LEVEL``: 19 takes up to 25 times
+    1.4. ``level`` is zstd's, 1..22 (default 3, ``container.DEFAULT_LEVEL``: 19 takes up to 30 times
     as long, for files within about 1.4% of the size).
     Returns the encoded tensors (what was written).
     ``forms`` may be a calibrated ``kernelpack.plan``: its tensors are then fitted under the
