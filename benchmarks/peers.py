@@ -52,7 +52,8 @@ import numpy as np
 
 Weights = dict[str, np.ndarray]
 
-#: zstd level of every zstd-based peer: kernelpack's writer default (``kernelpack.save(level=19)``).
+#: zstd level of every zstd-based peer: zstd's strongest usual level, which kernelpack's writer
+#: offers as ``kernelpack.save(level=19)`` (its default is 3: within 1.4% of 19's bytes).
 ZSTD_LEVEL = 19
 #: int8 codes span [-QMAX, QMAX] (symmetric: -128 is never used, so 0 is exact and the grid is odd).
 QMAX = 127

@@ -1,8 +1,8 @@
 """Bytes of the payload codecs ``zstd`` and ``zstd-shuffle`` (byte planes, signed integers
 zigzag-mapped first; format 1.2).
 
-Each array is compressed on its own at the writer's level 19, as kernelpack's writer does
-(one frame per payload), through the writer's own function (``container._compress``
+Each array is compressed on its own at level 19 (``save(level=19)``; the writer's default
+is 3), as kernelpack's writer does (one frame per payload), through the writer's own function (``container._compress``
 offered one codec at a time, and all of them: what a file stores). Inputs:
 
 * int16 codes of a standard Gaussian (2^20 values, seed 0) quantised at ``rel_step`` 0.035
