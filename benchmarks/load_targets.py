@@ -21,7 +21,9 @@ Every figure comes from a fresh child process (so peak RSS is the load's own):
 
 The state dict is benchmarks/pack.py's ResNet-50 (267 tensors, 25.6M parameters, initialised
 as benchmarks/decode.py's whole-model rows); each form goes on the weights it suits
-(``decode.MODEL_FORMS``, plus ``int8 codes``: ``Dense(rel_step=0.1)``), float16 on the rest.
+(``pack.FORMS``: ``decode.MODEL_FORMS`` and int8 codes, ``Dense(rel_step=0.05)``), float16
+on the rest. The saves of those containers are timed first, as benchmarks/pack.py times
+them (interleaved with safetensors.numpy.save_file, median of the rounds).
 Files sit in the page cache. ``float64 GEMM GFLOP/s`` (one thread, a 1024^3 product) is
 printed as the bound of the product-heavy forms.
 
@@ -49,7 +51,9 @@ sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 
 #: Issue 15's targets: ratio to safetensors on one thread, per form label prefix.
-TARGETS = {"dense fp16": 1.2, "int8 codes": 1.5, "basis": 0.8, "series": 0.5, "linear": 0.3, "dct": 0.15}
+TARGETS = {"dense fp16": 1.2, "quant": 1.5, "basis": 0.8, "series": 0.5, "linear": 0.3, "dct": 0.15}
+SAVE_SECONDS_TARGET = 30.0
+DENSE_SAVE_TARGET = 5.0
 TWO_THREAD_TARGET = 1.7
 RSS_TARGET = 1.5
 TINY_TARGET = 2.0
@@ -113,19 +117,17 @@ def run_child(case: dict[str, Any], one_core: bool) -> dict[str, Any]:
 
 
 # --- parent --------------------------------------------------------------------------------
-def containers(folder: str, width: int, wanted: list[str]) -> tuple[list[tuple[str, str]], str, float]:
-    """(label, path) of each wanted form's container, the safetensors file, and MB of float32."""
+def containers(folder: str, state: dict[str, Any], wanted: list[str]) -> tuple[list[tuple[str, str]], str]:
+    """(label, path) of each wanted form's container (benchmarks/pack.py's FORMS) and the
+    safetensors file of ``state``."""
     import kernelpack
-    from decode import MODEL_FORMS, model_weights
     from kernelpack.forms import Dense
-    from pack import resnet50
+    from pack import FORMS
     from safetensors.numpy import save_file
 
-    state = model_weights(resnet50(width))
     fallback = Dense("float16")
-    forms = list(MODEL_FORMS) + [("int8 codes", Dense(rel_step=0.1), lambda shape: len(shape) > 1)]
     paths = []
-    for label, config, takes in forms:
+    for label, config, takes in FORMS:
         if label.split()[0] not in wanted:
             continue
         path = os.path.join(folder, f"{label.split()[0]}-{len(paths)}.kpk")
@@ -136,7 +138,7 @@ def containers(folder: str, width: int, wanted: list[str]) -> tuple[list[tuple[s
         paths.append((label, path))
     dense = os.path.join(folder, "state.safetensors")
     save_file(state, dense)
-    return paths, dense, sum(w.nbytes for w in state.values()) / 1e6
+    return paths, dense
 
 
 def tiny_files(folder: str) -> tuple[str, str]:
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="width-16 ResNet-50, one round")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed loads per child (default 3)")
-    parser.add_argument("--forms", default="dense,dct,series,basis,linear,int8",
+    parser.add_argument("--forms", default="dense,dct,series,basis,linear,quant",
                         help="comma-separated forms (first word of the labels; default all)")
     args = parser.parse_args(argv)
     if args.child:
@@ -225,8 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     from decode import environment
 
     print(environment() + "\n")
+    from decode import model_weights
+    from pack import contenders, resnet50
+    from pack import rounds as save_rounds
+    from pack import table as save_table
+
+    state = model_weights(resnet50(16 if args.quick else 64))
+    mb = sum(w.nbytes for w in state.values()) / 1e6
     with tempfile.TemporaryDirectory() as folder:
-        forms, dense, mb = containers(folder, 16 if args.quick else 64, args.forms.split(","))
+        saves = save_rounds(contenders(args.forms.split(","), None), state, folder, rounds)
+        forms, dense = containers(folder, state, args.forms.split(","))
         tiny_kpk, tiny_st = tiny_files(folder)
         bounds_lines = bounds(tiny_kpk)
         cases: dict[str, tuple[dict[str, Any], bool]] = {
@@ -255,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {s1 * 1e3:.1f} | {base / s1:.3f} | {target} | {s2 * 1e3:.1f} | {s1 / s2:.2f} "
               f"| {TWO_THREAD_TARGET} | {median_of(one, 'peak_rss'):.2f} | {median_of(two, 'peak_rss'):.2f} "
               f"| {RSS_TARGET} |")
+    base_save = saves["safetensors float32"][0]
+    slowest = max(seconds for label, (seconds, _, _) in saves.items() if label != "safetensors float32")
+    dense_save = next(seconds for label, (seconds, _, _) in saves.items() if label.startswith("dense"))
+    print(f"\nsave (benchmarks/pack.py's contenders, median of {rounds} interleaved rounds, before the loads):\n\n"
+          f"{save_table(saves)}\n\nslowest single-form save {slowest:.2f} s (target <= {SAVE_SECONDS_TARGET:.0f} s); "
+          f"dense float16 {dense_save / base_save:.2f}x safetensors.numpy.save_file (target <= {DENSE_SAVE_TARGET}x)")
     tk, ts = median_of(got["tiny kpk"], "seconds"), median_of(got["tiny safetensors"], "seconds")
     print(f"\n1000 tensors of 16 float32: kernelpack {tk * 1e3:.2f} ms, safetensors {ts * 1e3:.2f} ms: "
           f"{tk / ts:.1f}x (target <= {TINY_TARGET}x)")
