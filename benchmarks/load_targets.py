@@ -15,6 +15,11 @@ Every figure comes from a fresh child process (so peak RSS is the load's own):
   rounds, so a change of the shared machine's load hits every contender;
 * **1000 tiny tensors**: 1000 float32 tensors of 16 values, dense (``Dense('float32')``:
   stored as they are), load_numpy against safetensors' load_file;
+* **declared work at GEMM speed**: the work the container's header declares for the whole
+  load (what kernelpack.Limits bounds: float64 multiply-adds of the decode's products plus
+  16 per element read and written), at the float64 GEMM rate measured in the same run on one
+  thread: roughly the time the decode would take if every operation ran as fast as a large
+  matrix product does;
 * **import**: in one child that has imported nothing else, ``import onnxruntime`` (numpy
   included: onnxruntime needs it) then ``import kernelpack``, each timed (bytecode compiled
   beforehand, as an installed package has it).
@@ -165,7 +170,16 @@ def best_seconds(fn: Any, repeats: int = 5) -> float:
     return min(times)
 
 
-def bounds(tiny_kpk: str) -> list[str]:
+def declared_work(path: str) -> int:
+    """The work a whole load of ``path`` declares (spec/FORMAT.md section 5: float64
+    multiply-adds of its products plus ELEMENT_WORK per element read and written)."""
+    import kernelpack
+
+    with kernelpack.open(path) as c:
+        return sum(c.cost(name).work for name in c.keys())
+
+
+def bounds(tiny_kpk: str) -> tuple[list[str], float]:
     """What bounds the loads, measured here: the machine's float64 GEMM, fresh memory, SHA-256,
     zstd and float16 widening throughput, and the per-tensor cost of opening a container."""
     from concurrent.futures import ThreadPoolExecutor
@@ -196,14 +210,15 @@ def bounds(tiny_kpk: str) -> list[str]:
     cast = n / best_seconds(lambda: half.astype(np.float32)) / 1e6
     ours = n / best_seconds(lambda: float16_to_float32(half)) / 1e6
     per_tensor = best_seconds(lambda: kernelpack.open(tiny_kpk).close()) / 1000 * 1e6
-    return [f"- float64 GEMM (1024^3): {gemm[1]:.1f} GFLOP/s on one BLAS thread, {gemm[2]:.1f} on two; two "
+    return ([f"- float64 GEMM (1024^3): {gemm[1]:.1f} GFLOP/s on one BLAS thread, {gemm[2]:.1f} on two; two "
             f"one-thread products at once on two threads: {gemm['pool']:.1f} in all ({gemm['pool'] / gemm[1]:.2f}x)",
             f"- memory fill (np.full, a new 64 MB float32 array): {fill[1]:.0f} MB/s on one thread, {fill[2]:.0f} MB/s "
             f"on two ({fill[2] / fill[1]:.2f}x)",
             f"- SHA-256 (hashlib, one thread): {sha:.0f} MB/s; zstd decompression (level-3 frame of float16 "
             f"weights): {unzstd:.0f} MB/s of output",
             f"- float16 -> float32: numpy's cast {cast:.0f} M elements/s, kernelpack's {ours:.0f} M elements/s",
-            f"- opening a container (header read and checked): {per_tensor:.1f} us per tensor (1000-tensor file)"]
+            f"- opening a container (header read and checked): {per_tensor:.1f} us per tensor (1000-tensor file)"],
+            gemm[1])
 
 
 def median_of(rounds: list[dict[str, Any]], key: str) -> float:
@@ -238,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         saves = save_rounds(contenders(args.forms.split(","), None), state, folder, rounds)
         forms, dense = containers(folder, state, args.forms.split(","))
         tiny_kpk, tiny_st = tiny_files(folder)
-        bounds_lines = bounds(tiny_kpk)
+        bounds_lines, gflops = bounds(tiny_kpk)
+        works = {label: declared_work(path) for label, path in forms}
         cases: dict[str, tuple[dict[str, Any], bool]] = {
             "safetensors, 1 core": ({"kind": "safetensors", "path": dense}, True),
             "tiny kpk": ({"kind": "kpk", "path": tiny_kpk, "threads": None}, True),
@@ -255,14 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     base = median_of(got["safetensors, 1 core"], "seconds")
     print(f"\nResNet-50 shapes, {mb:.1f} MB of float32; safetensors.numpy.load_file {base * 1e3:.1f} ms "
           f"({mb / base:.0f} MB/s)\n")
-    print("| form | 1 thread ms | / safetensors (higher is faster) | target | 2 threads ms | 2 / 1 thread "
-          "| target | peak RSS / output, 1 thread | 2 threads | target |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| form | 1 thread ms | / safetensors (higher is faster) | target | declared work at GEMM speed, ms "
+          "| 2 threads ms | 2 / 1 thread | target | peak RSS / output, 1 thread | 2 threads | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, _ in forms:
         one, two = got[f"{label}, 1"], got[f"{label}, 2"]
         s1, s2 = median_of(one, "seconds"), median_of(two, "seconds")
         target = next(v for k, v in TARGETS.items() if label.startswith(k))
-        print(f"| {label} | {s1 * 1e3:.1f} | {base / s1:.3f} | {target} | {s2 * 1e3:.1f} | {s1 / s2:.2f} "
+        at_gemm = works[label] / (gflops / 2 * 1e9) * 1e3  # a multiply-add is two flops
+        print(f"| {label} | {s1 * 1e3:.1f} | {base / s1:.3f} | {target} | {at_gemm:.0f} | {s2 * 1e3:.1f} | {s1 / s2:.2f} "
               f"| {TWO_THREAD_TARGET} | {median_of(one, 'peak_rss'):.2f} | {median_of(two, 'peak_rss'):.2f} "
               f"| {RSS_TARGET} |")
     base_save = saves["safetensors float32"][0]
