@@ -470,7 +470,7 @@ def verify_file(path: str, backend: str, device: str) -> dict[str, Any]:
     checkable) and every tensor's and failing byte range's status and reason."""
     try:
         with Container(path) as c:
-            report = c.integrity(backend, device)
+            report = c.integrity(backend, device, progress=None)
     except KernelpackError as exc:
         return {"file": path, "status": _status_of(exc), "error": str(exc), "tensors": 0, "items": []}
     items = [{"name": label, "status": _status_of(exc), "error": str(exc)} for label, exc in report.ranges.items()]

@@ -33,6 +33,7 @@ import numpy as np
 from kernelpack import entropy
 from kernelpack._backend import NUMPY_DTYPES, NumpyOps, Ops, get_ops
 from kernelpack._parallel import blas_limit_for, map_in_order
+from kernelpack._progress import progress as progress_bar
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import FORMS, Encoded
 from kernelpack.forms._base import (ELEMENT_WORK, ArraySpec, Cost, Stored, key_shown, need, need_int, need_name,
@@ -1139,9 +1140,10 @@ class Container:
             raise failure
         return {name: bool(ok) for name, ok in report.tensors.items()}
 
-    def integrity(self, backend: str = "numpy", device: Any = "cpu") -> "Integrity":
+    def integrity(self, backend: str = "numpy", device: Any = "cpu", progress: bool | None = False) -> "Integrity":
         """Every check of :meth:`verify`, none stopping the others (:class:`Integrity`). A bad
-        ``backend`` or ``device`` raises at once."""
+        ``backend`` or ``device`` raises at once. ``progress``: a bar over the tensors on
+        stderr (None: when it is a terminal; shown after a second, kernelpack._progress)."""
         ops = get_ops(backend, device)
         ranges: dict[str, KernelpackError] = {}
         checks = [("padding", self.check_padding)]
@@ -1153,7 +1155,7 @@ class Container:
             except KernelpackError as exc:
                 ranges[label] = exc
         tensors: dict[str, bool | KernelpackError] = {}
-        for name, info in self._tensors.items():
+        for name, info in progress_bar(self._tensors.items(), progress, "verify", "tensor", len(self._tensors)):
             try:
                 tensors[name] = self._matches(info, ops.to_numpy(self.decode(name, ops, keep=False)))
             except KernelpackError as exc:

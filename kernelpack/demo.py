@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import kernelpack
+from kernelpack._progress import progress
 from kernelpack.cli import format_table
 from kernelpack.forms import DCT, Basis, Config, Dense, Linear, Series
 
@@ -81,7 +82,7 @@ def train(x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
     torch.manual_seed(SEED)
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
+    for _ in progress(range(epochs), None, "train", "epoch"):  # a bar on a terminal: the run is seconds
         order = torch.randperm(len(x))
         for start in range(0, len(x), BATCH):
             batch = order[start:start + BATCH]

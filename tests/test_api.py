@@ -48,3 +48,25 @@ def test_a_forms_key_that_matches_no_tensor_warns(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kernelpack.save(state, tmp_path / "b.kpk", forms={"conv1.*": kernelpack.Dense(dtype="float16")})
+
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernelpack._progress: a tqdm bar when asked (True) or when stderr is a terminal (None);
+    otherwise an object with the same methods doing nothing; the items pass through either way."""
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    from kernelpack._progress import Quiet, progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    assert isinstance(progress(range(3), None, "x", "it"), Quiet)
+    assert isinstance(progress(range(3), False, "x", "it"), Quiet)
+    bar = progress(range(3), True, "x", "it")
+    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
+    quiet = progress(range(3), None, "x", "it")
+    quiet.update()
+    quiet.set_postfix(a=1)
+    quiet.close()
+    assert list(quiet) == [0, 1, 2]

@@ -78,7 +78,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -86,6 +85,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from kernelpack._backend import NumpyOps, bfloat16_bits_to_float32
+from kernelpack._progress import progress as progress_bar
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series, config_from_dict
 from kernelpack.forms._base import need, shown
@@ -610,7 +610,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
         return _measure_all(name, subject.tensors[name], configs[name], layer_stats.get(name),
                             subject.dtypes[name], max_error)
 
-    bar = _progress(None, progress, "plan", "tensor", total=len(names))
+    bar = progress_bar(None, progress, "plan", "tensor", total=len(names))
     try:
         measured = _map_tensors(measure_tensor, names, threads, bar,
                                 lambda n: subject.tensors[n].size * len(configs[n]))
@@ -630,7 +630,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     def evaluate(point: dict[str, Option]) -> float:
         weights = {**fixed_weights, **{n: decoded[n][id(o)] for n, o in point.items()}}
         if not bars:
-            bars.append(_progress(None, progress, "measure", "run", total=MAX_EVALUATIONS))
+            bars.append(progress_bar(None, progress, "measure", "run", total=MAX_EVALUATIONS))
         error = subject.error(weights)
         bars[0].update()
         bars[0].set_postfix(error=f"{error:.4g}", bytes=_total(point))
@@ -683,7 +683,7 @@ def _sensitivities(subject: _Model, options: Mapping[str, list[Option]],
     ranked = sorted(probe_of, key=lambda n: options[n][-1].bytes - options[n][0].bytes, reverse=True)
     alone = ranked if len(ranked) <= MAX_PROBES else ranked[:MAX_PROBES - 1]
     groups = [[n] for n in alone] + ([ranked[len(alone):]] if len(ranked) > len(alone) else [])
-    bar = _progress(None, progress, "probe", "run", total=len(groups))
+    bar = progress_bar(None, progress, "probe", "run", total=len(groups))
     try:
         for group in groups:
             final = subject.probe({n: decoded[n][id(probe_of[n])] for n in group})
@@ -1021,37 +1021,6 @@ def _candidate_fn(candidates: Candidates | Sequence[Config] | None) -> Candidate
          f"must be a list of form configs or a function of (name, shape), got {shown(candidates)}")
     fixed = list(candidates)
     return lambda name, shape: fixed
-
-
-class _Quiet:
-    """The part of a tqdm bar the planner uses, doing nothing (no bar)."""
-
-    def __init__(self, items: Iterable | None) -> None:
-        self.items = items
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **values: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(items: Iterable | None, enabled: bool | None, desc: str, unit: str, total: int | None = None) -> Any:
-    """A tqdm bar over ``items`` (or counting up to ``total``): by default only when stderr is a
-    terminal; ``enabled`` overrides."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return _Quiet(items)
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, total=total)
 
 
 def _hull(options: list[Option]) -> list[Option]:
