@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 import numpy as np
 
 from kernelpack._backend import bfloat16_bits_to_float32, get_ops
+from kernelpack._table import format_table
 from kernelpack.container import DEFAULT_LEVEL, Container, TensorInfo, atomic_write, need_output
 from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, config_from_dict
@@ -234,16 +235,6 @@ def _same_file(src: str, out: str) -> bool:
 
 
 # --- output helpers -----------------------------------------------------------------
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
-    """Plain aligned text; ``align`` has one '<' (left) or '>' (right) per column."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[Any]) -> str:
-        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def ratio(dense: int, stored: int) -> float | None:
     return dense / stored if stored else None
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import kernelpack
 from kernelpack._progress import progress
-from kernelpack.cli import format_table
+from kernelpack._table import format_table
 from kernelpack.forms import DCT, Basis, Config, Dense, Linear, Series
 
 SEED = 0
