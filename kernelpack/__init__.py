@@ -14,7 +14,8 @@ from kernelpack.container import Container, Limits, TensorInfo
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Dense, Linear, Series
 from kernelpack.pack import save
-from kernelpack.runtime import load, load_model, load_numpy, open, ort_session
+from kernelpack.ort import ort_session
+from kernelpack.runtime import load, load_model, load_numpy, open
 
 
 def _version() -> str:

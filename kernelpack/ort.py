@@ -40,6 +40,7 @@ import numpy as np
 
 from kernelpack.container import Container, Limits
 from kernelpack.errors import KernelpackError, need_module
+from kernelpack.runtime import decode_all
 
 #: The attachment holding the ONNX ModelProto with its weights taken out.
 GRAPH = "onnx.graph"
@@ -407,7 +408,6 @@ def graph_and_weights(path: str | os.PathLike, limits: Limits | None = None,
     it reads, decoded (numpy, checked against the SHA-256s) on ``threads`` threads as by
     ``kernelpack.load_numpy``. The one way kernelpack hands a container's graph on: whatever
     reaches ONNX Runtime or an ``.onnx`` file went through here."""
-    from kernelpack.runtime import decode_all  # runtime imports this module
 
     with Container(path, limits, preload=True) as c:
         graph = c.read_attachment(GRAPH)

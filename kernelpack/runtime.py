@@ -3,8 +3,9 @@
 ``load`` returns a state_dict decoded by torch on the requested device (on CUDA the
 decode arithmetic itself runs on the GPU); ``load_numpy`` decodes with numpy and
 never imports torch (for ONNX Runtime services); ``load_model`` fills a ready
-``nn.Module``; ``ort_session`` builds an ``onnxruntime.InferenceSession`` from a container
-that carries its ONNX graph (:mod:`kernelpack.ort`, no torch). Every load checks the whole
+``nn.Module``; ``kernelpack.ort_session`` (in :mod:`kernelpack.ort`, which decodes through
+this module; no torch) builds an ``onnxruntime.InferenceSession`` from a container that
+carries its ONNX graph. Every load checks the whole
 file: header, layout, zero padding and the SHA-256 of every payload (attachments included),
 so that any corrupted byte is an error. ``limits`` (a :class:`Limits`) bounds what a file
 may make the reader allocate; services that open untrusted files may lower the defaults.
@@ -40,7 +41,6 @@ from kernelpack._parallel import blas_limit_for, map_in_order, worker_count
 from kernelpack.container import Container, Limits
 from kernelpack.errors import KernelpackError
 from kernelpack.forms._base import Cost
-from kernelpack.ort import ort_session  # noqa: F401 - an ONNX Runtime session, torch-free
 
 
 def open(path: str | os.PathLike, limits: Limits | None = None) -> Container:  # noqa: A001
