@@ -127,14 +127,16 @@ class Ops(Protocol):
 #: OpenBLAS runs a GEMM on the calling thread when M * N * K < 2^18 (its interface/gemm.c:
 #: SMP_THRESHOLD_MIN 65536 x GEMM_MULTITHREAD_THRESHOLD 4); NumpyOps.matmul cuts tall
 #: products into row blocks under it, unless the blocks would be under MIN_BLOCK_ROWS rows
-#: (a real GEMM, where BLAS's own threads pay).
+#: (a real GEMM, which BLAS runs best as one call; a load holds BLAS to one thread while it
+#: has such products, kernelpack._parallel.blas_limit_for).
 BLAS_ONE_THREAD = 1 << 18
 MIN_BLOCK_ROWS = 64
+
+
 def blas_threaded(entries: int) -> bool:
     """Whether a product whose right operand has ``entries`` (K x N) is one BLAS runs on its
     own threads: its row blocks under BLAS_ONE_THREAD would be under MIN_BLOCK_ROWS rows."""
     return BLAS_ONE_THREAD // max(1, entries) < MIN_BLOCK_ROWS
-
 
 
 class NumpyOps:
