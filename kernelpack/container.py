@@ -200,12 +200,14 @@ def _unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
 
 
 #: The writer's zstd level (``write``, ``kernelpack.save``, ``pack_onnx``, ``kernelpack pack``).
-#: 3, not 19: saving ResNet-50 shapes (benchmarks/pack.py, benchmarks/README.md), level 19 made
-#: the files of dense float16 0.20% larger, of series 0.12% and of int8 codes 0.08% larger, of
-#: dct, basis and linear 1.37%, 0.35% and 0.25% smaller, and took 1.5-29 times as long (dense
-#: float16: 6.7 s against 0.23 s; 17 s when every codec was compared at 19). ``level=19`` is
-#: there for the last per cent.
-DEFAULT_LEVEL = 3
+#: 19, not 3, because smallest files are the product: on He-initialised ResNet-50 shapes
+#: (benchmarks/pack.py) the two levels were within 1.4% of each other, but on the suite's real
+#: models (BENCHMARKS.md, the run at 016fd31 made at level 3 against the one at fcb8bc7 at 19)
+#: level 3 made every file larger: quantised codes at NNCodec's steps by 0.4-5.8%, dense
+#: float16 by 0.4-3.7% (real weights repeat patterns that only long matches find). Level 19
+#: takes 1.5-29 times as long (ResNet-50 dense float16: 6.7 s against 0.23 s; see
+#: benchmarks/README.md); ``level=3`` (``kernelpack pack --level 3``) is there for fast packs.
+DEFAULT_LEVEL = 19
 #: How the writer compares codecs (``_compress``). Payloads of at most EXACT_BYTES are
 #: compressed by every codec offered at the final level, and the smallest kept: cheap there,
 #: and exact where a few bytes decide it (the conformance vectors' arrays: at level 3, frames of

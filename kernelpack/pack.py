@@ -165,8 +165,8 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
     by 1.1 readers; ``compact`` (format 1.4) stores the header zstd-compressed and compressed
     payloads unaligned, where that saves bytes; ``compact=False`` writes for readers before
-    1.4. ``level`` is zstd's, 1..22 (default 3, ``container.DEFAULT_LEVEL``: 19 takes up to 30 times
-    as long, for files within about 1.4% of the size).
+    1.4. ``level`` is zstd's, 1..22 (default 19, ``container.DEFAULT_LEVEL``: on real models 0.4-5.8%
+    smaller files than level 3, which is up to 30 times faster).
     Returns the encoded tensors (what was written).
     ``forms`` may be a calibrated ``kernelpack.plan``: its tensors are then fitted under the
     plan's calibration statistics (``Plan.hessians``), exactly as the plan measured them.
