@@ -163,16 +163,6 @@ def tiny_files(folder: str) -> tuple[str, str]:
     return kpk, st
 
 
-def best_seconds(fn: Any, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def declared_work(path: str) -> int:
     """The work a whole load of ``path`` declares (spec/FORMAT.md section 5: float64
     multiply-adds of its products plus ELEMENT_WORK per element read and written)."""
@@ -192,7 +182,11 @@ def bounds(tiny_kpk: str) -> tuple[list[str], float]:
     from threadpoolctl import threadpool_limits
 
     import kernelpack
+    from decode import median_seconds
     from kernelpack._backend import float16_to_float32
+
+    def best_seconds(fn: Any) -> float:
+        return median_seconds(fn, 5)
 
     a = np.random.default_rng(0).standard_normal((1024, 1024))
     gemm = {}

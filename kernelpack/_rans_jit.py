@@ -106,6 +106,23 @@ def values_loop(out: np.ndarray, extra: np.ndarray, size: int, split: int, msb: 
 
 
 @numba.njit(cache=True, nogil=True)
+def _short_varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it, or position -1 for one the reader
+    refuses: truncated, not in its shortest form, or over 3 bytes (a table's values are at
+    most 2^16, so a longer one is out of range anyway)."""
+    value = 0
+    for b in range(3):
+        if pos >= end:
+            return 0, -1
+        byte = np.int64(buf[pos])
+        pos += 1
+        value |= (byte & 0x7F) << (7 * b)
+        if byte < 0x80:
+            return (0, -1) if byte == 0 and b > 0 else (value, pos)
+    return 0, -1
+
+
+@numba.njit(cache=True, nogil=True)
 def tables_loop(buf: np.ndarray, pos: int, m: int, freq: np.ndarray) -> int:
     """The frequency tables of FORMAT.md 2.1 / 2.3 (a varint per symbol; a zero is followed by
     the varint length - 1 of a run of absent symbols), one per row of ``freq`` (zeros on
@@ -117,36 +134,16 @@ def tables_loop(buf: np.ndarray, pos: int, m: int, freq: np.ndarray) -> int:
         i = 0
         total = 0
         while i < size:
-            value = 0
-            for b in range(4):  # values here are <= 2^15: a longer varint is refused anyway
-                if b == 3 or pos >= end:
-                    return -1
-                byte = np.int64(buf[pos])
-                pos += 1
-                value |= (byte & 0x7F) << (7 * b)
-                if byte < 0x80:
-                    if byte == 0 and b > 0:
-                        return -1
-                    break
-            if value > m:
+            value, pos = _short_varint(buf, pos, end)
+            if pos < 0 or value > m:
                 return -1
             if value:
                 freq[g, i] = value
                 total += value
                 i += 1
                 continue
-            run = 0
-            for b in range(4):
-                if b == 3 or pos >= end:
-                    return -1
-                byte = np.int64(buf[pos])
-                pos += 1
-                run |= (byte & 0x7F) << (7 * b)
-                if byte < 0x80:
-                    if byte == 0 and b > 0:
-                        return -1
-                    break
-            if run > size - i - 1:
+            run, pos = _short_varint(buf, pos, end)
+            if pos < 0 or run > size - i - 1:
                 return -1
             i += run + 1
         if total != m:
