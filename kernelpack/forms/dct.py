@@ -89,15 +89,15 @@ class DCTTensor(Encoded):
         size = math.prod(box)
         largest = max(math.prod(shape), boundary * len(shape), size)
         work = read_work(arrays) + ELEMENT_WORK * (size * (2 + size.bit_length()) + math.prod(shape))
-        current, block, product = list(box), 0, 0
+        current, block = list(box), 0
         for a in axes:
             k, n = current[a], shape[a]
             entries, passes = table_blocks(k, n, known_exponent=True)
             work += math.prod(current) * (n + 2 * ELEMENT_WORK) + passes * k * n * TABLE_ENTRY_WORK
-            block, product = max(block, entries), max(product, entries)
+            block = max(block, entries)
             current[a] = n
             largest = max(largest, math.prod(current))
-        return Cost.of(largest, work, block, product)
+        return Cost.of(largest, work, block, product=block)  # the table block is each product's right operand
 
     @classmethod
     def build(cls, shape: tuple[int, ...], dtype: str, fields: Mapping[str, Any],
