@@ -17,6 +17,8 @@ is decompressed; nothing is unpickled.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import math
 import os
@@ -42,7 +44,7 @@ from kernelpack.forms.basis import MAX_BANK, check_bank, check_bank_values
 from kernelpack.limits import MAX_HEADER, Budget, Limits
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
-VERSION = (1, 5)
+VERSION = (1, 6)
 PREAMBLE = 48
 ALIGN = 64
 CODECS = ("none", "zstd", "zstd-shuffle", "rans", "rans-ctx")
@@ -62,9 +64,41 @@ DEFAULT_CODECS = ("none", "zstd", "zstd-shuffle")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 #: The minor version that added compact files: compressed headers, unaligned compressed payloads.
 COMPACT = 4
+#: The minor version since which a compressed header is a frame against the header dictionary.
+DICTIONARY = 6
+#: What the header dictionary holds (spec/FORMAT.md section 2.2; its bytes, the msgpack of this
+#: map, are spec/header-dictionary.bin, fixed forever): the keys and common values of a header,
+#: so that the header of a model of a few tensors, too short for zstd to learn its own keys,
+#: still stores each in a byte or two (LeNet-5, 10 tensors: 911 -> 748 header bytes).
+_DICTIONARY_MAP: dict[str, Any] = {"metadata": {}, "banks": {}, "tensors": {
+    name: {"form": form, "shape": shape, "dtype": "float32", "digest": b"", "fields": fields,
+           "arrays": {"data": {"dtype": dtype, "shape": shape, "codec": codec, "length": 1, "step": 0.5, "offset": 0}}}
+    for name, form, dtype, codec, shape, fields in [
+        ("features.0.conv.weight", "dense", "int8", "rans-ctx", [64, 3, 3, 3], {}),
+        ("features.0.bn.bias", "dense", "float16", "none", [64], {}),
+        ("layer1.0.bn1.running_mean", "dense", "int16", "zstd-shuffle", [128], {}),
+        ("layer1.0.bn1.running_var", "dense", "uint8", "zstd", [256], {}),
+        ("onnx::Conv_123", "dct", "bfloat16", "rans", [1], {"axes": [], "boundary": 1}),
+        ("fc.weight", "series", "uint16", "rans-ctx", [1], {"family": "chebyshev", "harmonics": [], "points": "cgl"}),
+        ("classifier.1.weight", "basis", "float16", "zstd-shuffle", [1], {"bank": "bank0"}),
+        ("x.num_batches_tracked", "linear", "int64", "none", [], {})]},
+    "groups": [{"offset": 0, "length": 1, "sha256": b""}], "attachments": {"onnx.graph": {}}}
 TOP_KEYS = frozenset({"metadata", "banks", "tensors"})
+#: The minor version that added hash groups (spec section 2.4): small payloads sharing one SHA-256.
+GROUPED = 6
 #: Top-level keys added by a minor version: a file of an older minor version may not use them.
-ADDED_KEYS = {1: frozenset({"attachments"})}
+ADDED_KEYS = {1: frozenset({"attachments"}), GROUPED: frozenset({"groups"})}
+GROUP_KEYS = frozenset({"offset", "length", "sha256"})
+#: The writer's hash groups: payloads of fewer than GROUP_PAYLOAD bytes, in runs spanning at
+#: most GROUP_SPAN bytes (so a lazy read of one small tensor hashes at most 64 KiB, some 40 us).
+#: Why 4 KiB: a payload of that size spends 0.8% of its bytes on its own SHA-256; on the suite's
+#: real models 88-95% of the arrays are smaller, and their hashes were 64 of the header's 80
+#: bytes per tensor (benchmarks/header_bytes.py).
+GROUP_PAYLOAD, GROUP_SPAN = 4096, 64 << 10
+#: The largest group a reader accepts (section 5): what reading one allocates.
+MAX_GROUP = 1 << 20
+#: Verified groups a reader keeps, in bytes, when they are not views of the preloaded file.
+GROUP_CACHE = 4 << 20
 TENSOR_KEYS = frozenset({"form", "shape", "dtype", "digest", "fields", "arrays"})
 ARRAY_KEYS = frozenset({"dtype", "shape", "offset", "length", "codec", "sha256"})
 #: Array-ref keys added by a minor version (1.2: ``step``, quantised numbers).
@@ -319,10 +353,12 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
     file is written in the lowest format version that can hold what it holds, so a
     file without attachments stays readable by 1.0 readers. Each payload takes the
     smallest of ``codecs`` (and ``none``); ``codecs=codecs_of(1)`` keeps out
-    ``zstd-shuffle``, which would make the file 1.2, for readers of 1.1. ``compact`` (format
-    1.4, when it saves bytes) stores the header as one zstd frame and every compressed or
-    empty payload right after the previous one; only raw payloads, which a reader may map
-    and use in place, stay 64-aligned. ``compact=False`` writes for readers before 1.4.
+    ``zstd-shuffle``, which would make the file 1.2, for readers of 1.1. ``compact`` (where
+    it saves bytes) stores the header as one zstd frame and every compressed or empty payload
+    right after the previous one (format 1.4; only raw payloads, which a reader may map and
+    use in place, stay 64-aligned), and gives runs of small payloads one SHA-256 per hash
+    group instead of one each (format 1.6, :func:`hash_groups`). ``compact=False`` writes for
+    readers before 1.4.
     """
     path = need_output(path)
     need(isinstance(codecs, Collection) and set(codecs) <= set(CODECS), "codecs",
@@ -347,6 +383,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
         except KernelpackError as exc:
             raise exc.located(path=path, tensor=name) from None
     bodies: list[bytes] = []
+    placed: list[tuple[dict[str, Any], bytes]] = []  # (array-ref, payload), in file order
     ref_keys: set[str] = set()  # every array-ref key used (the version depends on them)
     used: set[str] = set()  # every codec used (so does it)
     end = 0  # bytes of the data area so far
@@ -357,6 +394,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
         used.add(ref["codec"])
         ref["offset"] = end if compact and unaligned(ref["codec"], len(body)) else _align(end)
         bodies.extend([b"\0" * (ref["offset"] - end), body])
+        placed.append((ref, body))
         end = ref["offset"] + len(body)
         return ref
 
@@ -379,6 +417,9 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
             "digest": decoded, "fields": tensor.fields(),
             "arrays": {k: place(*payload) for k, payload in payloads.items()},
         }
+    groups = hash_groups(placed) if compact else []
+    if groups:
+        header["groups"] = groups
     head = msgpack.packb(header, use_bin_type=True)
     if len(head) > MAX_HEADER:
         raise KernelpackError(f"header of {len(head)} bytes exceeds the limit {MAX_HEADER}", path=path)
@@ -390,14 +431,40 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Encoded],
                 + [m for m, keys in ADDED_ARRAY_KEYS.items() if keys & ref_keys]
                 + [m for m, added in ADDED_CODECS.items() if added & used], default=0)
     if compact:
-        import zstandard
-
-        packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(head)
-        if len(packed) < len(head):
-            head, minor = packed, max(minor, COMPACT)
+        head, minor = stored_header(head, minor, level)
         if any(r["offset"] % ALIGN for r in _refs(header)):  # else the layout is the aligned one
             minor = max(minor, COMPACT)
     atomic_write(path, [header_block(head, minor), *bodies])
+
+
+def hash_groups(placed: Sequence[tuple[dict[str, Any], bytes]]) -> list[dict[str, Any]]:
+    """The hash groups of a compact file (1.6, spec section 2.4): each run of two or more
+    consecutive payloads of 1 to GROUP_PAYLOAD - 1 bytes spanning at most GROUP_SPAN bytes gets
+    one SHA-256 over its byte range (the zero gaps between them included), and its payloads'
+    own ``sha256`` are dropped. ``placed``: (array-ref, payload) in file order, offsets set."""
+    groups: list[dict[str, Any]] = []
+    run: list[tuple[dict[str, Any], bytes]] = []
+
+    def close() -> None:
+        if len(run) >= 2:
+            start, end, sha = run[0][0]["offset"], run[0][0]["offset"], hashlib.sha256()
+            for ref, body in run:
+                sha.update(b"\0" * (ref["offset"] - end))
+                sha.update(body)
+                end = ref["offset"] + len(body)
+                del ref["sha256"]
+            groups.append({"offset": start, "length": end - start, "sha256": sha.digest()})
+        run.clear()
+
+    for ref, body in placed:
+        if not body:
+            continue  # empty payloads keep their own (empty) hash and take no part
+        if len(body) >= GROUP_PAYLOAD or (run and ref["offset"] + len(body) - run[0][0]["offset"] > GROUP_SPAN):
+            close()
+        if len(body) < GROUP_PAYLOAD:
+            run.append((ref, body))
+    close()
+    return groups
 
 
 def unaligned(codec: str, length: int) -> bool:
@@ -531,7 +598,7 @@ class ArrayRef:
     offset: int
     length: int
     codec: str
-    sha256: bytes
+    sha256: bytes | None  # None: its bytes are checked by the hash group it lies in (1.6)
 
 
 @dataclass(frozen=True)
@@ -610,6 +677,8 @@ def _parse_ref(value: Any, field: str, file_size: int, minor: int, codecs: tuple
         need(length == spec.nbytes, f"{field}.length",
              f"uncompressed payload must be {spec.nbytes} bytes for its dtype and shape, got {length}")
     sha = value.get("sha256")
+    if sha is None and "sha256" not in value and minor >= GROUPED and length > 0:
+        return ArrayRef(spec, offset, length, codec, None)  # in a hash group: checked with the layout
     need(isinstance(sha, bytes) and len(sha) == 32, f"{field}.sha256", "must be 32 bytes")
     return ArrayRef(spec, offset, length, codec, sha)
 
@@ -627,19 +696,82 @@ def _declared(data: bytes | memoryview, bad: Callable[[str], KernelpackError], w
         raise bad(f"bad {what}: {exc}") from None
 
 
-def _one_frame(data: bytes | memoryview, size: int, bad: Callable[[str], KernelpackError], what: str) -> bytes:
+def _one_frame(data: bytes | memoryview, size: int, bad: Callable[[str], KernelpackError], what: str,
+               dictionary: bool = False) -> bytes:
     """``data`` inflated, when it is exactly one zstd frame of ``size`` bytes with nothing after
-    it. One-shot: one allocation of ``size``, about twice as fast as a streaming object; zstd
-    never produces more than ``max_output_size``, and bytes after the frame are an error."""
+    it (against the header dictionary if ``dictionary``). One-shot: one allocation of ``size``,
+    about twice as fast as a streaming object; zstd never produces more than
+    ``max_output_size``, and bytes after the frame are an error."""
     import zstandard
 
+    decompressor = zstandard.ZstdDecompressor(dict_data=_zstd_dictionary()) if dictionary else _decompressor()
     try:
-        out = _decompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+        out = decompressor.decompress(data, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise bad(f"bad {what}: {exc}") from None
     if len(out) != size:
         raise bad(f"{what} is not exactly one frame of its declared size")
     return out
+
+
+@functools.cache
+def header_dictionary() -> bytes:
+    """The header dictionary's bytes (spec/FORMAT.md section 2.2): a compressed header of a file
+    of minor >= 6 is a zstd frame against them, as a raw-content dictionary."""
+    return msgpack.packb(_DICTIONARY_MAP, use_bin_type=True)
+
+
+@functools.cache
+def _zstd_dictionary() -> Any:
+    import zstandard
+
+    return zstandard.ZstdCompressionDict(header_dictionary(), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def stored_header(head: bytes, minor: int, level: int = DEFAULT_LEVEL) -> tuple[bytes, int]:
+    """The header as a compact file stores it, and the file's minor version with it: of the
+    msgpack ``head`` itself (``minor`` unchanged), a plain zstd frame (1.4; a 1.6 reader
+    decodes it the same against the dictionary) and a frame against the header dictionary
+    (1.6), the one that makes the file smallest (the data start is 64-aligned, so a few bytes
+    less header may change nothing), the lowest version on a tie. The dictionary helps the
+    headers of a few tensors and can cost bytes on long ones (PP-OCR cls: 9,451 against 9,343)."""
+    import zstandard
+
+    def frame(dictionary: Any) -> bytes:
+        return zstandard.ZstdCompressor(level=level, write_content_size=True, dict_data=dictionary).compress(head)
+
+    stored = [(head, minor), (frame(None), max(minor, COMPACT)), (frame(_zstd_dictionary()), max(minor, DICTIONARY))]
+    return min(stored, key=lambda s: (_align(PREAMBLE + len(s[0])), s[1], len(s[0])))
+
+
+def header_map_bytes(stored: bytes, minor: int) -> bytes:
+    """The msgpack bytes of a header as stored: inflated when it is a frame, against the header
+    dictionary when ``minor`` says so, else (a file relabelled, as the version corpus has)
+    against it anyway. For tools that take files apart, refused ones included; the reader's
+    own checks and limits are in Container."""
+    if stored[:4] != ZSTD_MAGIC:
+        return stored
+    import zstandard
+
+    dictionary = minor >= DICTIONARY
+    try:
+        return zstandard.ZstdDecompressor(dict_data=_zstd_dictionary() if dictionary else None).decompress(stored)
+    except zstandard.ZstdError:
+        if dictionary:
+            raise
+        return zstandard.ZstdDecompressor(dict_data=_zstd_dictionary()).decompress(stored)
+
+
+def ungroup(header: dict[str, Any], data: bytes) -> None:
+    """Give every payload of a hash group its own ``sha256`` again and drop ``groups`` (for
+    tools that edit one payload of a file: the file stays valid but for their edit). ``data``:
+    the file's data area."""
+    if header.pop("groups", None) is None:
+        return
+    refs = [*header.get("banks", {}).values(), *header.get("attachments", {}).values()]
+    refs += [r for t in header.get("tensors", {}).values() for r in t.get("arrays", {}).values()]
+    for ref in refs:
+        ref.setdefault("sha256", hashlib.sha256(data[ref["offset"]:ref["offset"] + ref["length"]]).digest())
 
 
 def _decompressor() -> Any:
@@ -715,6 +847,7 @@ class Container:
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
         self._preloaded = None
+        self._group_cache = {}  # its views would keep the preloaded file alive
         if fd >= 0:
             os.close(fd)
 
@@ -796,7 +929,7 @@ class Container:
         if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > limit:
             raise bad(f"compressed header declares {'no size' if declared == zstandard.CONTENTSIZE_UNKNOWN else declared}"
                       f"; it must declare at most {limit} bytes (the header limit)")
-        return _one_frame(head, declared, bad, "compressed header")
+        return _one_frame(head, declared, bad, "compressed header", dictionary=self.version[1] >= DICTIONARY)
 
     def _preload(self) -> None:
         """One read of everything after the header, once the header and layout are checked,
@@ -866,8 +999,49 @@ class Container:
                 raise exc.located(tensor=name) from None
         for name, spec in self._bank_specs.items():  # banks no tensor names too (those it names passed)
             check_bank(spec, name)
+        self._groups = self._parse_groups(header.get("groups", []) if self.version[1] >= GROUPED else [])
         self._check_layout()
+        self._check_groups()
         self._bank_cache: dict[str, Stored] = {}
+        self._group_cache: dict[int, bytes | memoryview] = {}  # verified group bytes, oldest first
+        self._group_lock = threading.Lock()
+
+    def _parse_groups(self, value: Any) -> list[tuple[int, int, bytes]]:
+        """The hash groups (since 1.6): (offset, length, sha256) byte ranges of the data area in
+        ascending order, none overlapping, each 1 to MAX_GROUP bytes."""
+        need(isinstance(value, list), "groups", "must be a list of hash groups")
+        groups: list[tuple[int, int, bytes]] = []
+        end = 0
+        for i, entry in enumerate(value):
+            field = f"groups[{i}]"
+            need(isinstance(entry, dict), field, "must be a map")
+            self._known(entry, GROUP_KEYS, f"{field}.")
+            offset = need_int(entry.get("offset"), f"{field}.offset", end, self._size)
+            length = need_int(entry.get("length"), f"{field}.length", 1, MAX_GROUP)
+            sha = entry.get("sha256")
+            need(isinstance(sha, bytes) and len(sha) == 32, f"{field}.sha256", "must be 32 bytes")
+            groups.append((offset, length, sha))
+            end = offset + length
+        return groups
+
+    def _check_groups(self) -> None:
+        """Every payload without its own ``sha256`` lies inside one hash group, every group holds
+        one such payload and ends inside the data area (so every group byte is a payload or a
+        zero gap the layout check placed)."""
+        self._group_starts = [offset for offset, _, _ in self._groups]
+        used: set[int] = set()
+        for ref, tensor, field in self._all_refs():
+            if ref.sha256 is None:
+                i = self._group_of(ref)
+                if i < 0 or ref.offset + ref.length > self._groups[i][0] + self._groups[i][1]:
+                    raise KernelpackError("is missing, and the payload lies in no hash group (spec section 2.4)",
+                                          tensor=tensor, field=f"{field}.sha256")
+                used.add(i)
+        data_size = self._size - self._data_start
+        for i, (offset, length, _) in enumerate(self._groups):
+            need(offset + length <= data_size, f"groups[{i}].length",
+                 f"ends at {offset + length}, after the data area ({data_size} bytes)")
+            need(i in used, f"groups[{i}]", "holds no payload that lacks its own sha256")
 
     def _parse_tensor(self, name: str, entry: Any) -> TensorInfo:
         need(isinstance(entry, dict), "", "entry must be a map")
@@ -906,15 +1080,21 @@ class Container:
         which payload an error names, never whether the layout is valid. ``unaligned``: it may
         start right after the previous payload (a compressed or empty one, in a 1.4 file)."""
         compact = self.version[1] >= COMPACT
-
-        def region(r: ArrayRef, tensor: str | None, field: str) -> tuple[int, int, str | None, str, bool]:
-            return r.offset, r.length, tensor, field, compact and unaligned(r.codec, r.length)
-
-        regions = [region(r, None, f"banks.{n}") for n, r in self._banks.items()]
-        regions += [region(r, None, f"attachments.{n}") for n, r in self._attachments.items()]
-        for t in self._tensors.values():
-            regions += [region(r, t.name, f"arrays.{key_shown(k)}") for k, r in t.arrays.items()]
+        regions = [(r.offset, r.length, tensor, field, compact and unaligned(r.codec, r.length))
+                   for r, tensor, field in self._all_refs()]
         return sorted(regions, key=lambda region: region[:2])
+
+    def _all_refs(self) -> Iterator[tuple[ArrayRef, str | None, str]]:
+        """(array-ref, tensor, field) of every payload, in header order: banks, attachments,
+        then each tensor's arrays."""
+        yield from ((r, None, f"banks.{n}") for n, r in self._banks.items())
+        yield from ((r, None, f"attachments.{n}") for n, r in self._attachments.items())
+        for t in self._tensors.values():
+            yield from ((r, t.name, f"arrays.{key_shown(k)}") for k, r in t.arrays.items())
+
+    def _group_of(self, ref: ArrayRef) -> int:
+        """The index of the last hash group starting at or before ``ref`` (-1 if none)."""
+        return bisect.bisect_right(self._group_starts, ref.offset) - 1
 
     def _check_layout(self) -> None:
         """Payloads tile the data area in order: each at the first 64-aligned offset after the last
@@ -999,10 +1179,13 @@ class Container:
             raise KernelpackError(f"payload of {size} bytes exceeds the limit max_decoded_bytes="
                                   f"{self.limits.max_decoded_bytes} (see kernelpack.Limits)",
                                   path=self.path, tensor=tensor, field=field)
-        body = self._read(ref.length, self._data_start + ref.offset)
-        if hashlib.sha256(body).digest() != ref.sha256:
-            raise KernelpackError("payload checksum mismatch: the file is corrupted",
-                                  path=self.path, tensor=tensor, field=field)
+        if ref.sha256 is None:
+            body = self._grouped(ref, field, tensor)
+        else:
+            body = self._read(ref.length, self._data_start + ref.offset)
+            if hashlib.sha256(body).digest() != ref.sha256:
+                raise KernelpackError("payload checksum mismatch: the file is corrupted",
+                                      path=self.path, tensor=tensor, field=field)
         if ref.codec in entropy.DECODERS:
             try:
                 body = entropy.DECODERS[ref.codec](body, NUMPY_DTYPES[ref.spec.dtype], ref.spec.size)
@@ -1016,6 +1199,28 @@ class Container:
             body = bytes(body)  # does not keep the whole preloaded file alive
         data = np.frombuffer(body, dtype=NUMPY_DTYPES[ref.spec.dtype]).reshape(ref.spec.shape)
         return Stored(data, ref.spec.dtype, ref.spec.step)
+
+    def _grouped(self, ref: ArrayRef, field: str, tensor: str | None) -> bytes | memoryview:
+        """A payload of a hash group (1.6): a slice of the group's bytes, read and checked against
+        the group's SHA-256 once and kept (views of a preloaded file always; read ones up to
+        GROUP_CACHE bytes, oldest dropped first), so a whole load hashes each group once."""
+        i = self._group_of(ref)
+        offset, length, sha = self._groups[i]
+        with self._group_lock:
+            data = self._group_cache.pop(i, None)
+            if data is None:  # at most MAX_GROUP bytes, whatever the limits: the format bounds it
+                data = self._read(length, self._data_start + offset)
+                if hashlib.sha256(data).digest() != sha:
+                    raise KernelpackError(f"payload checksum mismatch: the file is corrupted (hash group groups[{i}], "
+                                          f"bytes {offset}..{offset + length} of the data area, which this payload "
+                                          "shares with other small payloads)", path=self.path, tensor=tensor,
+                                          field=field)
+            self._group_cache[i] = data  # the newest last
+            held = [k for k, v in self._group_cache.items() if not isinstance(v, memoryview)]
+            while sum(len(self._group_cache[k]) for k in held) > GROUP_CACHE:
+                del self._group_cache[held.pop(0)]
+        start = ref.offset - offset
+        return data[start:start + ref.length]
 
     def _inflate(self, body: bytes, size: int, field: str, tensor: str | None) -> bytes:
         """One zstd frame that declares exactly ``size`` bytes and nothing after it.

@@ -59,7 +59,7 @@ import zstandard  # noqa: E402
 
 import kernelpack  # noqa: E402
 from kernelpack import ort  # noqa: E402
-from kernelpack.container import COMPACT, MAGIC, ZSTD_MAGIC, header_block, unaligned  # noqa: E402
+from kernelpack.container import COMPACT, MAGIC, ZSTD_MAGIC, header_block, header_map_bytes, unaligned, ungroup  # noqa: E402
 
 #: The reader's settings under test: the defaults, and what the README suggests for a service.
 LIMITS_BY_NAME = {"default": kernelpack.Limits(), "service": kernelpack.Limits(max_decoded_bytes=16 << 20)}
@@ -232,8 +232,11 @@ class Parts:
         major, minor, length = struct.unpack_from("<HHI", seed, 8)
         head = seed[48:48 + length]
         compressed = head[:4] == ZSTD_MAGIC
-        header = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(head) if compressed else head, raw=False)
-        return cls(major, minor, header, seed[-(-(48 + length) // 64) * 64:], compressed)
+        header = msgpack.unpackb(header_map_bytes(head, minor), raw=False)
+        data = seed[-(-(48 + length) // 64) * 64:]
+        if isinstance(header, dict):
+            ungroup(header, data)  # so an edit of one payload re-signs only that payload
+        return cls(major, minor, header, data, compressed)
 
     def blob(self) -> bytes:
         """Laid out again with a correct header length and SHA-256, the header stored as it was."""
@@ -309,7 +312,7 @@ def deep(depth: int) -> Any:
 
 
 VOCABULARY = ["metadata", "banks", "tensors", "attachments", "form", "shape", "dtype", "digest", "fields",
-              "arrays", "offset", "length", "codec", "sha256", "axes", "boundary", "family", "harmonics",
+              "arrays", "groups", "offset", "length", "codec", "sha256", "axes", "boundary", "family", "harmonics",
               "points", "bank", "data", "coefficients", "index", "a", "b", "primaries", "A", "A1", "A2", "order",
               "dense", "dct", "series", "basis", "linear", "none", "zstd", "float16", "bfloat16", "float32",
               "float64", "int8", "uint8", "int16", "uint16", "int32", "int64", "bool", "cgl", "uniform",

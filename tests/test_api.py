@@ -29,7 +29,7 @@ def test_reprs_say_what_a_container_and_a_tensor_are_without_digest_bytes(tmp_pa
     path = tmp_path / "m.kpk"
     kernelpack.save({"w": np.ones((4, 4), np.float32)}, path)
     with kernelpack.open(path) as c:
-        assert repr(c) == f"<kernelpack.Container {str(path)!r} format 1.4, 1 tensors, open>"
+        assert repr(c) == f"<kernelpack.Container {str(path)!r} format 1.6, 1 tensors, open>"
         info = repr(c.info("w"))
         assert info.startswith("TensorInfo(name='w', form='dense', shape=(4, 4), dtype='float32'")
         assert "\\x" not in info and info.endswith(f"digest={c.info('w').digest.hex()[:8]}...)")

@@ -163,12 +163,24 @@ def test_verify_reports_every_corrupted_tensor_and_goes_on_exit_1(packed, capsys
     code, stdout, err = run(capsys, "verify", out, "-v")
     assert code == 1 and err == ""
     bad = [line for line in stdout.splitlines() if line.startswith("CORRUPT")]
-    assert len(bad) == 1 and "checksum mismatch" in bad[0] and stdout.count("OK ") == 5
-    assert f"{out}: 1 failure(s) (6 tensors)" in stdout
+    # the six payloads are small, so they share one hash group (format 1.6): all six are reported
+    assert len(bad) == 6 and all("checksum mismatch" in line and "hash group" in line for line in bad)
+    assert f"{out}: 6 failure(s) (6 tensors)" in stdout
     code, stdout, _ = run(capsys, "verify", out, "--json")
     report = json.loads(stdout)["files"][0]
     assert code == 1 and report["status"] == "CORRUPT"
-    assert sorted(i["status"] for i in report["items"]) == ["CORRUPT"] + ["OK"] * 5
+    assert sorted(i["status"] for i in report["items"]) == ["CORRUPT"] * 6
+
+
+def test_verify_names_the_one_corrupted_tensor_of_a_file_without_hash_groups(tmp_path, capsys):
+    out = str(tmp_path / "plain.kpk")
+    kernelpack.save({f"t{i}": np.full(8, i, np.float32) for i in range(6)}, out, compact=False)
+    data = bytearray(open(out, "rb").read())
+    data[-1] ^= 0xFF  # the last payload's last byte
+    open(out, "wb").write(bytes(data))
+    code, stdout, _ = run(capsys, "verify", out, "-v")
+    bad = [line for line in stdout.splitlines() if line.startswith("CORRUPT")]
+    assert code == 1 and len(bad) == 1 and "t5" in bad[0] and stdout.count("OK ") == 5
 
 
 def test_verify_digest_mismatch_exit_1_and_a_missing_file_exit_2(packed, tmp_path, capsys):
@@ -205,7 +217,7 @@ def test_pack_refuses_to_overwrite_without_f_and_names_out_by_default(tmp_path, 
 def test_version_and_unpack_refuses_an_output_type_it_does_not_write(packed, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
-    assert exit_.value.code == 0 and capsys.readouterr().out == f"kernelpack {kernelpack.__version__} (format 1.5)\n"
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"kernelpack {kernelpack.__version__} (format 1.6)\n"
     out = tmp_path / "o.npz"
     code, _, err = run(capsys, "unpack", packed[1], str(out))
     assert_one_error_line(code, err, "unpack writes .safetensors")

@@ -54,7 +54,7 @@ def test_layout_follows_the_spec(tmp_path: Path) -> None:
     blob = mixed_file(tmp_path / "plain.kpk", compact=False, codecs=codecs_of(0)).read_bytes()
     assert blob[:8] == MAGIC
     major, minor, length = struct.unpack("<HHI", blob[8:16])
-    assert kernelpack.FORMAT_VERSION == (1, 5)
+    assert kernelpack.FORMAT_VERSION == (1, 6)
     assert (major, minor) == (1, 0)  # the lowest version that holds it: no attachments, a plain header
     assert blob[16:48] == hashlib.sha256(blob[:16] + blob[48:48 + length]).digest()
     header = msgpack.unpackb(blob[48:48 + length], raw=False)
@@ -79,10 +79,11 @@ def test_a_compact_file_compresses_its_header_and_packs_compressed_payloads_unal
     unaligned; raw ones stay 64-aligned. The payloads are those of the plain file."""
     plain = RawFile.read(mixed_file(tmp_path / "plain.kpk", compact=False))
     packed_path = mixed_file(tmp_path / "packed.kpk")
-    blob, packed = packed_path.read_bytes(), RawFile.read(packed_path)
+    blob, packed = packed_path.read_bytes(), RawFile.read(packed_path, ungroup=False)
     length = struct.unpack("<I", blob[12:16])[0]
     head = blob[48:48 + length]
-    assert (packed.major, packed.minor) == (1, 4) and packed.compressed and head[:4] == b"\x28\xb5\x2f\xfd"
+    # 1.6, not 1.4: its small payloads share hash groups too (tests/test_hash_groups.py)
+    assert (packed.major, packed.minor) == (1, 6) and packed.compressed and head[:4] == b"\x28\xb5\x2f\xfd"
     assert blob[16:48] == hashlib.sha256(blob[:16] + head).digest()
     assert zstandard.get_frame_parameters(head).content_size == len(msgpack.packb(packed.header, use_bin_type=True))
     assert length < len(msgpack.packb(plain.header, use_bin_type=True))
@@ -301,7 +302,8 @@ def test_zero_length_payloads_may_share_an_offset(tmp_path: Path, compact: bool)
     raw = RawFile.read(path)
     assert {key[1]: (ref["offset"], ref["length"]) for key, ref in raw.refs()} == {
         "none": (0, 0), "a": (0, 0), "b": (0, 0), "w": (0, 12), "c": (12 if compact else 64, 0)}
-    assert (len(raw.data), raw.minor) == ((12, 4) if compact else (64, 1))  # 1.1: attachments
+    # 1.1: attachments; compact: 1.6, the header is shortest against the header dictionary
+    assert (len(raw.data), raw.minor) == ((12, 6) if compact else (64, 1))
     with kernelpack.open(path) as c:
         assert all(c.verify().values()) and c.read_attachment("none") == b""
 
@@ -340,3 +342,21 @@ def test_a_bank_no_tensor_names_is_allowed_and_load_checks_its_bytes(tmp_path: P
     with pytest.raises(kernelpack.KernelpackError, match="checksum") as caught:
         kernelpack.load_numpy(path)
     assert (caught.value.tensor, caught.value.field) == (None, "banks.spare")
+
+
+def test_the_header_dictionary_is_the_spec_file_and_a_1_6_header_needs_it(tmp_path: Path) -> None:
+    """spec/FORMAT.md section 2.2: the dictionary's bytes are spec/header-dictionary.bin, with
+    the SHA-256 the spec gives; a compact file's frame against it does not inflate without it."""
+    from kernelpack.container import header_dictionary
+
+    spec = Path(__file__).parent.parent / "spec"
+    assert header_dictionary() == (spec / "header-dictionary.bin").read_bytes()
+    assert hashlib.sha256(header_dictionary()).hexdigest() in (spec / "FORMAT.md").read_text(encoding="utf-8")
+    path = tmp_path / "small.kpk"
+    kernelpack.save({"conv.weight": np.ones((4, 3, 3, 3), np.float32), "conv.bias": np.ones(4, np.float32)}, path,
+                    forms={"conv.weight": kernelpack.Dense(step=0.25)})
+    blob = path.read_bytes()
+    head = blob[48:48 + struct.unpack("<I", blob[12:16])[0]]
+    assert struct.unpack("<H", blob[10:12])[0] == 6 and head[:4] == b"\x28\xb5\x2f\xfd"
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().decompress(head)

@@ -23,7 +23,8 @@ def small(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     state = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()}
     path = tmp_path / "small.kpk"
-    kernelpack.save(state, path, forms={k: Dense(dtype="float16") for k, a in state.items() if a.ndim > 1})
+    kernelpack.save(state, path, forms={k: Dense(dtype="float16") for k, a in state.items() if a.ndim > 1},
+                    compact=False)  # a payload each, with its own hash (hash groups: test_hash_groups.py)
     codecs = {ref.codec for name in SHAPES for ref in kernelpack.open(path).info(name).arrays.values()}
     assert codecs == {"none", "zstd"}
     return path
@@ -81,7 +82,11 @@ def test_no_read_exceeds_max_decoded_bytes(tmp_path: Path, reads: list[int]) -> 
     expected = one_by_one(path)
     reads.clear()
     assert same(kernelpack.load_numpy(path, limits=kernelpack.Limits(max_decoded_bytes=limit)), expected)
-    assert max(reads[2:]) <= limit  # after preamble and header (bounded by max_header_bytes)
+    # after preamble and header (bounded by max_header_bytes): payloads, or the hash groups that
+    # hold them, which the format bounds at MAX_GROUP whatever the limits (spec section 2.4)
+    with kernelpack.open(path) as c:
+        groups = [length for _, length, _ in c._groups]
+    assert groups and max(reads[2:]) <= max(limit, *groups) <= container.MAX_GROUP
 
 
 def test_no_tensor_keeps_the_file_bytes_alive(small: Path) -> None:

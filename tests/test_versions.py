@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -135,13 +136,36 @@ def test_the_writer_writes_the_lowest_version_that_holds_the_file(tmp_path: Path
     kernelpack.save(w, tmp_path / "att.kpk", attachments={"g": b"graph"}, **plain)
     kernelpack.save(w, tmp_path / "quantised.kpk", forms=kernelpack.Dense(step=0.5), **plain)
     kernelpack.save({"w": np.arange(4096, dtype=np.float32)}, tmp_path / "shuffled.kpk", **plain)  # zstd-shuffle
+    rng = np.random.default_rng(0)
+    large = {f"layer{i}.weight": rng.integers(0, 256, 4096, dtype=np.uint8) for i in range(40)}
+    kernelpack.save(large, tmp_path / "compact.kpk")  # no payload is small; the header is shortest against
+    # the header dictionary: 1.6 (stored_header's own test shows 1.4 where the dictionary does not help)
     many = {f"layer{i}.weight": np.full(3, i, np.float32) for i in range(40)}
-    kernelpack.save(many, tmp_path / "compact.kpk")  # the header compresses: 1.4
+    kernelpack.save(many, tmp_path / "grouped.kpk")  # small payloads share hash groups: 1.6
     kernelpack.save({}, tmp_path / "tiny.kpk")  # no tensor: a frame of its header would be no smaller
     for name, version in (("plain.kpk", (1, 0)), ("att.kpk", (1, 1)), ("quantised.kpk", (1, 2)),
-                          ("shuffled.kpk", (1, 2)), ("compact.kpk", (1, 4)), ("tiny.kpk", (1, 0))):
+                          ("shuffled.kpk", (1, 2)), ("compact.kpk", (1, 6)), ("grouped.kpk", (1, 6)),
+                          ("tiny.kpk", (1, 0))):
         with Container(tmp_path / name) as c:
             assert c.version == version, name
+
+
+def test_a_compressed_header_needs_1_6_only_when_the_dictionary_makes_it_shorter() -> None:
+    """stored_header keeps the lowest version that makes the file smallest: a plain frame (1.4)
+    where the header dictionary does not help, a frame against it (1.6) where it saves a
+    64-byte block, msgpack itself where no frame does."""
+    from kernelpack.container import stored_header
+
+    unlike_a_header = b"abcd" * 4096
+    frame, minor = stored_header(unlike_a_header, 0)
+    assert minor == 4 and len(frame) < 64
+    data = {"dtype": "int8", "shape": [8, 3, 3, 3], "codec": "zstd", "length": 100, "step": 0.25, "offset": 0}
+    header = msgpack.packb({"metadata": {}, "banks": {}, "tensors": {
+        f"layer{i}.weight": {"form": "dense", "shape": [8, 3, 3, 3], "dtype": "float32", "digest": bytes(range(i, i + 32)),
+                             "fields": {}, "arrays": {"data": data}} for i in range(3)}})
+    frame, minor = stored_header(header, 2)
+    assert minor == 6 and len(frame) + 64 <= len(header)
+    assert stored_header(b"\x80", 3) == (b"\x80", 3)
 
 
 def with_unknown_payload(path: Path, body: bytes, first: bool) -> None:

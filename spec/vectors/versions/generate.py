@@ -24,13 +24,14 @@ import os
 import struct
 import sys
 import tempfile
+import unittest.mock
 from typing import Any, Callable
 
 import msgpack
 import numpy as np
-import zstandard
 
-from kernelpack.container import ZSTD_MAGIC, Container, codecs_of, digest, header_block, write
+from kernelpack import container
+from kernelpack.container import ZSTD_MAGIC, Container, codecs_of, digest, header_block, header_map_bytes, write
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import BasisTensor, DCTTensor, DenseTensor, Encoded, LinearTensor, SeriesTensor
 from kernelpack.forms._base import Stored, to_stored
@@ -131,7 +132,7 @@ def rewrite(path: str, major: int, minor: int, change: Callable[[dict[str, Any]]
         blob = f.read()
     length = struct.unpack_from("<I", blob, 12)[0]
     head = blob[48:48 + length]
-    header = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(head) if head[:4] == ZSTD_MAGIC else head,
+    header = msgpack.unpackb(header_map_bytes(head, struct.unpack_from("<H", blob, 10)[0]),
                              raw=False)  # written back plain
     data = blob[-(-(48 + length) // 64) * 64:]
     change(header)
@@ -225,13 +226,38 @@ def context_coded(path: str) -> None:
 
 def compact(path: str) -> None:
     """Format 1.4, compact: every form, the header stored as one zstd frame, compressed and
-    empty payloads right after the previous one (raw ones 64-aligned)."""
-    write(path, {**every_form(), **entropy_coded()}, metadata={"corpus": "1.4 compact"},
-          attachments={"onnx.graph": GRAPH, "empty": b""}, compact=True)
+    empty payloads right after the previous one (raw ones 64-aligned). Written as the 1.4
+    writer did: without the hash groups a compact file has had since 1.6."""
+    with unittest.mock.patch.object(container, "hash_groups", lambda placed: []):
+        write(path, {**every_form(), **entropy_coded()}, metadata={"corpus": "1.4 compact"},
+              attachments={"onnx.graph": GRAPH, "empty": b""}, compact=True)
     with open(path, "rb") as f:
         assert f.read(52)[48:] == ZSTD_MAGIC  # the header really is compressed
     with Container(path) as c:  # and some payload really is unaligned
         assert any(c.info(n).arrays[k].offset % 64 for n in c.keys() for k in c.info(n).arrays)
+
+
+def dictionary_header(path: str) -> None:
+    """Format 1.6 by its header alone: every form, written compact without hash groups, the
+    header one zstd frame against the header dictionary (spec/FORMAT.md section 2.2)."""
+    with unittest.mock.patch.object(container, "hash_groups", lambda placed: []):
+        write(path, every_form(), metadata={"corpus": "1.6 header dictionary"}, compact=True)
+    with Container(path) as c:
+        assert c.version == (1, 6) and not c._groups
+
+
+def grouped(path: str) -> None:
+    """Format 1.6, hash groups: every form and the entropy-coded arrays, all small payloads
+    stored raw (so each starts 64-aligned and the groups span zero gaps), the header
+    compressed, beside one payload of 4096 bytes that keeps its own hash."""
+    big = DenseTensor(Stored(np.arange(4096, dtype=np.uint8).reshape(64, 64), "uint8"), "uint8")
+    tensors = {**every_form(), **entropy_coded(), "big": big}
+    write(path, tensors, metadata={"corpus": "1.6 hash groups"}, attachments={"onnx.graph": GRAPH, "empty": b""},
+          codecs=("none",), compact=True)
+    with Container(path) as c:  # groups really are in the file, and the large payload is outside them
+        assert c.version == (1, 6) and len(c._groups) >= 1
+        assert c.info("big").arrays["data"].sha256 is not None
+        assert sum(r.sha256 is None for n in c.keys() for r in c.info(n).arrays.values()) >= 10
 
 
 def as_minor(base: Callable[[str], None], minor: int) -> Callable[[str], None]:
@@ -280,6 +306,12 @@ FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
         "message": "in a version 1.2 file, got 'rans'"}),
     "v1.4-compact.kpk": (compact, LOAD),
     "v1.5-rans-ctx.kpk": (context_coded, LOAD),
+    "v1.6-groups.kpk": (grouped, LOAD),
+    "v1.6-dictionary.kpk": (dictionary_header, LOAD),
+    "v1.5-dictionary.kpk": (as_minor(dictionary_header, 5), {
+        "expect": "refuse", "tensor": None, "field": "header", "message": "bad compressed header"}),
+    "v1.5-groups.kpk": (edited(grouped, 1, 5, keep), {
+        "expect": "refuse", "tensor": None, "field": "groups", "message": "unknown field in a version 1.5 file"}),
     "v1.4-rans-ctx.kpk": (edited(context_coded, 1, 4, keep), {
         "expect": "refuse", "tensor": "int8", "field": "arrays.data.codec",
         "message": "in a version 1.4 file, got 'rans-ctx'"}),
