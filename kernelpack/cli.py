@@ -29,7 +29,7 @@ from kernelpack._backend import bfloat16_bits_to_float32, get_ops
 from kernelpack._table import format_table
 from kernelpack.container import DEFAULT_LEVEL, Container, TensorInfo, atomic_write, need_output
 from kernelpack.errors import KernelpackError, need_module
-from kernelpack.forms import Config, config_from_dict
+from kernelpack.forms import FORMS, Config, config_from_dict
 from kernelpack.pack import as_numpy, save
 from kernelpack.runtime import load, load_numpy
 
@@ -253,11 +253,11 @@ def short(value: Any, nested: bool = False) -> str:
 def settings(info: TensorInfo) -> str:
     """A tensor's settings in one short string: fields, linear's p and r, stored number dtype."""
     parts = [f"{k}={short(v)}" for k, v in sorted(info.fields.items())]
-    if info.form == "linear":
-        parts.append(f"p={info.arrays['primaries'].spec.shape[0]}")
-        if "A1" in info.arrays:
-            parts.append(f"rank={info.arrays['A1'].spec.shape[1]}")
-    numbers = sorted({r.spec.dtype for k, r in info.arrays.items() if k not in ("index", "order")})
+    cls = FORMS.get(info.form)
+    specs = {k: r.spec for k, r in info.arrays.items()}
+    parts += cls.describe(info.fields, specs) if cls is not None else []
+    indices = cls.INDEX_ARRAYS if cls is not None else frozenset()
+    numbers = sorted({spec.dtype for k, spec in specs.items() if k not in indices})
     return " ".join(parts + ["/".join(numbers)])
 
 

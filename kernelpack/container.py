@@ -1069,7 +1069,7 @@ class Container:
             if not cls.FIELDS <= fields.keys():  # every field a form defines is required
                 raise KernelpackError(f"is missing (a {form} tensor needs the fields {sorted(cls.FIELDS)})",
                                       field=min(cls.FIELDS - fields.keys()))
-            need(form == "dense" or dtype == "float32", "dtype", "compressed forms decode to float32")
+            need(cls.ANY_DTYPE or dtype == "float32", "dtype", "compressed forms decode to float32")
             cls.check(shape, dtype, fields, {k: r.spec for k, r in refs.items()}, self._bank_specs)
         return TensorInfo(name, form, shape, dtype, dig, fields, refs)
 
@@ -1251,7 +1251,7 @@ class Container:
         its checked header alone; spec/FORMAT.md, section 5, "Work and memory"."""
         if name not in self._costs:
             info, cls = self.info(name), self._form(name)
-            bank_name = info.fields.get("bank") if info.form == "basis" else None
+            bank_name = cls.bank_of(info.fields)
             banks = {bank_name: self._banks[bank_name].spec} if bank_name is not None else {}
             self._costs[name] = cls.cost(info.shape, info.fields, {k: r.spec for k, r in info.arrays.items()}, banks)
         return self._costs[name]
@@ -1270,7 +1270,7 @@ class Container:
     def _stored(self, name: str) -> Encoded:
         """``encoded`` after the limits were checked (by it, or by ``decode``'s budget)."""
         info, cls = self.info(name), self._form(name)
-        bank_name = info.fields.get("bank") if info.form == "basis" else None
+        bank_name = cls.bank_of(info.fields)
         arrays = {k: self.read_array(r, f"arrays.{k}", name) for k, r in info.arrays.items()}
         try:
             banks = {bank_name: self._bank(bank_name)} if bank_name is not None else {}
@@ -1284,7 +1284,7 @@ class Container:
         many of ``threads`` decodes may run at once within ``max_total_bytes``."""
         names = list(self._tensors) if names is None else [n for n in names if n in self._tensors]
         items = [(name, self.cost(name), self.result_bytes(name)) for name in names]
-        used = {self._tensors[n].fields.get("bank") for n in names if self._tensors[n].form == "basis"}
+        used = {FORMS[t.form].bank_of(t.fields) for t in map(self._tensors.__getitem__, names) if t.form in FORMS}
         banks = [self._banks[b].spec for b in used if b in self._banks and b not in self._bank_cache]
         return self.budget.plan(items, sum(b.nbytes for b in banks), ELEMENT_WORK * sum(b.size for b in banks), threads)
 

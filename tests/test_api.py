@@ -70,3 +70,15 @@ def test_progress_bars_only_on_a_terminal_or_when_asked(monkeypatch: pytest.Monk
     quiet.set_postfix(a=1)
     quiet.close()
     assert list(quiet) == [0, 1, 2]
+
+
+def test_no_module_outside_a_form_special_cases_a_form_by_name() -> None:
+    """One home per form: the reader and the CLI ask the form's class (bank_of, describe,
+    INDEX_ARRAYS, ANY_DTYPE) instead of testing its name (issue 16)."""
+    import re
+
+    root = Path(kernelpack.__file__).parent
+    pattern = re.compile(r"""form\s*(==|!=)\s*["'](dense|dct|series|basis|linear)["']""")
+    found = [f"{path.relative_to(root)}:{n}" for path in root.rglob("*.py") if path.parent.name != "forms"
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert found == []

@@ -439,7 +439,23 @@ class Encoded(ABC):
     form: ClassVar[str]
     #: Scalar fields this form defines; a header field outside this set is unknown.
     FIELDS: ClassVar[frozenset[str]] = frozenset()
+    #: Stored arrays that hold indices, not numbers (shown apart from the number dtype).
+    INDEX_ARRAYS: ClassVar[frozenset[str]] = frozenset()
+    #: The form decodes to the dtype its header names (dense); every other form to float32.
+    ANY_DTYPE: ClassVar[bool] = False
     shape: tuple[int, ...]
+
+    @classmethod
+    def bank_of(cls, fields: Mapping[str, Any]) -> str | None:
+        """The name of the shared bank a tensor of this form reads (its header's ``fields``),
+        or None: so the reader fetches and accounts banks without knowing which form has one."""
+        return None
+
+    @classmethod
+    def describe(cls, fields: Mapping[str, Any], arrays: Mapping[str, ArraySpec]) -> list[str]:
+        """Settings that the header holds in array shapes rather than fields, as ``key=value``
+        strings for listings (``kernelpack inspect``); none by default."""
+        return []
 
     @property
     def dtype(self) -> str:

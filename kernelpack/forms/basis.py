@@ -65,6 +65,11 @@ class BasisTensor(Encoded):
 
     form = NAME
     FIELDS = frozenset({"bank"})
+    INDEX_ARRAYS = frozenset({"index"})
+
+    @classmethod
+    def bank_of(cls, fields: Mapping[str, Any]) -> str | None:
+        return fields.get("bank")
 
     def fields(self) -> dict[str, Any]:
         return {"bank": self.bank_name}

@@ -31,6 +31,7 @@ class DenseTensor(Encoded):
     out_dtype: str
 
     form = NAME
+    ANY_DTYPE = True
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]

@@ -51,6 +51,13 @@ class LinearTensor(Encoded):
     order: Stored | None = None
 
     form = NAME
+    INDEX_ARRAYS = frozenset({"order"})
+
+    @classmethod
+    def describe(cls, fields: Mapping[str, Any], arrays: Mapping[str, ArraySpec]) -> list[str]:
+        """p (primaries) and, for a low-rank A1 A2, its rank."""
+        rank = [f"rank={arrays['A1'].shape[1]}"] if "A1" in arrays else []
+        return [f"p={arrays['primaries'].shape[0]}", *rank]
 
     def fields(self) -> dict[str, Any]:
         return {}
