@@ -1,6 +1,7 @@
 """Header bytes per tensor and file bytes: ``compact=False`` (format <= 1.3) against compact
-files as 1.4 wrote them (the header one zstd frame, compressed payloads unaligned) and as
-they are since 1.6 (small payloads also share hash groups, spec/FORMAT.md section 2.4).
+files without hash groups (the header one zstd frame, since 1.6 against the header
+dictionary where that is smaller, compressed payloads unaligned) and with them (small
+payloads share one SHA-256 per group, spec/FORMAT.md section 2.4: the default since 1.6).
 
     python benchmarks/header_bytes.py
 
@@ -8,8 +9,7 @@ For each real model of the suite (the ONNX files the wheels ship; ``benchmarks/m
 two containers of its weights: lossless (every tensor dense, as ``kernelpack pack`` writes
 by default) and a weight-error plan (``kernelpack.plan(weights, max_error=0.01)``: quantised
 forms, so array-refs carry ``step`` and several arrays). Each is written with
-``compact=False``, ``True`` with hash groups turned off (what the 1.4 writer wrote) and
-``True``; the table gives the stored header length H over the
+``compact=False``, ``True`` with hash groups turned off and ``True``; the table gives the stored header length H over the
 number of tensors, and the file sizes (which include the alignment padding a compact file
 leaves out). Sizes are deterministic: no timing, one run.
 """
@@ -42,8 +42,8 @@ def header_length(path: str) -> int:
 
 
 def main() -> None:
-    print("| model | tensors | container | header B/tensor, 1.3 | 1.4 compact | 1.6 compact | "
-          "file bytes, 1.3 | 1.4 compact | 1.6 compact |")
+    print("| model | tensors | container | header B/tensor, 1.3 | compact, no groups | compact | "
+          "file bytes, 1.3 | compact, no groups | compact |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     no_groups = unittest.mock.patch.object(container, "hash_groups", lambda placed: [])
     with tempfile.TemporaryDirectory() as work:
