@@ -163,9 +163,10 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     ``attachments`` are named byte strings stored alongside (e.g. ``onnx.graph``).
     Each payload takes the smallest of ``codecs``; ``codecs=codecs_of(1)`` leaves out
     ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
-    by 1.1 readers; ``compact`` (format 1.4) stores the header zstd-compressed and compressed
-    payloads unaligned, where that saves bytes; ``compact=False`` writes for readers before
-    1.4. ``level`` is zstd's, 1..22 (default 19, ``container.DEFAULT_LEVEL``: on real models 0.4-5.8%
+    by 1.1 readers; ``compact`` stores the header zstd-compressed and compressed payloads
+    unaligned (format 1.4) and gives runs of small payloads one SHA-256 per hash group, the
+    header frame against the header dictionary (1.6), where that saves bytes; ``compact=False``
+    writes for readers before 1.4. ``level`` is zstd's, 1..22 (default 19, ``container.DEFAULT_LEVEL``: on real models 0.4-5.8%
     smaller files than level 3, which is up to 30 times faster).
     Returns the encoded tensors (what was written).
     ``forms`` may be a calibrated ``kernelpack.plan``: its tensors are then fitted under the
