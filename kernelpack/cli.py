@@ -363,7 +363,8 @@ def lossy_rows(encoded: Mapping[str, Any], originals: Mapping[str, Any]) -> list
     for name, tensor in encoded.items():
         original, dtype = as_numpy(originals[name])
         decoded = np.asarray(tensor.decode(NumpyOps()))
-        if decoded.dtype == original.dtype and np.array_equal(decoded.view(np.uint8), original.view(np.uint8)):
+        if decoded.dtype == original.dtype and np.array_equal(decoded.reshape(-1).view(np.uint8),
+                                                              original.reshape(-1).view(np.uint8)):  # 0-d too
             continue
         ref = bfloat16_bits_to_float32(original) if dtype == "bfloat16" else original
         rows.append((name, tensor.form, error_stats(decoded, ref)[1]))
