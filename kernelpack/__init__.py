@@ -14,6 +14,7 @@ from kernelpack.container import Container, Limits, TensorInfo
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Dense, Linear, Series
 from kernelpack.pack import save
+from kernelpack.rules import Rule, Rules
 from kernelpack.ort import ort_session
 from kernelpack.runtime import load, load_model, load_numpy, open
 
@@ -43,6 +44,6 @@ def __getattr__(name: str):
 
 
 # ``open`` is kernelpack.open, never exported by ``import *`` (it would shadow the builtin).
-__all__ = ["save", "compress_", "plan", "load", "load_numpy", "load_model", "ort_session", "Container", "TensorInfo", "Limits",
+__all__ = ["save", "Rule", "Rules", "compress_", "plan", "load", "load_numpy", "load_model", "ort_session", "Container", "TensorInfo", "Limits",
            "KernelpackError", "Dense", "DCT", "Series", "Basis", "Linear", "FORMAT_VERSION",
            "__version__"]

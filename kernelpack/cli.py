@@ -15,7 +15,6 @@ it atomically.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import os
@@ -29,17 +28,20 @@ from kernelpack._backend import bfloat16_bits_to_float32, get_ops
 from kernelpack._table import format_table
 from kernelpack.container import DEFAULT_LEVEL, Container, TensorInfo, atomic_write, need_output
 from kernelpack.errors import KernelpackError, need_module
-from kernelpack.forms import FORMS, Config, config_from_dict
+from kernelpack.forms import FORMS
 from kernelpack.pack import as_numpy, save
+from kernelpack.rules import Rule, Rules, configs_for, read_rules, rule_from_dict
 from kernelpack.runtime import load, load_numpy
 
 FORM_SYNTAX = """\
 form rules (--form, repeatable):
   PATTERN=FORM[:KEY=VALUE,...]
-  PATTERN is an fnmatch pattern on tensor names ('*conv*.weight', 'fc*.weight', '*').
-  FORM is dense, dct, series, basis or linear; KEY=VALUE are that form's settings.
-  A VALUE is an int, a float, a word, or a list written with '/': harmonics=4/3 is
-  (4, 3), points=cgl/uniform; a list of one ends with '/': axes=1/.
+  PATTERN is a tensor name ('conv1.weight'), a module name (a tensor name without its
+  last '.'-part: 'conv1') or an fnmatch pattern on either ('*conv*', 'fc*.weight', '*').
+  FORM is dense, dct, series, basis or linear; KEY=VALUE are that form's settings, or
+  the selectors min_rank=N (tensors of rank >= N only) and floating=true|false.
+  A VALUE is an int, a float, true, false, a word, or a list written with '/':
+  harmonics=4/3 is (4, 3), points=cgl/uniform; a list of one ends with '/': axes=1/.
   Examples:
     --form '*conv*.weight=series:harmonics=3'
     --form 'conv2.weight=series:harmonics=4/3,points=cgl/uniform,dtype=bfloat16'
@@ -49,21 +51,31 @@ form rules (--form, repeatable):
     --form '*.bias=dense:dtype=float16'
     --form '*conv*.weight=dct:keep=0.3,rel_step=0.02'   (quantised numbers: step=S
                                          absolute, rel_step=R per array's RMS; format 1.2)
+    --form '*=dense:rel_step=0.01,min_rank=2,floating=true'   (every floating weight of
+                                         rank >= 2; integer buffers and biases as they are)
 
 form config (--config FILE.json), for what a command line cannot say (explicit
-series points, banks given as arrays):
+series points, banks given as arrays); --plan-out writes one:
   {"default": {"form": "dense", "dtype": "float16"} or null,
-   "rules": [{"pattern": "*conv*.weight", "form": "series", "harmonics": [4, 3]}]}
+   "rules": [{"pattern": "*conv*.weight", "form": "series", "harmonics": [4, 3]},
+             {"pattern": "*", "min_rank": 2, "floating": true, "form": "dense", "rel_step": 0.01},
+             {"pattern": "head", "form": null}]}          (null: stored as it is)
 
-Which rule applies: the --form rules in the order given, then the config's rules in
-order; the first whose pattern matches the tensor name wins. A tensor no rule
-matches gets the config's "default", else dense (stored as it is).
+Which rule applies (kernelpack.rules), for each tensor:
+  1. a rule whose PATTERN is the tensor's name, character for character;
+  2. else one whose PATTERN is its module's name;
+  3. else the first rule whose pattern matches the tensor's or module's name: the
+     --form rules in the order given, then the config's rules in order;
+  4. else the config's "default", else a budget's plan, else dense (stored as it is).
+A rule only takes the tensors its selectors accept. A rule that chooses no tensor is
+reported as a warning.
 """
 
 
 # --- form rules ---------------------------------------------------------------------
 def parse_value(text: str) -> Any:
-    """One setting's value: int, float, word, or a '/'-separated list (trailing '/' for one)."""
+    """One setting's value: int, float, true/false, word, or a '/'-separated list (trailing '/'
+    for one)."""
     if "/" in text:
         items = text.split("/")
         if items[-1] == "":
@@ -73,80 +85,43 @@ def parse_value(text: str) -> Any:
         return [parse_value(item) for item in items]
     if re.fullmatch(r"[+-]?\d+", text):
         return int(text)
+    if text in ("true", "false"):
+        return text == "true"
     try:
         return float(text)
     except ValueError:
         return text
 
 
-def parse_form(rule: str) -> tuple[str, Config]:
-    """``'*conv*.weight=series:harmonics=3'`` -> ``('*conv*.weight', Series(harmonics=3))``."""
+def parse_form(rule: str) -> Rule:
+    """``'*conv*.weight=series:harmonics=3'`` -> ``Rule('*conv*.weight', Series(harmonics=3))``;
+    the selectors are written as settings (``'*=dense:step=0.01,min_rank=2,floating=true'``)."""
     try:
         pattern, sep, form = rule.partition("=")
         if not sep or not pattern or not form:
             raise KernelpackError("expected PATTERN=FORM[:KEY=VALUE,...]")
         name, _, settings_text = form.partition(":")
-        spec: dict[str, Any] = {"form": name}
+        spec: dict[str, Any] = {"pattern": pattern, "form": name}
         for item in filter(None, settings_text.split(",")):
             key, sep, value = item.partition("=")
-            if not sep or not key or not value:
-                raise KernelpackError(f"setting {item!r} is not KEY=VALUE")
+            if not sep or not key or not value or key in spec:
+                raise KernelpackError(f"setting {item!r} is not KEY=VALUE" if key not in spec
+                                      else f"{key} is given twice")
             spec[key] = parse_value(value)
-        return pattern, config_from_dict(spec)
+        return rule_from_dict(spec, "--form")
     except KernelpackError as exc:
-        raise KernelpackError(f"bad --form {rule!r}: {exc.reason}") from None
+        raise KernelpackError(f"bad --form {rule!r}: {exc.reason}", field=exc.field) from None
 
 
-def read_config(path: str) -> tuple[list[tuple[str, Config]], Config | None]:
-    """A JSON form config: its rules (pattern, config) in order and its default."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as exc:
-        raise KernelpackError(f"cannot read the form config: {exc.strerror}", path=path) from None
-    except ValueError as exc:
-        raise KernelpackError(f"form config is not valid JSON: {exc}", path=path) from None
-    if not isinstance(data, dict) or set(data) - {"default", "rules"}:
-        raise KernelpackError('form config must be {"default": ..., "rules": [...]}', path=path)
-    rules, default = data.get("rules", []), data.get("default")
-    if not isinstance(rules, list):
-        raise KernelpackError("form config: 'rules' must be a list", path=path)
-    parsed = []
-    for i, rule in enumerate(rules):
-        if not isinstance(rule, dict) or not isinstance(rule.get("pattern"), str):
-            raise KernelpackError(f'rules[{i}] must be {{"pattern": "...", "form": "...", ...}}',
-                                  path=path)
-        spec = {k: v for k, v in rule.items() if k != "pattern"}
-        parsed.append((rule["pattern"], _config(spec, path, f"rules[{i}]")))
-    if default is not None and not isinstance(default, dict):
-        raise KernelpackError("form config: 'default' must be a form map or null", path=path)
-    return parsed, None if default is None else _config(default, path, "default")
+def command_line_rules(forms: Sequence[str], config: str | None) -> Rules:
+    """The --form rules in order, then the --config file's rules and its default (FORM_SYNTAX)."""
+    from_file = read_rules(config) if config else Rules()
+    return Rules((*map(parse_form, forms), *from_file.rules), from_file.default)
 
 
-def _config(spec: dict, path: str, where: str) -> Config:
-    try:
-        return config_from_dict(spec)
-    except KernelpackError as exc:
-        raise KernelpackError(f"{where}: {exc.reason}", path=path) from None
-
-
-class Plan:
-    """Which form each tensor gets (see FORM_SYNTAX); remembers which patterns matched."""
-
-    def __init__(self, rules: list[tuple[str, Config]], default: Config | None) -> None:
-        self.rules, self.default = rules, default
-        self.used: set[int] = set()
-
-    def __call__(self, name: str, value: Any) -> Config | None:
-        for i, (pattern, config) in enumerate(self.rules):
-            if fnmatch.fnmatchcase(name, pattern):
-                self.used.add(i)
-                return config
-        return self.default
-
-    def unused(self) -> list[str]:
-        """Patterns that chose no tensor (a typo, or shadowed by an earlier rule)."""
-        return [p for i, (p, _) in enumerate(self.rules) if i not in self.used]
+def warning(message: str) -> None:
+    """A warning line on stderr, as the command line says them."""
+    print(f"kernelpack: warning: {message}", file=sys.stderr)
 
 
 # --- input files --------------------------------------------------------------------
@@ -279,8 +254,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     (with -q, one warning line on stderr instead)."""
     args.output = pack_output(args)
     check_output(args.input, args.output, args.force)
-    rules, default = read_config(args.config) if args.config else ([], None)
-    plan = Plan([parse_form(r) for r in args.form] + rules, default)
+    rules = command_line_rules(args.form, args.config)
     metadata = parse_metadata(args.metadata)
     onnx_input = args.input.lower().endswith(".onnx")
     if onnx_input:
@@ -290,8 +264,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         file_metadata: dict[str, str] = {}
     else:
         originals, file_metadata = read_tensors(args.input)
-    planned = _budget_plan(args, args.input if onnx_input else originals, plan)
-    forms = plan if planned is None else (lambda name, value: plan(name, value) or planned.get(name))
+    planned = _budget_plan(args, args.input if onnx_input else originals, rules)
+    forms = configs_for(rules, originals, planned, report=warning)
     if onnx_input:
         from kernelpack.onnx_io import pack_onnx
 
@@ -301,8 +275,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
                        level=args.level)
     if planned is not None and args.plan_out:
         planned.to_json(args.plan_out)
-    for pattern in plan.unused():
-        print(f"kernelpack: warning: pattern {pattern!r} chose no tensor", file=sys.stderr)
     size = os.path.getsize(args.output)
     dense = sum(math.prod(t.shape) * 4 for t in encoded.values())
     forms_count: dict[str, int] = {}
@@ -318,8 +290,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     elif args.quiet:
         if lossy:
             worst = max((e for _, _, e in lossy if e is not None), default=None)
-            print(f"kernelpack: warning: {args.output} is lossy: {len(lossy)} of {len(encoded)} tensors not stored "
-                  f"exactly, worst weight error {fmt(worst, '.4g')}", file=sys.stderr)
+            warning(f"{args.output} is lossy: {len(lossy)} of {len(encoded)} tensors not stored exactly, "
+                    f"worst weight error {fmt(worst, '.4g')}")
     else:
         print(f"{args.output}: {len(encoded)} tensors ({', '.join(f'{n} {f}' for f, n in forms_count.items())}), "
               f"{size} bytes, ratio to float32 {fmt(ratio(dense, size), '.2f')}")
@@ -336,7 +308,7 @@ def pack_output(args: argparse.Namespace) -> str:
     return out if out else os.path.splitext(args.input)[0] + ".kpk"
 
 
-def _budget_plan(args: argparse.Namespace, model: Any, rules: Plan) -> Any:
+def _budget_plan(args: argparse.Namespace, model: Any, rules: Rules) -> Any:
     """The planner's plan for --max-output-error / --max-error / --max-bytes (None without one)."""
     if args.max_output_error is None and not args.max_error and args.max_bytes is None:
         if args.calibration:

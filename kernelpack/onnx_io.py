@@ -13,15 +13,16 @@
    imports, IR version, producer, metadata_props and every node. Each weight becomes a
    container tensor of the same name, and its initializer a reference (see
    :mod:`kernelpack.ort` and spec/FORMAT.md section 10) that keeps name, type and dims.
-3. **Forms.** ``forms`` (as for ``kernelpack.save``: one config, a mapping of exact names
-   and patterns, or a callable) decides first. Without a budget every other weight is
-   stored dense, exactly (the default: lossless, like every compressor). With one, the
-   other weights read only as the weight of Conv/ConvTranspose (input 1: (C_out, C_in/g,
-   kh, kw), resp. (C_in, C_out/g, kh, kw)) or as a constant operand of Gemm/MatMul are
-   planned by :func:`kernelpack.converters.planner.plan` under ``max_output_error`` (the
-   model's output error measured on ``calibration`` inputs), ``max_error`` (each tensor's
-   relative RMS error ||W' - W|| / ||W||) and/or ``max_bytes``; candidates are the
-   planner's (by shape) plus lossless dense, so a weight-error plan always exists. MatMul weights are
+3. **Forms.** ``forms`` (:mod:`kernelpack.rules`, as for ``kernelpack.save``: one config, a
+   mapping of exact names and patterns, ``kernelpack.Rule`` objects, or a callable) decides
+   first. Without a budget every other weight is stored dense, exactly (the default:
+   lossless, like every compressor). With one, the other weights read only as the weight
+   of Conv/ConvTranspose (input 1: (C_out, C_in/g, kh, kw), resp. (C_in, C_out/g, kh, kw))
+   or as a constant operand of Gemm/MatMul are planned by
+   :func:`kernelpack.converters.planner.plan` under ``max_output_error`` (the model's output
+   error measured on ``calibration`` inputs), ``max_error`` (each tensor's relative RMS
+   error ||W' - W|| / ||W||) and/or ``max_bytes``; candidates are the planner's (by shape)
+   plus lossless dense, so a weight-error plan always exists. MatMul weights are
    (in, out), the transpose of Gemm's transB=1 (out, in): ``dct`` does not care,
    ``linear`` then picks primary input rows rather than output filters. Every other
    weight (biases, norms, double tensors, weights holding NaN or infinity) is stored
@@ -48,7 +49,8 @@ from kernelpack.errors import KernelpackError, need_module
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need_name
 from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, check_graph, graph_and_weights
-from kernelpack.pack import FormPlan, as_numpy, match, save, state_of, warn_unused
+from kernelpack.pack import as_numpy, save, state_of
+from kernelpack.rules import FormPlan, configs_for
 
 #: Fewer elements than this: a constant of the graph (a scale, a bound), not a weight.
 MIN_ELEMENTS = 16
@@ -203,9 +205,7 @@ def weight_configs(model: Any, weights: Mapping[str, np.ndarray], forms: FormPla
         budget["max_error"] = budget.get("max_error") or None
         lossless = candidates and (lambda name, shape: [*_listed(candidates, name, shape), Dense()])
         planned = plan(model, forms=forms, candidates=lossless or default_candidates, **budget)
-    warn_unused(forms, list(weights), stacklevel=4)
-    configs = {name: match(forms, name, array) or planned.get(name) or Dense() for name, array in weights.items()}
-    return _with_hessians(configs, forms, planned)
+    return _with_hessians(configs_for(forms, weights, planned), forms, planned)
 
 
 class _Configs(dict):

@@ -1,18 +1,17 @@
 """Packing: tensors or a model in, a container out (``kernelpack.save``).
 
-Forms are chosen per tensor by a config: a mapping from exact names or name
-patterns (``fnmatch``; an exact name first, then the first matching pattern) to form settings, e.g.
+Forms are chosen per tensor by rules (:mod:`kernelpack.rules`: exact tensor name, then exact
+module name, then the first matching pattern, then the default), e.g.
 ``{"*.conv*.weight": Series(harmonics=3), "fc*.weight": DCT(keep=0.05)}``; tensors
-that match no pattern are stored dense. A tensor already in a stored form (from
+that no rule chooses are stored dense. A tensor already in a stored form (from
 the converters' training-time parametrisations) is packed as it is, no re-fit.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 
@@ -21,9 +20,7 @@ from kernelpack.container import DEFAULT_CODECS, DEFAULT_LEVEL, need_output, wri
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import ELEMENT_WORK, Cost, need, shown
-
-#: How a caller says which tensor gets which form.
-FormPlan = Config | Mapping[str, Config] | Callable[[str, Any], Config | None] | None
+from kernelpack.rules import FormPlan, configs_for
 
 SUPPORTED_DTYPES = frozenset(NUMPY_DTYPES)
 
@@ -48,51 +45,6 @@ def as_numpy(value: Any) -> tuple[np.ndarray, str]:
     if name not in SUPPORTED_DTYPES:
         raise KernelpackError(f"unsupported dtype {array.dtype}", field="dtype")
     return array, name
-
-
-def choose(forms: FormPlan, name: str, value: Any) -> Config:
-    """The config for one tensor: first matching pattern, else dense."""
-    config = match(forms, name, value)
-    if config is not None and not isinstance(config, Config):
-        raise KernelpackError(f"forms gave {shown(config)}, not a form config (Dense, DCT, Series, "
-                              "Basis or Linear) or None", tensor=name, field="forms")
-    return config or Dense()
-
-
-def match(forms: FormPlan, name: str, value: Any) -> Config | None:
-    """The config ``forms`` gives one tensor, or None when it says nothing about it
-    (so that a caller such as the ONNX packer can fall back to its own plan)."""
-    if forms is None:
-        return None
-    if hasattr(forms, "encode"):
-        return forms  # one config for every tensor
-    if callable(forms):
-        return forms(name, value)
-    if not isinstance(forms, Mapping):
-        raise KernelpackError(f"forms must be a form config, a mapping of names and patterns to "
-                              f"configs, or a function; got {type(forms).__name__}", field="forms")
-    if name in forms:  # an exact name wins (names may hold fnmatch's special characters)
-        return forms[name]
-    for pattern, config in forms.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return config
-    return None
-
-
-def warn_unused(forms: FormPlan, names: Collection[str], stacklevel: int = 3) -> None:
-    """Warn of the keys of a ``forms`` mapping that name no tensor and match none as a
-    pattern (a module's name such as ``'conv1'`` chooses nothing: tensors are ``'conv1.weight'``);
-    the command line says the same of its rules. A function or one config says nothing here."""
-    if not isinstance(forms, Mapping) or hasattr(forms, "encode"):
-        return
-    unused = [key for key in forms if key not in names and not any(fnmatch.fnmatchcase(n, key) for n in names)]
-    if unused:
-        import warnings
-
-        example = next(iter(names), None)
-        warnings.warn(f"forms rule(s) {', '.join(map(repr, unused))} matched no tensor, so they chose nothing"
-                      + (f" (tensor names look like {example!r}; for all of a module's tensors write a pattern such "
-                         "as 'conv1.*')" if example is not None else ""), UserWarning, stacklevel=stacklevel)
 
 
 def encode(name: str, value: Any, config: Config, hessian: Any = None) -> Encoded:
@@ -169,16 +121,18 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     writes for readers before 1.4. ``level`` is zstd's, 1..22 (default 19, ``container.DEFAULT_LEVEL``: on real models 0.4-5.8%
     smaller files than level 3, which is up to 30 times faster).
     Returns the encoded tensors (what was written).
-    ``forms`` may be a calibrated ``kernelpack.plan``: its tensors are then fitted under the
-    plan's calibration statistics (``Plan.hessians``), exactly as the plan measured them.
+    ``forms`` chooses each tensor's form (:mod:`kernelpack.rules`: one config, a mapping of
+    names and patterns to configs, a list of ``kernelpack.Rule``, or a function
+    ``(name, value) -> config``); a rule that chooses no tensor is a UserWarning. It may be
+    a calibrated ``kernelpack.plan``: its tensors are then fitted under the plan's
+    calibration statistics (``Plan.hessians``), exactly as the plan measured them.
     The write is atomic; ``path`` is checked before any tensor is encoded.
     """
     need_output(path)
     hessians = getattr(forms, "hessians", None) or {}  # a calibrated Plan's statistics
     try:
         state = state_of(obj)
-        warn_unused(forms, list(state))
-        encoded = encode_all(state, {name: choose(forms, name, value) for name, value in state.items()}, hessians)
+        encoded = encode_all(state, configs_for(forms, state), hessians)
         write(path, encoded, metadata, level, attachments, codecs, compact)
     except KernelpackError as exc:  # a refusal names the file it was writing
         raise exc.located(path=os.fspath(path)) from None

@@ -37,17 +37,19 @@ def test_reprs_say_what_a_container_and_a_tensor_are_without_digest_bytes(tmp_pa
 
 
 def test_a_forms_key_that_matches_no_tensor_warns(tmp_path) -> None:
-    """Keyed by a module's name ('conv1'), a rule chooses nothing: said, not silently dense."""
+    """A module's name ('conv1') chooses its tensors (kernelpack.rules); a key that chooses
+    nothing ('conv3') is said, with what names look like, not silently dense."""
+    import warnings
+
     import pytest
 
     state = {"conv1.weight": np.ones((2, 2, 3, 3), np.float32), "conv1.bias": np.ones(2, np.float32)}
-    with pytest.warns(UserWarning, match=r"'conv1' matched no tensor.*'conv1\.\*'"):
-        kernelpack.save(state, tmp_path / "a.kpk", forms={"conv1": kernelpack.Dense(dtype="float16")})
-    import warnings
-
+    with pytest.warns(UserWarning, match=r"rule 'conv3' chose no tensor.*'conv1\.weight'.*'conv1'.*'conv1\.\*'"):
+        kernelpack.save(state, tmp_path / "a.kpk", forms={"conv3": kernelpack.Dense(dtype="float16")})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernelpack.save(state, tmp_path / "b.kpk", forms={"conv1.*": kernelpack.Dense(dtype="float16")})
+        encoded = kernelpack.save(state, tmp_path / "b.kpk", forms={"conv1": kernelpack.Dense(dtype="float16")})
+    assert {n: t.arrays()["data"].dtype for n, t in encoded.items()} == {"conv1.weight": "float16", "conv1.bias": "float16"}
 
 
 def test_progress_bars_only_on_a_terminal_or_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ import kernelpack
 from kernelpack.cli import main, parse_form
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Dense, Linear, Series
+from kernelpack.rules import Rule
 
 torch = pytest.importorskip("torch")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -79,12 +80,12 @@ def test_pack_each_input_type(tmp_path, capsys, kind):
 
 
 def test_form_syntax():
-    assert parse_form("*conv*.weight=series:harmonics=4/3,points=cgl/uniform") == (
+    assert parse_form("*conv*.weight=series:harmonics=4/3,points=cgl/uniform") == Rule(
         "*conv*.weight", Series(harmonics=(4, 3), points=("cgl", "uniform")))
-    assert parse_form("fc*.weight=dct:keep=0.05,axes=1/") == ("fc*.weight", DCT(keep=0.05, axes=(1,)))
-    assert parse_form("*=linear:alpha=0.5,rank=4") == ("*", Linear(alpha=0.5, rank=4))
-    assert parse_form("*.weight=basis:bank=16") == ("*.weight", Basis(bank=16))
-    assert parse_form("*.bias=dense:dtype=float16") == ("*.bias", Dense(dtype="float16"))
+    assert parse_form("fc*.weight=dct:keep=0.05,axes=1/") == Rule("fc*.weight", DCT(keep=0.05, axes=(1,)))
+    assert parse_form("*=linear:alpha=0.5,rank=4") == Rule("*", Linear(alpha=0.5, rank=4))
+    assert parse_form("*.weight=basis:bank=16") == Rule("*.weight", Basis(bank=16))
+    assert parse_form("*.bias=dense:dtype=float16") == Rule("*.bias", Dense(dtype="float16"))
     for bad in ("series", "=series", "a=", "a=zip", "a=series:harmonics", "a=series:bogus=1",
                 "a=series:harmonics=3//2"):
         with pytest.raises(KernelpackError, match="bad --form"):
@@ -103,7 +104,7 @@ def test_config_file_and_rule_order(tmp_path, capsys):
     code, _, err = run(capsys, "pack", src, out, "--config", str(config),
                        "--form", "conv2.weight=series:harmonics=2", "--form", "nothing*=dct")
     assert code == 0
-    assert "pattern 'nothing*' chose no tensor" in err
+    assert "kernelpack: warning: rule 'nothing*' chose no tensor" in err
     with kernelpack.open(out) as c:  # --form rules first, then config rules, then the default
         forms = {name: (c.info(name).form, c.info(name).arrays["data"].spec.dtype
                         if c.info(name).form == "dense" else None) for name in c.keys()}

@@ -14,28 +14,9 @@ from torch.nn.utils import parametrize
 import kernelpack
 from kernelpack import DCT, Basis, Dense, Linear, Series
 from kernelpack._backend import NumpyOps
-from kernelpack.converters import compress_, encoded_state, finalize_, rule_for
+from kernelpack.converters import compress_, encoded_state, finalize_
 from kernelpack.converters._common import form_weights
 from kernelpack.converters.examples import LeNet5, ResNetS
-
-
-def test_rules_exact_names_first_then_the_first_matching_pattern() -> None:
-    rules = {"conv2": Series(harmonics=2), "conv*": Basis(bank=4), "fc1.weight": None, "*": Linear()}
-    assert rule_for(rules, "conv2") == Series(harmonics=2)
-    assert rule_for(rules, "conv1") == Basis(bank=4)
-    assert rule_for(rules, "fc1") is None
-    assert rule_for(rules, "fc2") == Linear()
-    assert rule_for(DCT(), "anything") == DCT()
-    assert rule_for({"conv1": DCT()}, "fc3") is None
-
-
-def test_rules_address_parameters_exact_parameter_then_module_then_patterns_in_order() -> None:
-    rules = {"rnn.weight_hh_l0": None, "rnn": DCT(keep=0.5), "*_reverse": Linear(), "*weight_ih*": Series()}
-    assert rule_for(rules, "rnn", "weight_hh_l0") is None
-    assert rule_for(rules, "rnn", "weight_ih_l0") == DCT(keep=0.5)  # the module's name before patterns
-    assert rule_for(rules, "enc.rnn", "weight_ih_l0_reverse") == Linear()  # the first matching pattern
-    assert rule_for(rules, "enc.rnn", "weight_ih_l1") == Series()
-    assert rule_for(rules, "enc.rnn", "bias_ih_l1") is None
 
 
 class Layers(nn.Module):

@@ -299,16 +299,16 @@ def test_output_targets_need_a_graph_and_calibration_inputs(digits):
 
 
 def test_a_plan_round_trips_through_the_json_config_that_pack_reads(tmp_path):
-    from kernelpack.cli import read_config
     from kernelpack.converters.planner import Plan
+    from kernelpack.rules import read_rules
 
     rng = np.random.default_rng(3)
     tensors = {"a[0]*?.weight": rng.standard_normal((16, 8, 3, 3)), "fc.weight": rng.standard_normal((32, 64))}
     chosen = kernelpack.plan(tensors, max_error=0.2)
     chosen.to_json(tmp_path / "plan.json")
-    rules, default = read_config(str(tmp_path / "plan.json"))
-    assert default is None and len(rules) == 2
-    assert {n: c for n in tensors for p, c in rules if __import__("fnmatch").fnmatchcase(n, p)} == dict(chosen)
+    rules = read_rules(tmp_path / "plan.json")
+    assert rules.default is None and len(rules.rules) == 2
+    assert {n: m.config for n, m in rules.assign(tensors).items()} == dict(chosen)
     again = Plan.from_json(tmp_path / "plan.json")
     assert dict(again) == dict(chosen)
     again.to_json(tmp_path / "again.json")

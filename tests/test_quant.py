@@ -15,7 +15,7 @@ import pytest
 
 import kernelpack
 from conftest import RawFile, random_array
-from kernelpack import DCT, Basis, Dense, Linear, Series
+from kernelpack import DCT, Basis, Dense, Linear, Rule, Series
 from kernelpack.container import Container
 from kernelpack.forms import BasisTensor, DCTTensor, DenseTensor, LinearTensor, SeriesTensor
 from kernelpack.forms._base import Stored, quantise, to_stored
@@ -321,8 +321,8 @@ def test_the_forward_quantises_exactly_as_the_packer() -> None:
 def test_cli_form_rules_take_a_step() -> None:
     from kernelpack.cli import parse_form
 
-    assert parse_form("*.weight=dct:keep=0.3,rel_step=0.01") == ("*.weight", DCT(keep=0.3, rel_step=0.01))
-    assert parse_form("*.bias=dense:step=0.5") == ("*.bias", Dense(step=0.5))
+    assert parse_form("*.weight=dct:keep=0.3,rel_step=0.01") == Rule("*.weight", DCT(keep=0.3, rel_step=0.01))
+    assert parse_form("*.bias=dense:step=0.5") == Rule("*.bias", Dense(step=0.5))
 
 
 def test_the_example_of_the_spec(tmp_path: Path) -> None:

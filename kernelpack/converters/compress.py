@@ -20,22 +20,21 @@ filters and primaries), the last two dims a kernel (series, basis). For ``ConvTr
 (C_in, C_out/groups, kh, kw) the rows are therefore the *input* channels; for an RNN
 weight (4H or 3H, in) they are the gate rows; for an embedding, the tokens.
 
-A config is one form config (the default for every such parameter), or a mapping from
-names to form configs (or ``None``: leave alone). A key is an exact name or an ``fnmatch``
-pattern, matched against the parameter's name (``rnn.weight_ih_l0``, ``features.3.weight``)
-and its module's name (``rnn``, ``features.3``). Precedence: the exact parameter name, then
-the exact module name, then the first matching pattern; a parameter no key matches is left
-alone. So ``{"conv1": Series(harmonics=4), "rnn.weight_hh_l0": None, "*": Basis(bank=8)}``
-gives conv1 a series, leaves one LSTM matrix dense and gives every other weight a bank.
-A key that matches no parameter of rank >= 2 is a warning (a typo would otherwise leave
-the model silently uncompressed). ``kernelpack.plan`` returns such a mapping.
+A config is what every consumer of :mod:`kernelpack.rules` takes: one form config (the
+default for every parameter of rank >= 2), a mapping from names and ``fnmatch`` patterns
+to form configs (or ``None``: leave alone), a list of ``kernelpack.Rule``, or a function.
+Names are the parameter's (``rnn.weight_ih_l0``, ``features.3.weight``) and its module's
+(``rnn``, ``features.3``); precedence (kernelpack.rules' table): the exact parameter name,
+then the exact module name, then the first matching pattern, then the default; a parameter
+no rule chooses is left alone. So ``{"conv1": Series(harmonics=4), "rnn.weight_hh_l0": None,
+"*": Basis(bank=8)}`` gives conv1 a series, leaves one LSTM matrix dense and gives every
+other weight a bank. A rule that chooses no parameter compress_ reaches is a warning (a typo
+would otherwise leave the model silently uncompressed). ``kernelpack.plan`` returns such a mapping.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -49,65 +48,61 @@ from kernelpack.converters.linear import LinearWeight
 from kernelpack.converters.series import SeriesWeight
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Config, Dense, Linear, Series
-from kernelpack.forms._base import key_shown, shown
+from kernelpack.rules import FormPlan, Match, Rules, report_unused, rules_of
 
 #: The training-time parametrisation of each form's config.
 PARAMETRISATIONS: dict[type, type[FormWeight]] = {
     DCT: DCTWeight, Series: SeriesWeight, Basis: BasisWeight, Linear: LinearWeight, Dense: DenseWeight}
-Rules = Config | Mapping[str, Config | None]
 
 
-def rule_for(config: Rules, module_name: str, tensor: str = "weight") -> Config | None:
-    """The config parameter ``tensor`` of module ``module_name`` gets: its exact parameter name,
-    else its exact module name, else the first pattern matching either, else None."""
-    if hasattr(config, "encode"):
-        return config  # type: ignore[return-value]
-    names = (_join(module_name, tensor), module_name)
-    for name in names:
-        if name in config:  # type: ignore[operator]
-            return config[name]  # type: ignore[index]
-    for pattern, value in config.items():  # type: ignore[union-attr]
-        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            return value
-    return None
-
-
-def targets(model: nn.Module, rank: int = 2) -> Iterator[tuple[str, nn.Module, str]]:
-    """(module name, module, parameter name) of every parameter of rank >= ``rank`` that can take
-    a form, and of every parametrised one (so that a rule naming it is refused, not ignored);
-    the trained fields inside parametrisations are not targets themselves."""
+def targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(module name, module, parameter name, its value) of every parameter, and of every
+    parametrised one (so that a rule naming it is refused, not ignored); the trained fields
+    inside parametrisations are not targets themselves."""
     inside = {id(m) for module in model.modules() if parametrize.is_parametrized(module)
               for m in module.parametrizations.modules()}
     for module_name, module in model.named_modules():
         if id(module) in inside:
             continue
         for tensor, param in module.named_parameters(recurse=False):
-            if param.ndim >= rank:
-                yield module_name, module, tensor
+            yield module_name, module, tensor, param
         if parametrize.is_parametrized(module):
             for tensor in module.parametrizations:
-                yield module_name, module, tensor
+                with torch.no_grad():  # its current value, for the rules' selectors
+                    value = getattr(module, tensor)
+                yield module_name, module, tensor, value
 
 
-def check_rules(model: Any, config: Any) -> None:
-    """``model`` is an nn.Module and ``config`` one form config or a mapping of name patterns to
-    form configs or None (fields ``model`` and ``config``)."""
-    if not isinstance(model, nn.Module):
-        raise KernelpackError(f"takes an nn.Module, got {type(model).__name__}", field="model")
-    if isinstance(config, Config):
-        return
-    if not isinstance(config, Mapping):
-        raise KernelpackError(f"must be a form config or a mapping of names and patterns to configs, "
-                              f"got {type(config).__name__}", field="config")
-    for key, value in config.items():
-        if not isinstance(key, str):
-            raise KernelpackError(f"a rule's key is a name or pattern (str), got {shown(key)}", field="config")
-        if value is not None and not isinstance(value, Config):
-            raise KernelpackError(f"rule '{key_shown(key)}' gives {shown(value)}, not a form config (Dense, DCT, "
-                                  "Series, Basis or Linear) or None", field="config")
+def chosen_parameters(model: nn.Module, rules: Rules) -> list[tuple[str, nn.Module, str, Config | None]]:
+    """(module name, module, parameter name, config) of every parameter a rule chooses within
+    compress_'s reach (:func:`reaches`); warns of the rules that chose none of them."""
+    found, names = [], []
+    for module_name, module, tensor, value in targets(model):
+        name = _join(module_name, tensor)
+        names.append(name)
+        try:
+            match = rules.match(name, value)
+        except KernelpackError as exc:
+            raise exc.located(tensor=name) from None
+        if match is not None and reaches(match, value):
+            found.append((module_name, module, tensor, match))
+    report_unused(rules.unused(m for *_, m in found), names, what=REACH)
+    return [(m, module, t, match.config) for m, module, t, match in found]
 
 
-def compress_(model: nn.Module, config: Rules) -> nn.Module:
+#: What compress_ gives forms to, in its warning for a rule that chose nothing.
+REACH = "parameter compress_ reaches (rank >= 2, or rank 1 named exactly with a Dense config)"
+
+
+def reaches(match: Match, value: torch.Tensor) -> bool:
+    """Parameters of rank >= 2 take a form by any rule; a rank-1 one (a bias, a norm's scale)
+    only by a rule naming it exactly with a Dense config, as a calibrated plan of an ONNX model
+    does: a pattern such as ``'*'`` means the weights, and a bias in a structured form has no
+    kernel to fit."""
+    return value.ndim >= 2 or value.ndim == 1 and match.step == "name" and isinstance(match.config, Dense)
+
+
+def compress_(model: nn.Module, config: FormPlan) -> nn.Module:
     """Parametrise every parameter of rank >= 2 the config names with its form (and rank-1 ones
     named exactly with a Dense config); returns ``model``.
 
@@ -115,14 +110,14 @@ def compress_(model: nn.Module, config: Rules) -> nn.Module:
     the model and every rule are checked first (a rule no parameter matches is still checked,
     and a warning).
     """
-    check_rules(model, config)
+    if not isinstance(model, nn.Module):
+        raise KernelpackError(f"takes an nn.Module, got {type(model).__name__}", field="model")
+    if config is None:  # nothing to do is a mistake here, not "leave every weight alone"
+        raise KernelpackError("compress_ needs a config: a form config, a mapping of names and patterns to "
+                              "configs, a list of kernelpack.Rule, or a function", field="config")
+    rules = rules_of(config, "config")
     hessians = getattr(config, "hessians", None) or {}  # a calibrated Plan's statistics
-    chosen_for = [(m, module, t, rule_for(config, m, t)) for m, module, t in targets(model)]
-    if isinstance(config, Mapping):  # rank-1 parameters: exact names with Dense configs only
-        chosen_for += [(m, module, t, config[_join(m, t)]) for m, module, t in targets(model, rank=1)
-                       if getattr(module, t).ndim == 1 and isinstance(config.get(_join(m, t)), Dense)]
-    _warn_unmatched(config, [_join(m, t) for m, _, t, _ in chosen_for] + [m for m, _, _, _ in chosen_for])
-    for module_name, module, tensor, chosen in chosen_for:
+    for module_name, module, tensor, chosen in chosen_parameters(model, rules):
         if chosen is None or (isinstance(chosen, Dense) and chosen.dtype in (None, "float32")
                               and not chosen.quantised):
             continue
@@ -140,17 +135,6 @@ def compress_(model: nn.Module, config: Rules) -> nn.Module:
         except KernelpackError as exc:
             raise exc.located(tensor=_join(module_name, tensor)) from None
     return model
-
-
-def _warn_unmatched(config: Rules, names: list[str]) -> None:
-    """Warn once per mapping key that names or matches none of ``names``."""
-    if not isinstance(config, Mapping):
-        return
-    present = set(names)
-    lost = [k for k in config if k not in present and not any(fnmatch.fnmatchcase(n, k) for n in present)]
-    if lost:
-        warnings.warn(f"compress_: {len(lost)} rule(s) match no parameter of rank >= 2 and do nothing: "
-                      f"{', '.join(repr(key_shown(k)) for k in lost[:8])}", stacklevel=3)
 
 
 def encoded_state(model: nn.Module) -> dict[str, Any]:

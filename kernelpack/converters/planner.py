@@ -12,7 +12,8 @@ Decisions:
   weights, Gemm/MatMul operands, Conv/ConvTranspose/Gemm biases or BatchNormalization
   parameters (:func:`kernelpack.onnx_io.weight_roles`; the last two only as float32 or
   float16, whose error the sensitivity probes measure); the rest stays dense as it is. Each is planned as the float32 tensor of its numbers. Tensors that
-  ``forms`` names keep that config (not planned) but take part in every measurement.
+  a rule of ``forms`` chooses (:mod:`kernelpack.rules`; a rule's None: dense as they are) keep
+  that config (not planned) but take part in every measurement.
 * **Bytes** of a candidate are its stored arrays and banks compressed as the writer does
   (the smallest of raw, zstd and zstd-shuffle per array) at zstd level 3, the writer's
   default (a file written at level 19 is within about 1% of it; the header is not counted). ``max_bytes`` caps their total over the planned tensors.
@@ -73,9 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import itertools
-import json
 import math
 import os
 import warnings
@@ -87,10 +86,11 @@ import numpy as np
 from kernelpack._backend import NumpyOps, bfloat16_bits_to_float32
 from kernelpack._progress import progress as progress_bar
 from kernelpack.errors import KernelpackError
-from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series, config_from_dict
+from kernelpack.forms import DCT, Basis, Config, Dense, Encoded, Linear, Series
 from kernelpack.forms._base import need, shown
 from kernelpack.forms.dct import CG_ITERATIONS, DCTTensor
-from kernelpack.pack import as_numpy, encode, match, state_of
+from kernelpack.pack import as_numpy, encode, state_of
+from kernelpack.rules import Rule, Rules, changed_settings, read_rules, rules_of, write_rules
 
 Candidates = Callable[[str, tuple[int, ...]], Iterable[Config]]
 Metric = Callable[[list, list], float]
@@ -241,40 +241,16 @@ class Plan(dict):
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the plan as the form config that ``kernelpack pack --config`` reads: one rule
         per tensor whose pattern matches exactly that name, no default."""
-        rules = [{"pattern": _exact_pattern(name), **config_to_dict(config)} for name, config in self.items()]
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"default": None, "rules": rules}, f, indent=1)
+        write_rules(Rules(tuple(Rule(_exact_pattern(name), config) for name, config in self.items())), path)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Plan":
         """A plan written by :meth:`to_json` (configs only: bytes and errors are not stored)."""
-        from kernelpack.cli import read_config
-
-        rules, default = read_config(os.fspath(path))
-        need(default is None and all(_exact_name(p) is not None for p, _ in rules), "rules",
-             f"{os.fspath(path)} is a form config of patterns, not a plan (one exact name per rule)")
-        return cls({_exact_name(p): Option(c, None, None) for p, c in rules})
-
-
-def config_to_dict(config: Config) -> dict[str, Any]:
-    """``Series(harmonics=(3, 3))`` -> ``{"form": "series", "harmonics": [3, 3]}`` (the inverse of
-    ``config_from_dict``): the settings that differ from the defaults, tuples as lists."""
-    from kernelpack.forms import CONFIGS
-
-    form = next(n for n, c in CONFIGS.items() if type(config) is c)
-    out: dict[str, Any] = {"form": form}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if _is_default(value, f.default):
-            continue
-        if hasattr(value, "shape"):
-            value = np.asarray(value).tolist()
-        out[f.name] = _listed(value)
-    return out
-
-
-def _listed(value: Any) -> Any:
-    return [_listed(v) for v in value] if isinstance(value, (tuple, list)) else value
+        rules = read_rules(path)
+        need(rules.default is None and all(_exact_name(r.pattern) is not None and r.config is not None
+                                           and r == Rule(r.pattern, r.config) for r in rules.rules), "rules",
+             f"{os.fspath(path)} is a form config of patterns, not a plan (one exact name and config per rule)")
+        return cls({_exact_name(r.pattern): Option(r.config, None, None) for r in rules.rules})
 
 
 _SPECIAL = "*?["
@@ -306,17 +282,12 @@ def _num(value: float | int | None, spec: str) -> str:
 
 def _short(config: Config) -> str:
     """``series harmonics=(2, 1)``: the form and its settings that differ from the defaults."""
-    changed = [f"{f.name}={_brief(getattr(config, f.name))}" for f in dataclasses.fields(config)
-               if not _is_default(getattr(config, f.name), f.default)]
+    changed = [f"{k}={_brief(v)}" for k, v in changed_settings(config).items()]
     return " ".join([type(config).__name__.lower(), *changed])[:44]
 
 
 def _brief(value: Any) -> str:
     return f"array{list(value.shape)}" if hasattr(value, "shape") else repr(value)
-
-
-def _is_default(value: Any, default: Any) -> bool:
-    return value is default or (isinstance(value, (int, float, str, tuple)) and value == default)
 
 
 def stored_bytes(encoded: Encoded, level: int = BYTES_LEVEL) -> int:
@@ -582,7 +553,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     axis = samples) or an iterable of such batches; a module also takes a tensor. ``stats``:
     precomputed statistics by tensor name (``LayerStats`` or H for the tensor's rows) instead
     of collecting them. ``output_aware=False`` ignores the statistics (weight-only fits and
-    estimates) but still measures. ``forms``: configs fixed beforehand (as for ``save``).
+    estimates) but still measures. ``forms``: configs fixed beforehand (rules as for ``save``).
     ``progress``: a tqdm bar (default: when stderr is a terminal). ``threads``: tensors
     measured at once (default None: one per CPU core); the plan is the same with any number.
     ``sensitivity=False`` skips the sensitivity probes (every layer's share counts alike).
@@ -597,7 +568,7 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
     if max_output_error is not None and not subject.can_run and stats is None:
         raise KernelpackError("max_output_error needs calibration inputs and a model to run (an nn.Module or "
                               "an ONNX model); for a state dict give max_error or max_bytes", field="calibration")
-    fixed = {n: c for n in subject.tensors if (c := match(forms, n, subject.tensors[n])) is not None}
+    fixed = {n: m.config or Dense() for n, m in rules_of(forms).assign(subject.tensors).items()}
     names = [n for n in subject.planned if n not in fixed]
     layer_stats = stats if stats is not None else (subject.stats() if names else {})
     if not output_aware:
