@@ -5,18 +5,22 @@ Why: the numpy loops in entropy.py decode one element of every lane per Python s
 15 µs a step, and the encoder's lane policy gives every array of more than 1024 elements
 about a thousand steps: 1–20 MB/s of codes on real models, where the codes of a weight are
 a few kilobytes to a megabyte. These loops run the same arithmetic element by element in
-machine code: about 240 MB/s of int16 codes on one core here (benchmarks/entropy.py), and
-they release the GIL, so the whole-file thread pool decodes arrays in parallel.
+machine code, and they release the GIL, so the whole-file thread pool decodes arrays in
+parallel.
 
-The frequency tables are read and the slot tables built here too: with a Python varint per
-table entry they took a quarter of a decode on PP-OCRv4 det's codes (8 tables per array).
+The decode is one call after the frequency tables are read (``tables_loop``): the decode
+table, the rANS loop, the tokens made values with their raw bits and the zigzag undone, in
+``decode_loop``. Separate passes (slot tables, tokens, values, zigzag in numpy) cost twice
+the rANS loop itself, and small arrays paid for every call and temporary
+(benchmarks/entropy.py measures the decode beside zstd's of the same codes).
 
 They are the same algorithm as entropy.py's loops, not a second definition: every payload
-decodes to the same elements and the encoder writes the same bytes, which
-tests/test_codec_rans_ctx.py checks on every conformance vector and on generated arrays
-with both paths. The numpy loops stay the reference (and the path without numba). The
-import is lazy: numba is loaded (about 0.3 s) and the loops compiled or read from numba's
-cache only when a process first codes a rans payload.
+decodes to the same elements and the encoder writes the same bytes, and every malformed
+payload is refused with the same message, which tests/test_codec_rans_ctx.py checks on
+every conformance vector, on generated arrays and on corrupted payloads with both paths.
+The numpy loops stay the reference (and the path without numba). The import is lazy: numba
+is loaded (about 0.3 s) and the loops compiled or read from numba's cache only when a
+process first codes a rans payload.
 """
 
 from __future__ import annotations
@@ -25,39 +29,131 @@ import numba
 import numpy as np
 
 
+#: Bit fields of a decode table entry (``entries``): the slot's offset in its token's range,
+#: the token's frequency (at most 2^15), its value with the raw bits zero, and k, the number
+#: of raw bits (at most 15).
+BIAS, FREQ, HIGH, RAW = 0, 16, 32, 48
+
+
 @numba.njit(cache=True, nogil=True)
-def decode_loop(x: np.ndarray, words: np.ndarray, symbol: np.ndarray, slot_freq: np.ndarray,
-                slot_bias: np.ndarray, precision: int, row_class: np.ndarray, row_length: int,
-                out: np.ndarray) -> int:
-    """The decode loop of FORMAT.md 2.1 / 2.3 over ``out`` (states ``x`` updated in place).
-    Returns the number of words read, or ``-1 - i`` if element ``i`` needed a word after the
-    last one."""
-    mask = np.uint32((1 << precision) - 1)
-    table = np.uint32(1 << precision)
-    shift = np.uint32(precision)
-    low = np.uint32(1 << 16)
+def entries(freq: np.ndarray, precision: int, split: int, msb: int) -> np.ndarray:
+    """The decode table of ``decode_loop`` from the frequency tables (rows of ``freq``, each
+    summing to 2^precision): slot ``g * 2^precision + s`` of table ``g`` describes the token
+    ``t`` whose range holds ``s``, in one int64 so that a step makes one table read (one
+    read, not three arrays, and the token-to-value arithmetic of FORMAT.md 2.3 done once per
+    token, not once per element; tokens below 2^split are values of their own)."""
+    classes, size = freq.shape
+    m = 1 << precision
+    table = np.empty(classes * m, dtype=np.int64)
+    base = 1 << split
+    for g in range(classes):
+        slot = g * m
+        for t in range(size):
+            f = freq[g, t]
+            high, k = t, 0
+            if t >= base:
+                d = t - base
+                k = split + (d >> msb) - msb
+                high = ((1 << msb) + (d & ((1 << msb) - 1))) << k
+            entry = f << FREQ | high << HIGH | k << RAW
+            for j in range(f):
+                table[slot + j] = entry + (j << BIAS)
+            slot += f
+    return table
+
+
+@numba.njit(cache=True, nogil=True)
+def _words(body: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian 16-bit words from byte ``at`` of ``body`` to its end, then a zero
+    word: the decode reads a word at every step and keeps it only where it needs one."""
+    n = (body.shape[0] - at) // 2
+    words = np.empty(n + 1, dtype=np.uint16)
+    for j in range(n):
+        words[j] = np.uint16(body[at + 2 * j]) | np.uint16(body[at + 2 * j + 1]) << np.uint16(8)
+    words[n] = 0
+    return words
+
+
+@numba.njit(cache=True, nogil=True)
+def _raw_words(body: np.ndarray, at: int, size: int) -> np.ndarray:
+    """The ``size`` bytes at ``at`` as little-endian 32-bit words, then two zero words: the
+    decode reads the 64 bits at every element's raw bits, k of them or none."""
+    raw = np.zeros(size // 4 + 2, dtype=np.uint32)
+    for j in range(size):
+        raw[j >> 2] |= np.uint32(body[at + j]) << np.uint32(8 * (j & 3))
+    return raw
+
+
+@numba.njit(cache=True, nogil=True)
+def decode_loop(body: np.ndarray, words_at: int, extra_at: int, extra_size: int, freq: np.ndarray,
+                precision: int, split: int, msb: int, x: np.ndarray, row_class: np.ndarray,
+                row_length: int, signed: bool, out: np.ndarray) -> tuple[int, int]:
+    """The decode of FORMAT.md 2.1 / 2.3 over ``out``: rANS (states ``x``, updated in place;
+    the words from byte ``words_at`` of ``body`` to its end; row ``r``'s elements read table
+    ``row_class[r]`` of ``freq``), every token made its value with its raw bits (the
+    ``extra_size`` bytes at ``extra_at``, in element order), then, if ``signed``, the zigzag
+    undone. Returns (words read, or ``-1 - i`` if element ``i`` needed a word after the
+    last one; raw bits read, or ``-1 - i`` if element ``i``'s run past the end).
+
+    One pass, without branches on the data (the renormalisation and the raw bits are read at
+    every element and kept or masked): separate token and value passes, and branches taken
+    at random, each cost about as much as the rANS arithmetic. Indices are unsigned, which
+    spares numba's negative-index test; every one is in range by construction (row classes
+    and tables were checked, the raw bits' word index is clamped), and raw bits past the end
+    are found after the loop, from the values (``_first_overrun``)."""
+    table = entries(freq, precision, split, msb)
+    words = _words(body, words_at)
+    raw = _raw_words(body, extra_at, extra_size)
+    mask = (1 << precision) - 1
     lanes = x.shape[0]
-    count = out.shape[0]
-    p = 0
-    available = words.shape[0]
-    row, boundary = 0, row_length  # the row of element i, and where the next row starts
-    for start in range(0, count, lanes):
-        for lane in range(min(lanes, count - start)):
-            i = start + lane
-            if i == boundary:  # i // row_length without a division per element
-                row += 1
-                boundary += row_length
-            state = x[lane]
-            slot = (state & mask) + row_class[row] * table
-            out[i] = symbol[slot]
-            state = slot_freq[slot] * (state >> shift) + slot_bias[slot]
-            if state < low:
-                if p >= available:
-                    return -1 - i
-                state = (state << np.uint32(16)) | words[p]
-                p += 1
-            x[lane] = state
-    return p
+    available = words.shape[0] - 1
+    last = raw.shape[0] - 2
+    p, pos = 0, 0
+    i, lane = 0, 0
+    for r in range(row_class.shape[0]):
+        start = np.int64(row_class[r]) << precision
+        for _ in range(row_length):
+            state = np.int64(x[np.uint64(lane)])
+            e = table[np.uint64(start + (state & mask))]
+            state = ((e >> FREQ) & 0xFFFF) * (state >> precision) + ((e >> BIAS) & 0xFFFF)
+            need = state < 1 << 16
+            if need & (p >= available):
+                return -1 - i, pos
+            word = np.int64(words[np.uint64(p)])  # read before the test: no branch
+            state = (state << 16 | word) if need else state
+            p += need
+            x[np.uint64(lane)] = state
+            k = e >> RAW
+            at = np.uint64(min(pos >> 5, last))
+            window = np.int64(raw[at]) | np.int64(raw[at + np.uint64(1)]) << 32
+            out[np.uint64(i)] = (e >> HIGH) & 0xFFFF | (window >> (pos & 31)) & ((np.int64(1) << k) - 1)
+            pos += k
+            lane = lane + 1 if lane + 1 < lanes else 0
+            i += 1
+    if pos > 8 * extra_size:
+        return p, -1 - _first_overrun(out, split, msb, 8 * extra_size)
+    if signed:
+        for j in range(out.shape[0]):
+            out[j] = (out[j] >> 1) ^ (0 - (out[j] & 1))
+    return p, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_overrun(out: np.ndarray, split: int, msb: int, bits: int) -> int:
+    """The first element whose raw bits run past ``bits``, from the values ``decode_loop``
+    wrote: a value of exponent e >= split has k = e - msb raw bits, whatever bits it read."""
+    pos = 0
+    for i in range(out.shape[0]):
+        u = np.int64(out[i])
+        if u >= 1 << split:
+            k = -msb
+            while u > 1:
+                u >>= 1
+                k += 1
+            if pos + k > bits:
+                return i
+            pos += k
+    return -1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -79,30 +175,6 @@ def encode_loop(freq: np.ndarray, cum: np.ndarray, precision: int, lanes: int, x
                 state >>= np.uint64(16)
             x[lane] = (state // f << np.uint64(precision)) + state % f + np.uint64(cum[start + lane])
     return emitted
-
-
-@numba.njit(cache=True, nogil=True)
-def values_loop(out: np.ndarray, extra: np.ndarray, size: int, split: int, msb: int) -> int:
-    """Tokens in ``out`` to values in place, reading every element's extra bits from the
-    ``size`` bytes of ``extra`` (followed by 3 zero bytes; FORMAT.md 2.3, LSB first, element
-    order). Returns the bits read, or ``-1 - i`` if element ``i``'s bits run past the end."""
-    base = 1 << split
-    bits = size * 8
-    pos = 0
-    for i in range(out.shape[0]):
-        t = np.int64(out[i])
-        if t < base:
-            continue
-        d = t - base
-        k = split + (d >> msb) - msb
-        if pos + k > bits:
-            return -1 - i
-        at = pos >> 3
-        window = np.int64(extra[at]) | np.int64(extra[at + 1]) << 8 | np.int64(extra[at + 2]) << 16
-        raw = (window >> (pos & 7)) & ((np.int64(1) << k) - 1)
-        pos += k
-        out[i] = (((np.int64(1) << msb) + (d & ((1 << msb) - 1))) << k) | raw
-    return pos
 
 
 @numba.njit(cache=True, nogil=True)
@@ -149,22 +221,3 @@ def tables_loop(buf: np.ndarray, pos: int, m: int, freq: np.ndarray) -> int:
         if total != m:
             return -1
     return pos
-
-
-@numba.njit(cache=True, nogil=True)
-def slots_loop(freq: np.ndarray, precision: int, symbol: np.ndarray, slot_freq: np.ndarray,
-               slot_bias: np.ndarray) -> None:
-    """The decode tables of ``decode_loop`` from the frequency tables (rows of ``freq``, each
-    summing to 2^precision): slot ``g * 2^precision + s`` holds the symbol whose range of
-    table ``g`` holds ``s``, its frequency and ``s`` minus the range's start."""
-    classes, size = freq.shape
-    m = 1 << precision
-    for g in range(classes):
-        slot = g * m
-        for i in range(size):
-            f = freq[g, i]
-            for j in range(f):
-                symbol[slot + j] = i
-                slot_freq[slot + j] = f
-                slot_bias[slot + j] = j
-            slot += f

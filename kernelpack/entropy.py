@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -289,16 +289,13 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     n_escapes = reader.varint("escapes", 0, count)
     freq = _read_tables(reader, 1, k + 1, m)
     states = np.frombuffer(reader.take(4 * lanes, "states"), dtype="<u4").astype(np.uint32)
-    if np.any(states < STATE_LOW):
+    if np.count_nonzero(states < STATE_LOW):  # np.any costs several times a count here
         raise _bad(f"states: a state below 2^16 (lane {int(np.argmax(states < STATE_LOW))})")
     escape_values = np.frombuffer(reader.take(itemsize * n_escapes, "escape values"), dtype=unsigned)
-    if np.any(escape_values < k):
+    if np.count_nonzero(escape_values < k):
         raise _bad(f"escape values: a value below the {k} symbols coded directly")
-    rest = body[reader.pos:]
-    if len(rest) % 2:
-        raise _bad(f"words: {len(rest)} bytes, not a whole number of 16-bit words")
-    words = np.frombuffer(rest, dtype="<u2").astype(np.uint32)
-    out = _run(states, words, freq, precision, count, unsigned)  # every symbol, k included, fits
+    # every symbol, k included, fits the dtype and is a value of its own
+    out = _run(_Stream(body, reader.pos, 0, 0), freq, precision, ALL_DIRECT, 0, states, count, unsigned)
 
     escaped = np.flatnonzero(out == k)
     if len(escaped) != n_escapes:
@@ -308,46 +305,93 @@ def decode(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     return from_unsigned(out, dtype)
 
 
-def _run(states: np.ndarray, words: np.ndarray, tables: np.ndarray, precision: int, count: int,
-         sym_dtype: np.dtype, row_class: np.ndarray | None = None, row_length: int = 1) -> np.ndarray:
-    """The decode loop and its final checks. Element ``i`` reads the table (row of ``tables``)
-    ``row_class[i // row_length]`` (the only one if ``row_class`` is None): the tables' slots
-    are laid end to end, table ``g`` from slot ``g * M``. The loop is the compiled one when
-    numba is installed, else ``_numpy_loop``: the same arithmetic, the same results."""
-    m = 1 << precision
-    jit = _jit()
-    if jit is not None:
-        symbol = np.empty(m * len(tables), dtype=sym_dtype)
-        slot_freq, slot_bias = np.empty(m * len(tables), np.uint32), np.empty(m * len(tables), np.uint32)
-        jit.slots_loop(tables, precision, symbol, slot_freq, slot_bias)
-    else:
-        symbol = np.concatenate([np.repeat(np.arange(len(f), dtype=sym_dtype), f) for f in tables])
-        cum = np.concatenate([np.repeat(np.concatenate([[0], np.cumsum(f)[:-1]]), f) for f in tables])
-        slot_freq = np.concatenate([np.repeat(f, f) for f in tables]).astype(np.uint32)
-        slot_bias = (np.arange(m * len(tables)) % m - cum).astype(np.uint32)  # slot - cum[symbol]
+#: The token split under which every 16-bit symbol is a value of its own (``rans``: no raw bits).
+ALL_DIRECT = 16
+
+
+class _Stream(NamedTuple):
+    """Where the coded parts of a payload lie: the payload, its words from ``words_at`` to the
+    end, its raw bits (``rans-ctx``) in ``extra_size`` bytes from ``extra_at``."""
+
+    body: bytes | memoryview
+    words_at: int
+    extra_at: int
+    extra_size: int
+
+
+def _run(stream: _Stream, tables: np.ndarray, precision: int, split: int, msb: int, states: np.ndarray,
+         count: int, sym_dtype: np.dtype, row_class: np.ndarray | None = None, row_length: int = 1,
+         dtype: np.dtype | None = None) -> np.ndarray:
+    """The decode and its checks: the ``count`` tokens of the rANS stream made values
+    (``split``, ``msb``: FORMAT.md 2.3; ALL_DIRECT makes every symbol its own value), in
+    ``sym_dtype``, or mapped back to ``dtype`` (``from_unsigned``) if given. Element ``i``
+    reads the table (row of ``tables``) ``row_class[i // row_length]`` (the only one if
+    ``row_class`` is None). Compiled when numba is installed (one pass, the zigzag in it),
+    else ``_numpy_run``: the same arithmetic, the same results and errors."""
+    words = len(stream.body) - stream.words_at
+    if words % 2:
+        raise _bad(f"words: {words} bytes, not a whole number of 16-bit words")
     if row_class is None:
         row_class, row_length = np.zeros(1, dtype=np.uint32), max(count, 1)
     out = np.empty(count, dtype=sym_dtype)
-    loop = jit.decode_loop if jit is not None else _numpy_loop
-    p = loop(states, words, symbol, slot_freq, slot_bias, precision, row_class, row_length, out)
-    available, lanes = len(words), len(states)
+    jit = _jit()
+    if jit is not None:
+        signed = dtype is not None and dtype.kind == "i"
+        p, pos = jit.decode_loop(np.frombuffer(stream.body, np.uint8), stream.words_at, stream.extra_at,
+                                 stream.extra_size, tables, precision, split, msb, states, row_class, row_length,
+                                 signed, out)
+    else:
+        p, pos = _numpy_run(stream, tables, precision, split, msb, states, row_class, row_length, out)
+    available, lanes = words // 2, len(states)
     if p < 0:
         raise _bad(f"words: the stream ends after {available} words, "
                    f"element {(-1 - p) // lanes * lanes} needs more")
     if p != available:
         raise _bad(f"words: {available - p} of {available} words left over")
-    if np.any(states != STATE_LOW):
+    if np.count_nonzero(states != STATE_LOW):
         raise _bad(f"states: lane {int(np.argmax(states != STATE_LOW))} does not end in the state 2^16")
-    return out
+    _check_extra(stream, pos)
+    if dtype is None:
+        return out
+    return out.view(dtype) if jit is not None else from_unsigned(out, dtype)
+
+
+def _check_extra(stream: _Stream, pos: int) -> None:
+    """The checks of the raw bits field, ``pos`` bits of which were read (``-1 - i``: element
+    ``i``'s run past its end)."""
+    size = stream.extra_size
+    if pos < 0:
+        raise _bad(f"extra: {size} bytes end inside the raw bits of element {-1 - pos}")
+    if size != -(-pos // 8):
+        raise _bad(f"extra: {size} bytes, the values use {pos} bits")
+    if pos % 8 and stream.body[stream.extra_at + size - 1] >> (pos % 8):
+        raise _bad("extra: the bits after the last value are not zero")
+
+
+def _numpy_run(stream: _Stream, tables: np.ndarray, precision: int, split: int, msb: int, x: np.ndarray,
+               row_class: np.ndarray, row_length: int, out: np.ndarray) -> tuple[int, int]:
+    """kernelpack/_rans_jit.py ``decode_loop`` in numpy, but for the zigzag: the slot tables,
+    ``_numpy_loop`` (tokens), ``_numpy_values`` (values). Returns (words read, raw bits read)
+    as ``decode_loop`` does."""
+    m = 1 << precision
+    symbol = np.concatenate([np.repeat(np.arange(len(f), dtype=out.dtype), f) for f in tables])
+    cum = np.concatenate([np.repeat(np.concatenate([[0], np.cumsum(f)[:-1]]), f) for f in tables])
+    slot_freq = np.concatenate([np.repeat(f, f) for f in tables]).astype(np.uint32)
+    slot_bias = (np.arange(m * len(tables)) % m - cum).astype(np.uint32)  # slot - cum[symbol]
+    words = np.frombuffer(stream.body, dtype="<u2", offset=stream.words_at).astype(np.uint32)
+    p = _numpy_loop(x, words, symbol, slot_freq, slot_bias, precision, row_class, row_length, out)
+    if p < 0:
+        return p, 0
+    extra = bytes(stream.body[stream.extra_at:stream.extra_at + stream.extra_size])
+    return p, _numpy_values(out, _padded(extra), len(extra), split, msb)
 
 
 def _numpy_loop(x: np.ndarray, words: np.ndarray, symbol: np.ndarray, slot_freq: np.ndarray,
                 slot_bias: np.ndarray, precision: int, row_class: np.ndarray, row_length: int,
                 out: np.ndarray) -> int:
-    """The decode loop in numpy (the reference of kernelpack/_rans_jit.py ``decode_loop``, same
-    arguments and result): one step decodes one element of every lane still running. Returns
-    the words read, or ``-1 - i`` for the first element ``i`` of a step that needed a word
-    after the last one; the states ``x`` are updated in place."""
+    """The rANS loop in numpy (tokens into ``out``): one step decodes one element of every lane
+    still running. Returns the words read, or ``-1 - i`` for the first element ``i`` of a step
+    that needed a word after the last one; the states ``x`` are updated in place."""
     m = 1 << precision
     mask, shift, low = np.uint32(m - 1), np.uint32(precision), np.uint32(STATE_LOW)
     sixteen = np.uint32(16)
@@ -517,35 +561,32 @@ def decode_ctx(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
         raise _bad(f"rows: {rows} rows do not divide the {count} elements")
     lanes = reader.varint("lanes", 1, count)
     width = (classes - 1).bit_length()
-    row_class = _unpacked(reader.take(-(-rows * width // 8), "row classes"), np.full(rows, width),
-                          "row classes").astype(np.uint32)
-    if np.any(row_class >= classes):
+    row_class = _unpacked(reader.take(-(-rows * width // 8), "row classes"), rows, width, "row classes")
+    if np.count_nonzero(row_class >= classes):
         raise _bad(f"row classes: row {int(np.argmax(row_class >= classes))} has a class >= {classes}")
     size = token_count(bits, split, msb)
     tables = _read_tables(reader, classes, size, 1 << precision)
     states = np.frombuffer(reader.take(4 * lanes, "states"), dtype="<u4").astype(np.uint32)
-    if np.any(states < STATE_LOW):
+    if np.count_nonzero(states < STATE_LOW):
         raise _bad(f"states: a state below 2^16 (lane {int(np.argmax(states < STATE_LOW))})")
-    extra = reader.take(reader.varint("extra length", 0, 2 * count), "extra")
-    rest = body[reader.pos:]
-    if len(rest) % 2:
-        raise _bad(f"words: {len(rest)} bytes, not a whole number of 16-bit words")
-    words = np.frombuffer(rest, dtype="<u2").astype(np.uint32)
-    out = _run(states, words, tables, precision, count, unsigned, row_class, count // rows)
-    _values_in_place(out, extra, split, msb)
-    return from_unsigned(out, dtype)
+    extra_size = reader.varint("extra length", 0, 2 * count)
+    extra_at = reader.pos
+    reader.take(extra_size, "extra")
+    stream = _Stream(body, reader.pos, extra_at, extra_size)
+    return _run(stream, tables, precision, split, msb, states, count, unsigned, row_class, count // rows, dtype)
 
 
-def _unpacked(data: bytes, widths: np.ndarray, field: str) -> np.ndarray:
-    """The inverse of ``_packed`` for ``len(widths)`` values of at most 15 bits; the bits after
-    the last value up to the end of ``data`` must be zero and fill less than a byte."""
-    ends = np.cumsum(widths)
-    total = int(ends[-1]) if len(ends) else 0
+def _unpacked(data: bytes, count: int, width: int, field: str) -> np.ndarray:
+    """The inverse of ``_packed`` for ``count`` values of ``width`` bits each, as uint32; the
+    bits after the last value up to the end of ``data`` must be zero and fill less than a
+    byte. (np.unpackbits: a byte-window gather per value cost a small array's whole decode.)"""
+    total = count * width
     if len(data) != -(-total // 8):
         raise _bad(f"{field}: {len(data)} bytes hold {total} bits")
     if total % 8 and data[-1] >> (total % 8):
         raise _bad(f"{field}: the bits after the last value are not zero")
-    return _bits_at(_padded(data), ends - widths, widths)
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=total, bitorder="little")
+    return bits.reshape(count, width) @ (np.uint32(1) << np.arange(width, dtype=np.uint32))
 
 
 def _padded(data: bytes) -> np.ndarray:
@@ -560,24 +601,10 @@ def _bits_at(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
     return (window >> (pos & 7)) & ((1 << width) - 1)
 
 
-def _values_in_place(out: np.ndarray, extra: bytes, split: int, msb: int) -> None:
-    """Tokens (in ``out``) to values, reading the extra bits in element order, and the checks
-    of the extra field (compiled when numba is installed, else ``_numpy_values``)."""
-    jit = _jit()
-    convert = jit.values_loop if jit is not None else _numpy_values
-    pos = convert(out, _padded(extra), len(extra), split, msb)
-    if pos < 0:
-        raise _bad(f"extra: {len(extra)} bytes end inside the raw bits of element {-1 - pos}")
-    if len(extra) != -(-pos // 8):
-        raise _bad(f"extra: {len(extra)} bytes, the values use {pos} bits")
-    if pos % 8 and extra[-1] >> (pos % 8):
-        raise _bad("extra: the bits after the last value are not zero")
-
-
 def _numpy_values(out: np.ndarray, buf: np.ndarray, size: int, split: int, msb: int) -> int:
-    """``values_loop`` of kernelpack/_rans_jit.py in numpy, in chunks of CHUNK elements (same
-    arguments and result: the bits read, or ``-1 - i`` for the first element ``i`` whose bits
-    run past the ``size`` bytes of ``buf``)."""
+    """Tokens (in ``out``) to values in place, reading the raw bits from the ``size`` bytes of
+    ``buf`` in element order, in chunks of CHUNK elements. Returns the bits read, or ``-1 - i``
+    for the first element ``i`` whose bits run past the end."""
     base, pos = 1 << split, 0
     for a in range(0, len(out), CHUNK):
         t = out[a:a + CHUNK].astype(np.int64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -333,6 +334,33 @@ def test_a_flipped_byte_decodes_or_is_refused_never_anything_else(position: int,
         assert "bad rans-ctx payload" in str(exc)
     else:
         assert out.shape == (COUNT,)
+
+
+def outcome(body: bytes, loops: str) -> str | list[int]:
+    """What ``decode_ctx`` makes of ``body`` with the numpy or the compiled loops: the elements,
+    or the error's message."""
+    with mock.patch.object(entropy, "_jit", (lambda: None) if loops == "numpy loops" else entropy._jit):
+        try:
+            return entropy.decode_ctx(body, VALUES.dtype, COUNT).tolist()
+        except kernelpack.KernelpackError as exc:
+            return str(exc)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 20, ENDS["extra length"]])
+def test_both_loops_name_the_same_element_whose_raw_bits_run_past_the_end(cut: int) -> None:
+    """The compiled loop finds an overrun after the pass, from the values; the numpy one as it
+    converts: the same element."""
+    body = with_extra(BODY[ENDS["extra start"]:ENDS["extra"] - cut])(BODY)
+    message = outcome(body, "compiled loops")
+    assert "raw bits of element" in str(message) and message == outcome(body, "numpy loops")
+
+
+@settings(max_examples=100, deadline=None)
+@given(position=st.integers(0, len(BODY) - 1), mask=st.integers(1, 255))
+def test_both_loops_make_the_same_of_a_flipped_byte(position: int, mask: int) -> None:
+    body = bytearray(BODY)
+    body[position] ^= mask
+    assert outcome(bytes(body), "compiled loops") == outcome(bytes(body), "numpy loops")
 
 
 # --- in a container ------------------------------------------------------------------------------
