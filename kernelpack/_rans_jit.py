@@ -8,11 +8,12 @@ a few kilobytes to a megabyte. These loops run the same arithmetic element by el
 machine code, and they release the GIL, so the whole-file thread pool decodes arrays in
 parallel.
 
-The decode is one call after the frequency tables are read (``tables_loop``): the decode
-table, the rANS loop, the tokens made values with their raw bits and the zigzag undone, in
-``decode_loop``. Separate passes (slot tables, tokens, values, zigzag in numpy) cost twice
-the rANS loop itself, and small arrays paid for every call and temporary
-(benchmarks/entropy.py measures the decode beside zstd's of the same codes).
+A ``rans-ctx`` payload is decoded in one call (``decode_ctx``: its fields, tables, the
+decode table, the rANS loop, the tokens made values with their raw bits, the zigzag undone),
+a ``rans`` payload in two (``tables_loop``, ``decode_loop``) after entropy.py has read its
+fields. Separate passes (slot tables, tokens, values, zigzag in numpy) cost twice the rANS
+loop itself, and the fields read in Python cost as much as the decode of an array of a few
+thousand codes (benchmarks/entropy.py measures the decode beside zstd's of the same codes).
 
 They are the same algorithm as entropy.py's loops, not a second definition: every payload
 decodes to the same elements and the encoder writes the same bytes, and every malformed
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+
+from kernelpack.entropy import MAX_CLASSES, MAX_PRECISION, MAX_SPLIT, MAX_VARINT, STATE_LOW
 
 
 #: Bit fields of a decode table entry (``entries``): the slot's offset in its token's range,
@@ -178,12 +181,13 @@ def encode_loop(freq: np.ndarray, cum: np.ndarray, precision: int, lanes: int, x
 
 
 @numba.njit(cache=True, nogil=True)
-def _short_varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
+def _varint(buf: np.ndarray, pos: int, end: int, longest: int) -> tuple[int, int]:
     """The varint at ``pos`` and the position after it, or position -1 for one the reader
-    refuses: truncated, not in its shortest form, or over 3 bytes (a table's values are at
-    most 2^16, so a longer one is out of range anyway)."""
+    refuses: truncated, not in its shortest form, or over ``longest`` bytes (entropy.py's
+    MAX_VARINT; 3 in a table, whose values are at most 2^16, so a longer one is out of range
+    anyway)."""
     value = 0
-    for b in range(3):
+    for b in range(longest):
         if pos >= end:
             return 0, -1
         byte = np.int64(buf[pos])
@@ -206,7 +210,7 @@ def tables_loop(buf: np.ndarray, pos: int, m: int, freq: np.ndarray) -> int:
         i = 0
         total = 0
         while i < size:
-            value, pos = _short_varint(buf, pos, end)
+            value, pos = _varint(buf, pos, end, 3)
             if pos < 0 or value > m:
                 return -1
             if value:
@@ -214,10 +218,83 @@ def tables_loop(buf: np.ndarray, pos: int, m: int, freq: np.ndarray) -> int:
                 total += value
                 i += 1
                 continue
-            run, pos = _short_varint(buf, pos, end)
+            run, pos = _varint(buf, pos, end, 3)
             if pos < 0 or run > size - i - 1:
                 return -1
             i += run + 1
         if total != m:
             return -1
     return pos
+
+
+@numba.njit(cache=True, nogil=True)
+def decode_ctx(body: np.ndarray, count: int, bits: int, signed: bool, out: np.ndarray) -> bool:
+    """A whole ``rans-ctx`` payload (FORMAT.md 2.3) of ``count`` ``bits``-bit elements into
+    ``out`` (zigzag undone if ``signed``): True, or False for anything entropy.py's reader
+    refuses (it then reads the payload again and says what). Why here: reading the fields in
+    Python (a dozen small numpy calls) cost as much as the decode of an array of a few
+    thousand codes. The same checks as the reader's, in its order."""
+    end = body.shape[0]
+    if end < 4:
+        return False
+    precision, split, msb, classes = np.int64(body[0]), np.int64(body[1]), np.int64(body[2]), np.int64(body[3])
+    if not (1 <= precision <= MAX_PRECISION and split <= min(bits, MAX_SPLIT) and msb <= split
+            and 1 <= classes <= MAX_CLASSES):
+        return False
+    rows, pos = _varint(body, 4, end, MAX_VARINT)
+    if pos < 0 or not 1 <= rows <= count or count % rows:
+        return False
+    lanes, pos = _varint(body, pos, end, MAX_VARINT)
+    if pos < 0 or not 1 <= lanes <= count:
+        return False
+    row_class, pos = _row_classes(body, pos, rows, classes)
+    if pos < 0:
+        return False
+    freq = np.zeros((classes, (1 << split) + (bits - split) * (1 << msb)), dtype=np.int64)
+    pos = tables_loop(body, pos, 1 << precision, freq)
+    if pos < 0 or pos + 4 * lanes > end:
+        return False
+    x = np.empty(lanes, dtype=np.uint32)
+    for lane in range(lanes):
+        at = pos + 4 * lane
+        x[lane] = (np.uint32(body[at]) | np.uint32(body[at + 1]) << np.uint32(8)
+                   | np.uint32(body[at + 2]) << np.uint32(16) | np.uint32(body[at + 3]) << np.uint32(24))
+        if x[lane] < STATE_LOW:
+            return False
+    extra_size, extra_at = _varint(body, pos + 4 * lanes, end, MAX_VARINT)
+    if extra_at < 0 or extra_size > 2 * count or extra_at + extra_size > end or (end - extra_at - extra_size) % 2:
+        return False
+    words_at = extra_at + extra_size
+    p, used = decode_loop(body, words_at, extra_at, extra_size, freq, precision, split, msb, x, row_class,
+                          count // rows, signed, out)
+    if p != (end - words_at) // 2 or used < 0 or extra_size != (used + 7) // 8:
+        return False
+    if used % 8 and body[extra_at + extra_size - 1] >> (used % 8):
+        return False
+    for lane in range(lanes):
+        if x[lane] != STATE_LOW:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_classes(body: np.ndarray, pos: int, rows: int, classes: int) -> tuple[np.ndarray, int]:
+    """The row classes at ``pos`` (``rows`` values of the bits of ``classes - 1``, LSB first, the
+    padding bits zero, each below ``classes``) and the position after them, or position -1."""
+    width = 0
+    while (1 << width) < classes:
+        width += 1
+    size = (rows * width + 7) // 8
+    row_class = np.zeros(rows, dtype=np.uint32)
+    if pos + size > body.shape[0]:
+        return row_class, -1
+    if (rows * width) % 8 and body[pos + size - 1] >> ((rows * width) % 8):
+        return row_class, -1
+    for r in range(rows):
+        for b in range(width):
+            at = r * width + b
+            row_class[r] |= np.uint32((body[pos + (at >> 3)] >> (at & 7)) & 1) << np.uint32(b)
+        if row_class[r] >= classes:
+            return row_class, -1
+    return row_class, pos + size
+

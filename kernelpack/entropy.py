@@ -332,7 +332,7 @@ def _run(stream: _Stream, tables: np.ndarray, precision: int, split: int, msb: i
     if words % 2:
         raise _bad(f"words: {words} bytes, not a whole number of 16-bit words")
     if row_class is None:
-        row_class, row_length = np.zeros(1, dtype=np.uint32), max(count, 1)
+        row_class, row_length = np.zeros(1, dtype=np.uint32), count
     out = np.empty(count, dtype=sym_dtype)
     jit = _jit()
     if jit is not None:
@@ -546,7 +546,20 @@ def _precision(counts: np.ndarray) -> tuple[int, list[np.ndarray]]:
 def decode_ctx(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     """The ``count`` elements of a ``rans-ctx`` payload, by FORMAT.md 2.3; any payload that
     does not follow it is a KernelpackError naming the payload field. Work and memory are
-    bounded by ``count``, the payload's length and the tables (at most 16 x 2^15 slots)."""
+    bounded by ``count``, the payload's length and the tables (at most 16 x 2^15 slots).
+    With numba the whole payload is read in one compiled call; one it refuses is read again
+    by ``_read_ctx``, which names what is wrong."""
+    jit = _jit()
+    if jit is not None:
+        out = np.empty(count, dtype=f"<u{dtype.itemsize}")
+        if jit.decode_ctx(np.frombuffer(body, np.uint8), count, 8 * dtype.itemsize, dtype.kind == "i", out):
+            return out.view(dtype)
+    return _read_ctx(body, dtype, count)
+
+
+def _read_ctx(body: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+    """``decode_ctx`` field by field, each checked and named where it is wrong (the reference,
+    and the path without numba)."""
     bits = 8 * dtype.itemsize
     unsigned = np.dtype(f"<u{dtype.itemsize}")
     reader = _Reader(body)

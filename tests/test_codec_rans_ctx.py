@@ -122,6 +122,24 @@ def test_the_encoder_reproduces_the_committed_vector_bytes(name: str, tensor: st
     assert entropy.encode_as("rans-ctx", decoded.reshape(-1), decoded.shape) == body
 
 
+def compiled_read(body: bytes, dtype: np.dtype, count: int) -> np.ndarray | None:
+    """The elements by the compiled reader alone (_rans_jit.decode_ctx), None if it refuses the
+    payload: a valid payload it refuses is decoded right, but field by field, slower."""
+    jit = entropy._jit()
+    if jit is None:
+        pytest.skip("numba is not installed: pip install kernelpack[fast]")
+    out = np.empty(count, dtype=f"<u{dtype.itemsize}")
+    ok = jit.decode_ctx(np.frombuffer(body, np.uint8), count, 8 * dtype.itemsize, dtype.kind == "i", out)
+    return out.view(dtype) if ok else None
+
+
+@pytest.mark.parametrize("name, tensor, dtype, body, decoded", VECTOR_ARRAYS, ids=IDS)
+def test_the_compiled_reader_takes_every_vector_in_one_call(name: str, tensor: str, dtype: str, body: bytes,
+                                                            decoded: np.ndarray) -> None:
+    got = compiled_read(body, np.dtype(dtype), decoded.size)
+    assert got is not None and np.array_equal(got, decoded.reshape(-1))
+
+
 @pytest.mark.usefixtures("rans_loops")  # numpy and compiled loops
 def test_the_vectors_decode_to_the_manifest_digests() -> None:
     manifest = json.loads((VECTORS / "manifest.json").read_text(encoding="utf-8"))["files"]
@@ -175,6 +193,8 @@ def test_every_array_round_trips_and_the_spec_decoder_agrees(values: np.ndarray)
     body = entropy.encode_as("rans-ctx", values.reshape(-1), values.shape)
     decoded = entropy.decode_ctx(body, values.dtype, values.size)
     assert decoded.dtype == values.dtype and np.array_equal(decoded, values.reshape(-1))
+    if entropy._jit() is not None:  # the compiled loops: in one call
+        assert np.array_equal(compiled_read(body, values.dtype, values.size), decoded)
     if values.size <= 300:
         assert spec_decode(body, str(values.dtype), values.size) == values.reshape(-1).tolist()
 
