@@ -63,6 +63,7 @@ class Harness:
         import fuzz  # after instrumentation: scripts/fuzz.py imports kernelpack
 
         self.fuzz, self.args = fuzz, args
+        fuzz.warm_up(0)  # a one-time cost (numba's cache, the bombs) is not an input's hang
         self.limits = fuzz.LIMITS_BY_NAME[args.limits]
         self.seeds = fuzz.seed_files() if args.target == "container" else graphs_of(fuzz.graph_seeds())
         self.names = list(fuzz.WEIGHTS)
