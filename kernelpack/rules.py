@@ -19,6 +19,7 @@ step  a rule applies when its pattern ...                          e.g. ``layer1
 3     matches the tensor's name or its module name as an           ``*conv*``, ``layer1.*``,
       ``fnmatch`` pattern: the first such rule in the order given  ``*.conv1``
 4     (no rule applied) the default config, if one is given        ``Rules(..., default=DCT())``
+      (a structured one: rank >= 2 only)
 ====  ==========================================================  ===========================
 
 A tensor no step chooses gets no config: ``save`` and ``pack_onnx`` store it dense as it is,
@@ -26,7 +27,9 @@ A tensor no step chooses gets no config: ``save`` and ``pack_onnx`` store it den
 their order, so ``{"*": Basis(bank=8), "conv1": Series()}`` gives conv1 a series.
 
 Selectors say which *kind* of tensor a rule takes: ``min_rank`` (rank at least this) and
-``floating`` (True: floating tensors only, False: the others only; None: any). So "quantise
+``floating`` (True: floating tensors only, False: the others only; None: any). A rule with a
+structured form (dct, series, basis, linear) takes rank >= 2 only, unless it names the
+tensor exactly: ``{"conv1": Series()}`` gives conv1's kernel a series and leaves its bias. So "quantise
 the weights" of a model with integer buffers (BatchNorm's ``num_batches_tracked``) and rank-1
 biases is one rule: ``Rule("*", Dense(step=0.01), min_rank=2, floating=True)``.
 
@@ -93,12 +96,16 @@ class Rule:
             raise KernelpackError(f"must be true, false or null (any), got {shown(self.floating)}",
                                   field="floating")
 
-    def selects(self, value: Any) -> bool:
-        """Whether the selectors accept ``value`` (its rank and whether it is floating)."""
-        if self.min_rank == 0 and self.floating is None:
+    def selects(self, value: Any, exact: bool = False) -> bool:
+        """Whether the selectors accept ``value`` (its rank and whether it is floating). A
+        structured form (not Dense) takes rank >= 2 only, unless the rule names the tensor
+        ``exact``ly: ``{"conv1": Series()}`` means conv1's kernel, not its bias, as in
+        ``compress_``; a bias named exactly gets the form's own error."""
+        structured = self.config is not None and not isinstance(self.config, Dense) and not exact
+        if self.min_rank == 0 and self.floating is None and not structured:
             return True
         rank, floating = _kind(value)
-        return rank >= self.min_rank and self.floating in (None, floating)
+        return rank >= max(self.min_rank, 2 * structured) and self.floating in (None, floating)
 
 
 @dataclass(frozen=True)
@@ -140,14 +147,16 @@ class Rules:
         module = name.rpartition(".")[0]
         for step, key in (("name", name), ("module", module)):
             for i in self._literal.get(key, ()) if key else ():
-                if self.rules[i].selects(value):
+                if self.rules[i].selects(value, exact=step == "name"):
                     return Match(self.rules[i].config, step, i)
         for i in self._patterns:
             rule = self.rules[i]
             if (fnmatch.fnmatchcase(name, rule.pattern) or module and fnmatch.fnmatchcase(module, rule.pattern)) \
                     and rule.selects(value):
                 return Match(rule.config, "pattern", i)
-        return None if self.default is None else Match(self.default, "default")
+        if self.default is None or not isinstance(self.default, Dense) and _kind(value)[0] < 2:
+            return None  # a structured default, like a pattern's, is for the kernels
+        return Match(self.default, "default")
 
     def assign(self, tensors: Mapping[str, Any]) -> dict[str, Match]:
         """The match of every tensor that some step chooses, by name."""

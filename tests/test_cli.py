@@ -247,7 +247,7 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
         assert code == 2 and err.startswith("kernelpack: error: ") and needle in err
     assert not (tmp_path / "o.kpk").exists()
     src = write_input(tmp_path, "npz")
-    code, _, err = run(capsys, "pack", src, str(tmp_path / "o.kpk"), "--form", "*=linear")
+    code, _, err = run(capsys, "pack", src, str(tmp_path / "o.kpk"), "--form", "conv1.bias=linear")
     assert code == 2 and "tensor 'conv1.bias'" in err  # linear needs filters, not a bias
 
 

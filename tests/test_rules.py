@@ -48,7 +48,7 @@ def test_step_1_holds_for_names_with_fnmatch_characters_in_them() -> None:
 def test_step_2_the_exact_module_name_comes_before_every_pattern() -> None:
     forms = {"conv1.*": A, "conv1": B}
     assert match(forms, "conv1.weight") == Match(B, "module", 1)
-    assert match(forms, "conv1.bias", BIAS) == Match(B, "module", 1)
+    assert match(forms, "conv1.bias", BIAS) is None  # a structured form's rule takes kernels only
     assert match(forms, "layer.conv1.weight") is None  # the module is 'layer.conv1', not 'conv1'
 
 
@@ -56,7 +56,8 @@ def test_step_3_the_first_pattern_in_order_on_the_tensor_or_the_module_name() ->
     forms = {"*conv1": A, "*.weight": B, "*": C}
     assert match(forms, "layer1.0.conv1.weight") == Match(A, "pattern", 0)  # on the module name
     assert match(forms, "layer1.0.conv2.weight") == Match(B, "pattern", 1)  # on the tensor name
-    assert match(forms, "layer1.0.conv2.bias", BIAS) == Match(C, "pattern", 2)
+    assert match(forms, "layer1.0.conv2.bias", BIAS) is None  # structured: rank >= 2 only
+    assert match({**forms, "*.bias": Dense()}, "layer1.0.conv2.bias", BIAS) == Match(Dense(), "pattern", 3)
     assert match(forms, "scale") == Match(C, "pattern", 2)  # a name without a dot has no module
 
 
@@ -66,6 +67,20 @@ def test_step_4_the_default_for_every_tensor_no_rule_chooses() -> None:
     assert rules.match("conv1.weight", KERNEL) == Match(C, "default")
     assert match(C, "anything") == Match(C, "default")  # one config is the default for all
     assert match({"fc*": D}, "conv1.weight") is None  # no default: no config
+
+
+def test_a_structured_form_by_module_name_pattern_or_default_takes_the_kernel_not_the_bias(tmp_path: Path) -> None:
+    """As compress_ reads it: ``{"conv1": Series()}`` is conv1's kernel; its bias stays as it
+    is, without a word (the rule chose a tensor). Named exactly, a bias gets the form's error."""
+    state = {"conv1.weight": KERNEL, "conv1.bias": BIAS}
+    for forms in ({"conv1": A}, {"conv*": A}, A):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            encoded = kernelpack.save(state, tmp_path / "m.kpk", forms=forms)
+        assert encoded["conv1.weight"].form == "series" and encoded["conv1.bias"].form == "dense"
+    with pytest.raises(KernelpackError) as caught:
+        kernelpack.save(state, tmp_path / "m.kpk", forms={"conv1.bias": A})
+    assert (caught.value.tensor, caught.value.field) == ("conv1.bias", "shape")
 
 
 def test_the_parameter_and_module_names_of_recurrent_layers() -> None:
@@ -98,7 +113,7 @@ def test_save_and_compress_choose_alike_and_compress_reaches_rank_1_only_by_exac
     net = Net()
     forms = {"conv": A, "fc.weight": D, "bn.bias": Dense(step=0.25), "*": Dense(dtype="float16")}
     chosen = rules_of(forms).assign(net.state_dict())
-    assert chosen["conv.weight"].config == A and chosen["conv.bias"].config == A
+    assert chosen["conv.weight"].config == A and chosen["conv.bias"] == Match(Dense(dtype="float16"), "pattern", 3)
     assert chosen["bn.bias"] == Match(Dense(step=0.25), "name", 2)
     with pytest.warns(UserWarning, match=r"rule '\*' chose no parameter compress_ reaches"):
         kernelpack.compress_(net, forms)  # in save, '*' chose bn.weight, the statistics and more

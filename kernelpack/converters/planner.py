@@ -799,9 +799,10 @@ def _map_tensors(fn: Callable[[str], Any], names: list[str], threads: int | None
     """``{name: fn(name)}`` in the order of ``names``, on up to ``threads`` threads (None: one
     per core), costliest first, each finished tensor counted on ``bar``. Tensors are
     independent and each fit is deterministic, so the result does not depend on the threads.
-    With more than one thread, numpy's BLAS runs on one thread for the duration (a
-    process-wide setting, restored after: the fits are many small products, where BLAS's own
-    threads only collide with the tensor threads). A failure is raised once every started
+    BLAS runs on one thread for the duration, whatever ``threads`` is (a process-wide setting,
+    restored after: the fits are many small products, where BLAS's own threads only collide
+    with the tensor threads, and a product's sums would otherwise depend on how many there
+    are: on one tensor thread the measured output errors moved in the 9th digit). A failure is raised once every started
     tensor has finished: that of the first failing tensor in the order of ``names`` among
     those that ran (the ones not started are cancelled)."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -811,9 +812,10 @@ def _map_tensors(fn: Callable[[str], Any], names: list[str], threads: int | None
     workers = worker_count(threads, len(names))
     if workers == 1:
         out = {}
-        for name in names:
-            out[name] = fn(name)
-            bar.update()
+        with one_blas_thread():  # the same sums as on several threads
+            for name in names:
+                out[name] = fn(name)
+                bar.update()
         return out
     with one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="kernelpack-plan") as pool:
         futures = {}
