@@ -42,11 +42,10 @@ settings.load_profile("kernelpack")
 
 # --- skips: only those the run may have -----------------------------------------------------
 #: A test may skip only if it is marked ``cuda`` (no GPU in CI) or lives in one of these
-#: modules: test_triton.py needs a Triton server and tritonclient, whose protobuf<7 pin
-#: conflicts with onnx's, so it runs in an environment of its own (pyproject's ``triton``
-#: extra). Any other skip fails the run: a test that silently stops running is a test lost
-#: (a missing dependency of the test extra, a model wheel not installed).
-SKIP_ALLOWED_MODULES = frozenset({"test_triton.py"})
+#: modules (none now: the README's test command installs Triton too). Any other skip fails
+#: the run: a test that silently stops running is a test lost (a missing dependency of the
+#: test extra, a model wheel not installed).
+SKIP_ALLOWED_MODULES: frozenset[str] = frozenset()
 _unexpected_skips: list[str] = []
 
 
@@ -73,7 +72,7 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _unexpected_skips:
         terminalreporter.write_line(f"{len(_unexpected_skips)} test(s) skipped without an allowed reason (only "
-                                    "CUDA tests and test_triton.py may skip), so the run fails:", red=True)
+                                    "CUDA tests may skip), so the run fails:", red=True)
         for nodeid in _unexpected_skips:
             terminalreporter.write_line(f"  {nodeid}", red=True)
 

@@ -1,5 +1,6 @@
-"""The suite's skip rule (tests/conftest.py): only CUDA tests and test_triton.py may skip;
-any other skip fails the run, so a test cannot silently stop running in CI."""
+"""The suite's skip rule (tests/conftest.py): only CUDA tests may skip; any other skip (a
+Triton server not installed included) fails the run, so a test cannot silently stop running
+in CI."""
 
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ def test_an_unmarked_skip_fails_the_run(pytester: pytest.Pytester) -> None:
 
 
 def test_a_module_skipped_at_import_fails_the_run(pytester: pytest.Pytester) -> None:
+    """As tests/test_triton.py would be without the Triton wheel the test command installs."""
     result = run(pytester, "test_module", "import pytest\npytest.skip('gone', allow_module_level=True)\n")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
-def test_cuda_and_triton_skips_are_allowed(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_triton="import pytest\npytest.skip('no server', allow_module_level=True)\n")
+def test_cuda_skips_are_allowed(pytester: pytest.Pytester) -> None:
     result = run(pytester, "test_gpu", "import pytest\n@pytest.mark.cuda\ndef test_a():\n    pytest.skip('no GPU')\n"
                  "def test_b():\n    pass\n")
     assert result.ret == pytest.ExitCode.OK
-    result.assert_outcomes(passed=1, skipped=2)
+    result.assert_outcomes(passed=1, skipped=1)
+

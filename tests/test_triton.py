@@ -1,6 +1,5 @@
-"""A real Triton Inference Server (from the nvidia-pytriton wheel: ``pip install -e '.[triton]'``
-then ``pip install --no-deps nvidia-pytriton==0.7.0``; skipped when it or tritonclient is not
-installed) serves the model directory ``kernelpack triton-config`` writes, over HTTP and gRPC on
+"""A real Triton Inference Server (the nvidia-pytriton wheel's, which the README's test command
+installs with ``--no-deps``; tritonclient is in the test extra) serves the model directory ``kernelpack triton-config`` writes, over HTTP and gRPC on
 loopback, answering exactly what ONNX Runtime answers on the original model, and stops cleanly."""
 
 from __future__ import annotations

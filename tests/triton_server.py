@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from typing import Iterator
@@ -72,7 +73,10 @@ class Server:
         self.http, self.grpc = free_port(), free_port()
         env = dict(os.environ)
         libs = os.path.join(os.path.dirname(dist), "nvidia_pytriton.libs")
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libs, env.get("LD_LIBRARY_PATH")]))
+        # This Python's libpython before the system's: the backend stub embeds whichever
+        # libpython3.x it finds, and the system's has none of this environment's packages.
+        this_python = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libs, this_python, env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # the stub's python
         self.log_path = os.path.join(work, f"tritonserver-{self.http}.log")
         log = open(self.log_path, "wb")
