@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any, Collection, Mapping
 
 import numpy as np
@@ -97,9 +98,11 @@ def _encode_cost(value: Any) -> Cost:
 def state_of(obj: Any) -> Mapping[str, Any]:
     """A model's state_dict (trained-in-place forms as they are, no re-fit), or the mapping itself."""
     if hasattr(obj, "state_dict") and callable(obj.state_dict) and hasattr(obj, "named_modules"):
-        from kernelpack.converters.compress import encoded_state  # torch is loaded: obj is a module
-
-        return encoded_state(obj)
+        # A module can hold kernelpack's parametrisations only once their base class is
+        # loaded; until then the state_dict is the state. Looked up, not imported: the
+        # converters build on pack, never the other way round.
+        common = sys.modules.get("kernelpack.converters._common")
+        return obj.state_dict() if common is None else common.encoded_state(obj)
     if isinstance(obj, Mapping):
         return obj
     raise KernelpackError(f"takes an nn.Module or a mapping of names to tensors, got "

@@ -22,7 +22,7 @@ from importlib import import_module
 from typing import Any
 
 _HOMES = {
-    "compress_": "compress", "encoded_state": "compress", "finalize_": "compress",
+    "compress_": "compress", "encoded_state": "_common", "finalize_": "compress",
     "plan": "planner", "Plan": "planner",
     "DCTWeight": "dct", "TailDropout": "dct", "allocate": "dct",
     "SeriesWeight": "series",

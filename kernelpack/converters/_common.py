@@ -146,3 +146,37 @@ def form_weights(model: nn.Module, kind: type[FormWeight] = FormWeight) -> dict[
 def fields(plist: Any) -> tuple[torch.Tensor, ...]:
     """The trained fields of a parametrised weight (``original0``, ``original1``, ...)."""
     return tuple(getattr(plist, f"original{i}") for i in range(len(plist[0].field_names)))
+
+
+def encoded_state(model: nn.Module) -> dict[str, Any]:
+    """The model's state for packing: parametrised weights in their stored forms, the rest as is.
+
+    Parametrisation internals (trained fields, banks, indices) are replaced by one entry
+    under the plain weight name, so the file loads into the unparametrised model.
+    """
+    plists = form_weights(model)
+    prefixes = {_join(module, "parametrizations", tensor) + ".": name
+                for name in plists for module, tensor in [_split(name)]}
+    state: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        owner = next((prefixes[p] for p in prefixes if key.startswith(p)), None)
+        if owner is None:
+            state[key] = value
+        elif owner not in state:
+            plist = plists[owner]
+            try:
+                with torch.no_grad():
+                    state[owner] = plist[0].to_encoded(*fields(plist))
+            except KernelpackError as exc:  # e.g. a trained value beyond float16's range
+                raise exc.located(tensor=owner) from None
+    return state
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``layer1.0.conv1.weight`` -> (``layer1.0.conv1``, ``weight``); the root module is ''."""
+    module, _, tensor = name.rpartition(".")
+    return module, tensor
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kernelpack.converters._common import FormWeight, fields, form_weights
+from kernelpack.converters._common import FormWeight, _join, _split, fields, form_weights
 from kernelpack.converters.basis import BasisWeight
 from kernelpack.converters.dct import DCTWeight
 from kernelpack.converters.dense import DenseWeight
@@ -172,12 +172,3 @@ def finalize_(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(model.get_submodule(module_name), tensor, leave_parametrized=True)
     return model
 
-
-def _split(name: str) -> tuple[str, str]:
-    """``layer1.0.conv1.weight`` -> (``layer1.0.conv1``, ``weight``); the root module is ''."""
-    module, _, tensor = name.rpartition(".")
-    return module, tensor
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kernelpack._exact import dct_table, zigzag_positions
-from kernelpack.converters._common import FormWeight, as_numpy64, as_stored, form_weights, stored
+from kernelpack.converters._common import FormWeight, as_stored, form_weights, stored
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT
 from kernelpack.forms._base import shown

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernelpack.converters._common import (FormWeight, as_numpy64, as_param, as_stored, fields,
+from kernelpack.converters._common import (FormWeight, as_param, as_stored, fields,
                                            form_weights, stored)
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import Linear

@@ -72,7 +72,6 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kernelpack.converters._common import FormWeight, as_numpy64, as_param, as_stored, stored
+from kernelpack.converters._common import FormWeight, as_param, as_stored, stored
 from kernelpack.forms import Series
 from kernelpack.forms.series import SeriesTensor
 
