@@ -482,12 +482,34 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Provider] | None = 
                 sess_options: Any = None, limits: Limits | None = None, threads: int | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` for a container holding ``onnx.graph``.
 
-    ``providers`` default to CUDA then CPU; unusable ones are dropped (see
-    :func:`usable_providers`) and ``session.get_providers()[0]`` is the one that runs.
-    If ORT itself cannot start a GPU provider (e.g. missing cuDNN), it falls back to CPU
-    and a ``RuntimeWarning`` says so. ``sess_options`` (an ``onnxruntime.SessionOptions``)
-    is used as given, plus the weights; ``limits`` as for ``kernelpack.open``, ``threads`` (the
-    weights' decode) as for ``kernelpack.load_numpy``.
+    The weights are decoded once and handed to ORT in memory; the graph is checked first
+    (no initializer may point at a file, the weights it names must be in the container).
+
+    Args:
+        path: the container (written by ``pack_onnx`` or ``kernelpack pack model.onnx``).
+        providers: default CUDA then CPU; unusable ones are dropped (see
+            :func:`usable_providers`) and ``session.get_providers()[0]`` is the one that
+            runs. If ORT itself cannot start a GPU provider (e.g. missing cuDNN), it falls
+            back to CPU and a ``RuntimeWarning`` says so.
+        sess_options: an ``onnxruntime.SessionOptions``, used as given, plus the weights.
+        limits: the reader's bounds, as for ``kernelpack.open``.
+        threads: the weights' decode, as for ``kernelpack.load_numpy``.
+
+    Returns:
+        The session, ready to ``run``.
+
+    Raises:
+        KernelpackError: for a damaged or hostile file or graph, naming the field.
+
+    Example:
+        >>> import numpy as np, torch, kernelpack
+        >>> from kernelpack.onnx_io import pack_onnx
+        >>> torch.onnx.export(torch.nn.Linear(4, 2), torch.zeros(1, 4), "linear.onnx", dynamo=False,
+        ...                   input_names=["x"])
+        >>> _ = pack_onnx("linear.onnx", "linear_graph.kpk")
+        >>> session = kernelpack.ort_session("linear_graph.kpk", providers=["CPUExecutionProvider"])
+        >>> session.run(None, {"x": np.zeros((1, 4), np.float32)})[0].shape
+        (1, 2)
     """
     ort = need_module("onnxruntime", "an ONNX Runtime session", "onnx")
     graph, weights = graph_and_weights(path, limits, threads)

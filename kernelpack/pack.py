@@ -115,21 +115,45 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
          compact: bool = True) -> dict[str, Encoded]:
     """Pack a model (its state_dict) or a dict of tensors into a container at ``path``.
 
-    ``attachments`` are named byte strings stored alongside (e.g. ``onnx.graph``).
-    Each payload takes the smallest of ``codecs``; ``codecs=codecs_of(1)`` leaves out
-    ``zstd-shuffle`` (format 1.2), so that a file without quantised numbers stays readable
-    by 1.1 readers; ``compact`` stores the header zstd-compressed and compressed payloads
-    unaligned (format 1.4) and gives runs of small payloads one SHA-256 per hash group, the
-    header frame against the header dictionary (1.6), where that saves bytes; ``compact=False``
-    writes for readers before 1.4. ``level`` is zstd's, 1..22 (default 19, ``container.DEFAULT_LEVEL``: on real models 0.4-5.8%
-    smaller files than level 3, which is up to 30 times faster).
-    Returns the encoded tensors (what was written).
-    ``forms`` chooses each tensor's form (:mod:`kernelpack.rules`: one config, a mapping of
-    names and patterns to configs, a list of ``kernelpack.Rule``, or a function
-    ``(name, value) -> config``); a rule that chooses no tensor is a UserWarning. It may be
-    a calibrated ``kernelpack.plan``: its tensors are then fitted under the plan's
-    calibration statistics (``Plan.hessians``), exactly as the plan measured them.
-    The write is atomic; ``path`` is checked before any tensor is encoded.
+    Lossless unless ``forms`` asks for loss: a tensor no rule chooses is stored as it is.
+    The write is atomic (a temporary file renamed into place); ``path`` is checked before
+    any tensor is encoded.
+
+    Args:
+        obj: an ``nn.Module`` (its state_dict; weights that ``compress_`` put in a form are
+            stored as the fields they trained, no re-fit) or a mapping of names to torch
+            tensors or numpy arrays.
+        path: the file to write.
+        forms: which tensor gets which form (:mod:`kernelpack.rules`: one config, a mapping
+            of names and patterns to configs, a list of ``kernelpack.Rule``, or a function
+            ``(name, value) -> config``); a rule that chooses no tensor is a UserWarning. A
+            calibrated ``kernelpack.plan`` fits its tensors under the plan's calibration
+            statistics (``Plan.hessians``), exactly as the plan measured them.
+        metadata: str to str, stored in the header (``Container.metadata()``).
+        level: zstd's level, 1..22 (default 19: on real models 0.4-5.8% smaller files than
+            level 3, which is up to 30 times faster).
+        attachments: named byte strings stored alongside (e.g. ``onnx.graph``).
+        codecs: each payload takes the smallest of these; ``codecs_of(1)`` leaves out
+            ``zstd-shuffle`` (format 1.2) so that a file without quantised numbers stays
+            readable by 1.1 readers.
+        compact: the header zstd-compressed against the header dictionary, compressed
+            payloads unaligned and runs of small payloads under one SHA-256 (formats 1.4,
+            1.6), where that saves bytes; False writes for readers before 1.4.
+
+    Returns:
+        The encoded tensors by name (what was written).
+
+    Raises:
+        KernelpackError: naming the file, tensor and field, for a bad input or setting
+            (nothing is written then).
+
+    Example:
+        >>> import numpy as np, kernelpack
+        >>> from kernelpack import Dense, Rule
+        >>> weights = {"conv.weight": np.ones((8, 3, 3, 3), np.float32), "conv.bias": np.zeros(8, np.float32)}
+        >>> encoded = kernelpack.save(weights, "model.kpk", forms=[Rule("*", Dense(dtype="float16"), min_rank=2)])
+        >>> encoded["conv.weight"].arrays()["data"].dtype, encoded["conv.bias"].arrays()["data"].dtype
+        ('float16', 'float32')
     """
     need_output(path)
     hessians = getattr(forms, "hessians", None) or {}  # a calibrated Plan's statistics

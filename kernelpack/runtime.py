@@ -80,7 +80,30 @@ def decode_all(c: Container, decode: Callable[[str], Value], threads: int | None
 
 def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = None,
          threads: int | None = None) -> dict[str, Any]:
-    """Every tensor decoded by torch on ``device``: a state_dict of dense tensors."""
+    """Every tensor decoded once, by torch, on ``device``: a state_dict of dense tensors.
+
+    The whole file is checked (header, every payload's SHA-256) before anything is
+    returned; decoding is bit-exact, the same bits on every device.
+
+    Args:
+        path: the container.
+        device: where the tensors are decoded ("cpu", "cuda", a torch.device).
+        limits: the reader's bounds (``kernelpack.Limits``; default ``Limits()``).
+        threads: tensors decoded at once (None: chosen by their sizes).
+
+    Returns:
+        ``{name: torch.Tensor}``, ready for ``load_state_dict``.
+
+    Raises:
+        KernelpackError: naming the file, tensor and field, for a damaged or hostile file.
+
+    Example:
+        >>> import numpy as np, kernelpack
+        >>> _ = kernelpack.save({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "w.kpk")
+        >>> kernelpack.load("w.kpk")["w"]
+        tensor([[0., 1., 2.],
+                [3., 4., 5.]])
+    """
     from kernelpack._backend import TorchOps
 
     ops = TorchOps(device)
@@ -90,17 +113,57 @@ def load(path: str | os.PathLike, device: Any = "cpu", limits: Limits | None = N
 
 def load_numpy(path: str | os.PathLike, limits: Limits | None = None,
                threads: int | None = None) -> dict[str, np.ndarray]:
-    """Every tensor decoded by numpy on the CPU (no torch import; bfloat16 widened to float32)."""
+    """Every tensor decoded once, by numpy, on the CPU (torch is not imported).
+
+    Args:
+        path: the container.
+        limits: the reader's bounds (``kernelpack.Limits``; default ``Limits()``).
+        threads: tensors decoded at once (None: chosen by their sizes).
+
+    Returns:
+        ``{name: numpy.ndarray}``; bfloat16 tensors widened to float32 (numpy has none).
+
+    Raises:
+        KernelpackError: naming the file, tensor and field, for a damaged or hostile file.
+
+    Example:
+        >>> import numpy as np, kernelpack
+        >>> _ = kernelpack.save({"w": np.arange(3, dtype=np.float32)}, "w.kpk")
+        >>> kernelpack.load_numpy("w.kpk")
+        {'w': array([0., 1., 2.], dtype=float32)}
+    """
     with Container(path, limits, preload=True) as c:
         return decode_all(c, c.get_numpy, threads)
 
 
 def load_model(model: Any, path: str | os.PathLike, strict: bool = True,
                device: Any = None, limits: Limits | None = None, threads: int | None = None) -> Any:
-    """Decode into a ready ``nn.Module`` (on its device unless ``device`` is given).
+    """Decode a container into a ready ``nn.Module``, on its device unless ``device`` is given.
 
-    Returns what ``load_state_dict`` returns (missing and unexpected keys). A file whose
-    tensors do not fit the model (names with ``strict``, shapes always) is a KernelpackError.
+    Args:
+        model: the module to fill (its architecture; no model class is read from the file).
+        path: the container.
+        strict: every name must match, as in ``load_state_dict``.
+        device: where the tensors are decoded (default: the model's parameters' device).
+        limits: the reader's bounds, as for ``load``.
+        threads: tensors decoded at once, as for ``load``.
+
+    Returns:
+        What ``load_state_dict`` returns (missing and unexpected keys).
+
+    Raises:
+        KernelpackError: for a damaged file, and for tensors that do not fit the model
+            (names with ``strict``, shapes always).
+
+    Example:
+        >>> import torch, kernelpack
+        >>> trained = torch.nn.Linear(4, 2)
+        >>> _ = kernelpack.save(trained, "linear.kpk")
+        >>> fresh = torch.nn.Linear(4, 2)
+        >>> kernelpack.load_model(fresh, "linear.kpk")
+        <All keys matched successfully>
+        >>> torch.equal(fresh.weight, trained.weight)
+        True
     """
     if not (hasattr(model, "load_state_dict") and hasattr(model, "parameters")):
         raise KernelpackError(f"load_model fills an nn.Module, got {type(model).__name__}", field="model")

@@ -103,12 +103,36 @@ def reaches(match: Match, value: torch.Tensor) -> bool:
 
 
 def compress_(model: nn.Module, config: FormPlan) -> nn.Module:
-    """Parametrise every parameter of rank >= 2 the config names with its form (and rank-1 ones
-    named exactly with a Dense config); returns ``model``.
+    """Put the weights a config chooses in their forms, in place, for training or fine-tuning.
 
-    Dense configs without a narrower dtype leave the weight alone. Errors name the parameter;
-    the model and every rule are checked first (a rule no parameter matches is still checked,
-    and a warning).
+    Each chosen weight becomes a ``torch.nn.utils.parametrize`` parametrisation holding its
+    form's stored fields, fitted in closed form from the weight; the forward pass uses the
+    numbers as they will be stored, so ``kernelpack.save(model, path)`` packs exactly what
+    was trained. Training code stays unchanged.
+
+    Args:
+        model: the ``nn.Module`` to change.
+        config: which parameter gets which form (rules as for ``save``). Parameters of rank
+            >= 2 take a form by any rule; rank-1 ones (biases, norm scales) only by a rule
+            naming them exactly with a Dense config. A Dense config without a narrower dtype
+            or a step leaves the weight alone.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        KernelpackError: naming the parameter and field; the model and every rule are
+            checked before any weight changes. A rule no parameter matches is a UserWarning.
+
+    Example:
+        >>> import torch, kernelpack
+        >>> from kernelpack import Series
+        >>> from torch.nn.utils import parametrize
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> _ = kernelpack.compress_(model, {"0": Series(harmonics=2)})  # conv 0's kernel, not its bias
+        >>> parametrize.is_parametrized(model[0], "weight"), parametrize.is_parametrized(model[2])
+        (True, False)
+        >>> _ = kernelpack.save(model, "trained.kpk")  # the series coefficients it trained
     """
     if not isinstance(model, nn.Module):
         raise KernelpackError(f"takes an nn.Module, got {type(model).__name__}", field="model")

@@ -545,20 +545,46 @@ def plan(model: Any, calibration: Any = None, *, max_output_error: float | None 
          candidates: Candidates | Sequence[Config] | None = None, progress: bool | None = None,
          min_size: int = 64, forms: Any = None, stats: Mapping[str, Any] | None = None,
          output_aware: bool = True, threads: int | None = None, sensitivity: bool = True) -> Plan:
-    """Propose a form per tensor of ``model`` (see the module doc).
+    """Propose a form per tensor of ``model`` that meets a budget (see the module doc).
 
-    ``model``: an nn.Module, a mapping of names to arrays (weight-only: no graph to run), or
-    an ONNX model (path, bytes or ModelProto). ``calibration``: model inputs by name (first
-    axis = samples) or an iterable of such batches; a module also takes a tensor. ``stats``:
-    precomputed statistics by tensor name (``LayerStats`` or H for the tensor's rows) instead
-    of collecting them. ``output_aware=False`` ignores the statistics (weight-only fits and
-    estimates) but still measures. ``forms``: configs fixed beforehand (rules as for ``save``).
-    ``progress``: a tqdm bar (default: when stderr is a terminal). ``threads``: tensors
-    measured at once (default None: one per CPU core); the plan is the same with any number.
-    ``sensitivity=False`` skips the sensitivity probes (every layer's share counts alike).
+    Args:
+        model: an nn.Module, a mapping of names to arrays (weight-only: no graph to run), or
+            an ONNX model (path, bytes or ModelProto).
+        calibration: model inputs by name (first axis = samples) or an iterable of such
+            batches; a module also takes a tensor. Plan on calibration inputs, score on others.
+        max_output_error: the budget in the model's outputs (relative RMS error on
+            ``calibration``, or ``metric``'s); needs a graph to run.
+        max_bytes: the budget in file bytes.
+        max_error: the budget in weight error (relative RMS over the planned tensors).
+        metric: ``metric(reference_outputs, outputs) -> error`` instead of the relative RMS.
+        candidates: the configs to choose among (default: every form at several settings).
+        progress: a tqdm bar (default: when stderr is a terminal).
+        min_size: tensors with fewer elements stay as they are.
+        forms: configs fixed beforehand (rules as for ``save``).
+        stats: precomputed statistics by tensor name (``LayerStats`` or H for the tensor's
+            rows) instead of collecting them.
+        output_aware: False ignores the statistics (weight-only fits and estimates) but
+            still measures.
+        threads: tensors measured at once (None: one per CPU core); the plan is the same
+            with any number.
+        sensitivity: False skips the sensitivity probes (every layer's share counts alike).
 
-    Raises :class:`KernelpackError` (field ``budget``) when no choice meets the budgets, and
-    (field ``candidates``) when every candidate's encoder refuses a tensor.
+    Returns:
+        A :class:`Plan`: a mapping of tensor names to configs, which ``save``, ``compress_``
+        and ``pack_onnx`` take as ``forms``; ``table()`` says what each tensor costs and loses.
+
+    Raises:
+        KernelpackError: field ``budget`` when no choice meets the budgets, field
+            ``candidates`` when every candidate's encoder refuses a tensor.
+
+    Example:
+        >>> import numpy as np, kernelpack
+        >>> rng = np.random.default_rng(0)
+        >>> weights = {"conv.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32)}
+        >>> chosen = kernelpack.plan(weights, max_error=0.05, progress=False)
+        >>> list(chosen)
+        ['conv.weight']
+        >>> _ = kernelpack.save(weights, "planned.kpk", forms=chosen)
     """
     _check_budgets(max_bytes, max_error, max_output_error, min_size)
     if metric is not None and not callable(metric):
