@@ -36,6 +36,14 @@ def test_reprs_say_what_a_container_and_a_tensor_are_without_digest_bytes(tmp_pa
     assert repr(c).endswith("closed>")
 
 
+def test_a_plans_repr_says_what_it_costs_and_loses_then_its_configs() -> None:
+    weights = {"w": np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)}
+    plan = kernelpack.plan(weights, max_error=0.05, progress=False)
+    assert repr(plan) == (f"<kernelpack.Plan 1 tensors, {plan.bytes:,} bytes, estimated error {plan.estimated:.4g}: "
+                          f"{dict(plan)!r}>")
+    assert plan == dict(plan)  # still the mapping save reads
+
+
 def test_a_forms_key_that_matches_no_tensor_warns(tmp_path) -> None:
     """A module's name ('conv1') chooses its tensors (kernelpack.rules); a key that chooses
     nothing ('conv3') is said, with what names look like, not silently dense."""

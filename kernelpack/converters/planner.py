@@ -208,6 +208,13 @@ class Plan(dict):
         self.evaluations = evaluations
         self.probes = probes
 
+    def __repr__(self) -> str:
+        """What the plan costs and loses, then its configs (the mapping ``save`` reads)."""
+        measured = "" if self.measured is None else f", measured output error {self.measured:.4g}"
+        estimated = self.estimated
+        error = "" if estimated is None else f", estimated error {estimated:.4g}"
+        return f"<kernelpack.Plan {len(self)} tensors, {self.bytes:,} bytes{error}{measured}: {dict(self)!r}>"
+
     @property
     def bytes(self) -> int:
         return sum(o.bytes or 0 for o in self.options.values())
