@@ -16,11 +16,13 @@ from typing import Any, Collection, Mapping
 import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES, bfloat16_bits_to_float32
-from kernelpack.container import DEFAULT_CODECS, DEFAULT_LEVEL, need_output, write
+from kernelpack.codecs import DEFAULT_CODECS, DEFAULT_LEVEL
 from kernelpack.errors import KernelpackError
+from kernelpack.files import need_output
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import ELEMENT_WORK, Cost, need, shown
 from kernelpack.rules import FormPlan, configs_for
+from kernelpack.writer import write
 
 SUPPORTED_DTYPES = frozenset(NUMPY_DTYPES)
 
@@ -118,7 +120,7 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
     by 1.1 readers; ``compact`` stores the header zstd-compressed and compressed payloads
     unaligned (format 1.4) and gives runs of small payloads one SHA-256 per hash group, the
     header frame against the header dictionary (1.6), where that saves bytes; ``compact=False``
-    writes for readers before 1.4. ``level`` is zstd's, 1..22 (default 19, ``container.DEFAULT_LEVEL``: on real models 0.4-5.8%
+    writes for readers before 1.4. ``level`` is zstd's, 1..22 (default 19, ``codecs.DEFAULT_LEVEL``: on real models 0.4-5.8%
     smaller files than level 3, which is up to 30 times faster).
     Returns the encoded tensors (what was written).
     ``forms`` chooses each tensor's form (:mod:`kernelpack.rules`: one config, a mapping of
