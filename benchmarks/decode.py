@@ -52,10 +52,11 @@ import numpy as np
 import kernelpack
 from kernelpack._backend import NumpyOps, TorchOps
 from kernelpack._exact import zigzag_positions
-from kernelpack.container import digest, write
 from kernelpack.forms import (DCT, Basis, BasisTensor, Config, DCTTensor, Dense, DenseTensor, Encoded,
                               Linear, LinearTensor, Series, SeriesTensor)
 from kernelpack.forms.series import Points
+from kernelpack.layout import digest
+from kernelpack.writer import write
 
 FP16_UNIT = 2.0 ** -11  # float16 rounding: half an ulp of 1.0
 

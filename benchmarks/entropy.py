@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernelpack import entropy  # noqa: E402
-from kernelpack.container import CODECS, DEFAULT_CODECS, _compress, _unshuffle  # noqa: E402
+from kernelpack.codecs import CODECS, DEFAULT_CODECS, _compress, _unshuffle  # noqa: E402
 from kernelpack.errors import KernelpackError  # noqa: E402
 from kernelpack.forms import Dense  # noqa: E402
 

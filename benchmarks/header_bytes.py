@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import inputs  # noqa: E402
 
 import kernelpack  # noqa: E402
-from kernelpack import container  # noqa: E402
+from kernelpack import writer  # noqa: E402
 from kernelpack.onnx_io import read_model, take_out  # noqa: E402
 
 FILES = {"PP-OCRv4 det": ("rapidocr_onnxruntime", f"models/{inputs.PPOCR['det']}", inputs.RAPIDOCR),
@@ -45,7 +45,7 @@ def main() -> None:
     print("| model | tensors | container | header B/tensor, 1.3 | compact, no groups | compact | "
           "file bytes, 1.3 | compact, no groups | compact |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    no_groups = unittest.mock.patch.object(container, "hash_groups", lambda placed: [])
+    no_groups = unittest.mock.patch.object(writer, "hash_groups", lambda placed: [])
     with tempfile.TemporaryDirectory() as work:
         for name, (package, relative, install) in FILES.items():
             _, weights = take_out(read_model(inputs.package_file(package, relative, install)))

@@ -2,7 +2,7 @@
 zigzag-mapped first; format 1.2).
 
 Each array is compressed on its own at level 19 (``save(level=19)``; the writer's default
-is 3), as kernelpack's writer does (one frame per payload), through the writer's own function (``container._compress``
+is 3), as kernelpack's writer does (one frame per payload), through the writer's own function (``codecs._compress``
 offered one codec at a time, and all of them: what a file stores). Inputs:
 
 * int16 codes of a standard Gaussian (2^20 values, seed 0) quantised at ``rel_step`` 0.035
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernelpack.container import CODECS, _compress  # noqa: E402
+from kernelpack.codecs import CODECS, _compress  # noqa: E402
 from kernelpack.forms import Dense  # noqa: E402
 
 LEVEL = 19

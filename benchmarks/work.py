@@ -31,8 +31,8 @@ import numpy as np
 import threadpoolctl
 
 import kernelpack
-from kernelpack.container import Container
 from kernelpack.forms import DCT, Basis, Dense, Linear, Series
+from kernelpack.reader import Container
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hostile import dct, series, write_hostile  # noqa: E402

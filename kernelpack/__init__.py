@@ -9,11 +9,12 @@
 The core import is light: numpy, msgpack; torch, scipy and zstandard load on use.
 """
 
-from kernelpack.container import VERSION as FORMAT_VERSION
-from kernelpack.container import Container, Limits, TensorInfo
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import DCT, Basis, Dense, Linear, Series
+from kernelpack.layout import VERSION as FORMAT_VERSION
+from kernelpack.limits import Limits
 from kernelpack.pack import save
+from kernelpack.reader import Container, TensorInfo
 from kernelpack.rules import Rule, Rules
 from kernelpack.ort import ort_session
 from kernelpack.runtime import load, load_model, load_numpy, open

@@ -1,6 +1,6 @@
 """Threads, in one place: how many a job uses, the order-keeping parallel map that loads and
 writes run their tensors on, and numpy's BLAS held to one thread while kernelpack's own
-threads are the parallelism (kernelpack.runtime, kernelpack.container's writer, the planner
+threads are the parallelism (kernelpack.runtime, kernelpack.writer, the planner
 and calibration use these; none of them makes a pool of its own kind)."""
 
 from __future__ import annotations

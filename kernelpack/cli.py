@@ -26,10 +26,12 @@ import numpy as np
 
 from kernelpack._backend import bfloat16_bits_to_float32, get_ops
 from kernelpack._table import format_table
-from kernelpack.container import DEFAULT_LEVEL, Container, TensorInfo, atomic_write, need_output
+from kernelpack.codecs import DEFAULT_LEVEL
 from kernelpack.errors import KernelpackError, need_module
+from kernelpack.files import atomic_write, need_output
 from kernelpack.forms import FORMS
 from kernelpack.pack import as_numpy, save
+from kernelpack.reader import Container, TensorInfo
 from kernelpack.rules import Rule, Rules, configs_for, read_rules, rule_from_dict
 from kernelpack.runtime import load, load_numpy
 
@@ -550,7 +552,7 @@ def _version() -> str:
 
 
 def _format() -> str:
-    from kernelpack.container import VERSION
+    from kernelpack.layout import VERSION
 
     return ".".join(map(str, VERSION))
 

@@ -44,8 +44,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from kernelpack.container import DEFAULT_LEVEL, atomic_write, need_output
+from kernelpack.codecs import DEFAULT_LEVEL
 from kernelpack.errors import KernelpackError, need_module
+from kernelpack.files import atomic_write, need_output
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import need_name
 from kernelpack.ort import EXTERNAL, GRAPH, LOCATION, ONNX_FLOAT_TYPES, check_graph, graph_and_weights

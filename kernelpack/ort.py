@@ -38,8 +38,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from kernelpack.container import Container, Limits
 from kernelpack.errors import KernelpackError, need_module
+from kernelpack.limits import Limits
+from kernelpack.reader import Container
 from kernelpack.runtime import decode_all
 
 #: The attachment holding the ONNX ModelProto with its weights taken out.

@@ -17,11 +17,13 @@ from typing import Any, Collection, Mapping
 import numpy as np
 
 from kernelpack._backend import NUMPY_DTYPES, bfloat16_bits_to_float32
-from kernelpack.container import DEFAULT_CODECS, DEFAULT_LEVEL, need_output, write
+from kernelpack.codecs import DEFAULT_CODECS, DEFAULT_LEVEL
 from kernelpack.errors import KernelpackError
+from kernelpack.files import need_output
 from kernelpack.forms import Config, Dense, Encoded
 from kernelpack.forms._base import ELEMENT_WORK, Cost, need, shown
 from kernelpack.rules import FormPlan, configs_for
+from kernelpack.writer import write
 
 SUPPORTED_DTYPES = frozenset(NUMPY_DTYPES)
 
@@ -133,7 +135,7 @@ def save(obj: Any, path: str | os.PathLike, forms: FormPlan = None,
         level: zstd's level, 1..22 (default 19: on real models 0.4-5.8% smaller files than
             level 3, which is up to 30 times faster).
         attachments: named byte strings stored alongside (e.g. ``onnx.graph``).
-        codecs: each payload takes the smallest of these; ``codecs_of(1)`` leaves out
+        codecs: each payload takes the smallest of these; ``kernelpack.codecs.codecs_of(1)`` leaves out
             ``zstd-shuffle`` (format 1.2) so that a file without quantised numbers stays
             readable by 1.1 readers.
         compact: the header zstd-compressed against the header dictionary, compressed

@@ -38,9 +38,10 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from kernelpack._parallel import blas_limit_for, map_in_order, worker_count
-from kernelpack.container import Container, Limits
 from kernelpack.errors import KernelpackError
 from kernelpack.forms._base import Cost
+from kernelpack.limits import Limits
+from kernelpack.reader import Container
 
 
 def open(path: str | os.PathLike, limits: Limits | None = None) -> Container:  # noqa: A001

@@ -102,8 +102,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from kernelpack.container import PREAMBLE
 from kernelpack.errors import KernelpackError, need_module
+from kernelpack.layout import PREAMBLE
 from kernelpack.limits import Limits
 from kernelpack.ort import ort_session
 

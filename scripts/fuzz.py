@@ -59,7 +59,7 @@ import zstandard  # noqa: E402
 
 import kernelpack  # noqa: E402
 from kernelpack import ort  # noqa: E402
-from kernelpack.container import COMPACT, MAGIC, ZSTD_MAGIC, header_block, header_map_bytes, unaligned, ungroup  # noqa: E402
+from kernelpack.layout import COMPACT, MAGIC, ZSTD_MAGIC, header_block, header_map_bytes, unaligned, ungroup  # noqa: E402
 
 #: The reader's settings under test: the defaults, and what the README suggests for a service.
 LIMITS_BY_NAME = {"default": kernelpack.Limits(), "service": kernelpack.Limits(max_decoded_bytes=16 << 20)}

@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 import kernelpack
 from kernelpack import entropy
 from kernelpack._backend import NumpyOps, TorchOps
-from kernelpack.container import COMPACT, DEFAULT_LEVEL, DICTIONARY, header_dictionary, header_map_bytes, unaligned
-from kernelpack.container import ungroup as container_ungroup
+from kernelpack.codecs import DEFAULT_LEVEL
 from kernelpack.forms import Encoded
+from kernelpack.layout import COMPACT, DICTIONARY, header_dictionary, header_map_bytes, unaligned
+from kernelpack.layout import ungroup as container_ungroup
 
 # CI (CI=true) draws the same examples every run, so a submission cannot fail by chance;
 # local runs draw new ones and so keep exploring.

@@ -19,7 +19,7 @@ import msgpack
 import zstandard
 
 from kernelpack._backend import NUMPY_DTYPES
-from kernelpack.container import MAGIC, VERSION
+from kernelpack.layout import MAGIC, VERSION
 
 #: (dtype, shape) of one stored array, or (dtype, shape, step) for quantised codes.
 ArrayDecl = tuple

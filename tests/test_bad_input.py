@@ -23,7 +23,7 @@ import zstandard
 import kernelpack
 from conftest import RawFile, random_array
 from kernelpack._backend import NUMPY_DTYPES
-from kernelpack.container import _unshuffle
+from kernelpack.codecs import _unshuffle
 from kernelpack.forms import FORMS, LinearTensor, SeriesTensor
 from kernelpack.forms._base import FORBIDDEN_IN_NAMES, shown, to_stored
 

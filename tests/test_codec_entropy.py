@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 
 import kernelpack
 from conftest import RawFile, codec_payloads
-from kernelpack import container, entropy
-from kernelpack.container import Container, codecs_of, write
+from kernelpack import entropy
+from kernelpack.codecs import CODECS, codecs_of
 from kernelpack.forms import DenseTensor
 from kernelpack.forms._base import Stored
+from kernelpack.reader import Container
+from kernelpack.writer import write
 
 VECTORS = Path(__file__).parent.parent / "spec" / "vectors"
 RANS_VECTORS = ("rans.kpk", "rans_large.kpk")
@@ -326,7 +328,7 @@ def coded(path: Path, codec: str) -> RawFile:
         return saved(path, laplace_codes())
     from test_codec_rans_ctx import channel_codes
 
-    return saved(path, channel_codes(), container.CODECS)
+    return saved(path, channel_codes(), CODECS)
 
 
 @pytest.mark.parametrize("codec", sorted(entropy.DECODERS))
@@ -359,9 +361,9 @@ def test_a_malformed_payload_in_a_file_names_file_tensor_and_array(codec: str, t
 def test_a_reader_of_1_2_refuses_a_1_3_file_as_an_unknown_codec(monkeypatch: pytest.MonkeyPatch) -> None:
     """This reader with the version table of 1.2 (its version, codecs and the minors that added
     them): the committed v1.3 file is refused when it is opened, never misread."""
-    monkeypatch.setattr(container, "VERSION", (1, 2))
-    monkeypatch.setattr(container, "CODECS", ("none", "zstd", "zstd-shuffle"))
-    monkeypatch.setattr(container, "ADDED_CODECS", {2: frozenset({"zstd-shuffle"})})
+    monkeypatch.setattr(kernelpack.reader, "VERSION", (1, 2))
+    monkeypatch.setattr(kernelpack.codecs, "CODECS", ("none", "zstd", "zstd-shuffle"))
+    monkeypatch.setattr(kernelpack.codecs, "ADDED_CODECS", {2: frozenset({"zstd-shuffle"})})
     path = VECTORS / "versions" / "v1.3-rans.kpk"
     with pytest.raises(kernelpack.KernelpackError) as caught:
         kernelpack.open(path)

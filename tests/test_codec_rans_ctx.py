@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 
 import kernelpack
 from conftest import RawFile, codec_payloads
-from kernelpack import container, entropy
-from kernelpack.container import Container, codecs_of, write
+from kernelpack import entropy
+from kernelpack.codecs import CODECS, codecs_of
 from kernelpack.forms import DenseTensor
 from kernelpack.forms._base import Stored
+from kernelpack.reader import Container
+from kernelpack.writer import write
 
 VECTORS = Path(__file__).parent.parent / "spec" / "vectors"
 FILES = ("rans_ctx.kpk", "rans_ctx_large.kpk")
@@ -392,7 +394,7 @@ def channel_codes(dtype: str = "int16") -> Stored:
     return Stored(values, dtype, 2.0 ** -10 if dtype in ("int8", "int16") else None)
 
 
-def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = container.CODECS) -> RawFile:
+def saved(path: Path, stored: Stored, codecs: tuple[str, ...] = CODECS) -> RawFile:
     tensor = DenseTensor(stored, "float32" if stored.step is not None else stored.dtype)
     write(path, {"w": tensor}, codecs=codecs, compact=False)
     return RawFile.read(path)
@@ -416,9 +418,9 @@ def test_with_the_codecs_of_1_4_the_writer_writes_what_it_wrote_before(tmp_path:
 def test_a_reader_of_1_4_refuses_a_1_5_file_as_an_unknown_codec(monkeypatch: pytest.MonkeyPatch) -> None:
     """This reader with the version table of 1.4: the committed v1.5 file is refused when it is
     opened, never misread."""
-    monkeypatch.setattr(container, "VERSION", (1, 4))
-    monkeypatch.setattr(container, "CODECS", codecs_of(4))
-    monkeypatch.setattr(container, "ADDED_CODECS", {m: c for m, c in container.ADDED_CODECS.items() if m <= 4})
+    monkeypatch.setattr(kernelpack.reader, "VERSION", (1, 4))
+    monkeypatch.setattr(kernelpack.codecs, "CODECS", codecs_of(4))
+    monkeypatch.setattr(kernelpack.codecs, "ADDED_CODECS", {m: c for m, c in kernelpack.codecs.ADDED_CODECS.items() if m <= 4})
     path = VECTORS / "versions" / "v1.5-rans-ctx.kpk"
     with pytest.raises(kernelpack.KernelpackError) as caught:
         kernelpack.open(path)

@@ -18,9 +18,11 @@ import zstandard
 
 import kernelpack
 from conftest import RawFile
-from kernelpack.container import CODECS, ESTIMATE_LEVEL, EXACT_BYTES, SAMPLE_BYTES, Container, codecs_of, write
+from kernelpack.codecs import CODECS, ESTIMATE_LEVEL, EXACT_BYTES, SAMPLE_BYTES, codecs_of
 from kernelpack.forms import DenseTensor
 from kernelpack.forms._base import Stored, to_stored
+from kernelpack.reader import Container
+from kernelpack.writer import write
 
 KEY = ("tensors", "w", "data")
 #: The level these tests write at: their arrays were made so that at 19 each codec wins where it

@@ -15,7 +15,7 @@ import pytest
 
 import kernelpack
 from conftest import random_array
-from kernelpack.container import digest
+from kernelpack.layout import digest
 
 THREADS = 8
 PROCESSES = 4
@@ -83,7 +83,7 @@ def test_threads_decoding_one_tensor_of_a_shared_container_with_both_backends(mi
 
 def test_processes_loading_one_file_get_identical_results(mixed: Path) -> None:
     code = ("import json, sys, kernelpack, numpy as np\n"
-            "from kernelpack.container import digest\n"
+            "from kernelpack.layout import digest\n"
             "out = [{n: digest(v, 'float32').hex() for n, v in kernelpack.load_numpy(sys.argv[1]).items()}\n"
             "       for _ in range(3)]\n"
             "print(json.dumps(out))")

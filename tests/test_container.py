@@ -17,7 +17,7 @@ import torch
 import zstandard
 
 import kernelpack
-from kernelpack.container import codecs_of
+from kernelpack.codecs import codecs_of
 from conftest import MAGIC, NUMPY, RawFile, assert_same_bits, random_array
 
 TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
@@ -139,7 +139,7 @@ def test_a_compressed_header_declaring_more_than_the_limit_is_refused_before_inf
 def test_a_reader_before_1_4_refuses_a_compressed_header_rather_than_misreading_it(tmp_path: Path) -> None:
     """What a 1.3 reader does with the header bytes (exactly one msgpack map): a zstd frame is
     a msgpack integer (0x28) followed by more bytes, so it is refused."""
-    from kernelpack.container import parse_header
+    from kernelpack.layout import parse_header
 
     head = zstandard.ZstdCompressor().compress(msgpack.packb({"tensors": {}}))
     with pytest.raises(ValueError):
@@ -347,7 +347,7 @@ def test_a_bank_no_tensor_names_is_allowed_and_load_checks_its_bytes(tmp_path: P
 def test_the_header_dictionary_is_the_spec_file_and_a_1_6_header_needs_it(tmp_path: Path) -> None:
     """spec/FORMAT.md section 2.2: the dictionary's bytes are spec/header-dictionary.bin, with
     the SHA-256 the spec gives; a compact file's frame against it does not inflate without it."""
-    from kernelpack.container import header_dictionary
+    from kernelpack.layout import header_dictionary
 
     spec = Path(__file__).parent.parent / "spec"
     assert header_dictionary() == (spec / "header-dictionary.bin").read_bytes()

@@ -12,8 +12,10 @@ import pytest
 from conftest import RawFile, random_array
 
 import kernelpack
-from kernelpack import container
-from kernelpack.container import GROUP_PAYLOAD, GROUP_SPAN, MAX_GROUP, Container
+from kernelpack import reader
+from kernelpack.layout import MAX_GROUP
+from kernelpack.reader import Container
+from kernelpack.writer import GROUP_PAYLOAD, GROUP_SPAN
 
 
 def model() -> dict[str, np.ndarray]:
@@ -93,7 +95,7 @@ def test_one_tensor_reads_and_checks_only_its_group(grouped: Path, preload: bool
 
 
 def test_the_group_cache_stays_within_its_bound(grouped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(container, "GROUP_CACHE", 1)
+    monkeypatch.setattr(reader, "GROUP_CACHE", 1)
     expected = kernelpack.load_numpy(grouped)
     with Container(grouped, preload=False) as c:
         for name in list(c.keys()) * 2:
@@ -199,9 +201,9 @@ def test_a_1_5_reader_refuses_a_grouped_file_as_a_missing_sha256(grouped: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """This reader with what 1.6 added taken out: the file's minor is newer, so ``groups`` is
     ignored, and the first payload without its own hash is refused (spec section 4)."""
-    monkeypatch.setattr(container, "VERSION", (1, 5))
-    monkeypatch.setattr(container, "GROUPED", 7)
-    monkeypatch.setattr(container, "ADDED_KEYS", {1: frozenset({"attachments"})})
+    monkeypatch.setattr(reader, "VERSION", (1, 5))
+    monkeypatch.setattr(reader, "GROUPED", 7)
+    monkeypatch.setattr(reader, "ADDED_KEYS", {1: frozenset({"attachments"})})
     with pytest.raises(kernelpack.KernelpackError, match="must be 32 bytes") as caught:
         kernelpack.open(grouped)
     assert (caught.value.tensor, caught.value.field) == ("block0.weight", "arrays.data.sha256")

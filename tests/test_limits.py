@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 
 import kernelpack
 from kernelpack import _exact
-from kernelpack.container import Container
 from kernelpack.forms import DCT, Basis, Dense, Linear, Series
 from kernelpack.forms._base import Cost
 from kernelpack.limits import Budget, Limits
+from kernelpack.reader import Container
 
 from conftest import any_compressed_case, assert_same_bits, random_array
 from hostile import basis, dct, linear, series, write_hostile

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kernelpack
-from kernelpack import Dense, container
+from kernelpack import Dense, layout, reader
 
 SHAPES = {"conv.weight": (16, 8, 3, 3), "bn.weight": (16,), "bn.running_var": (16,), "fc.weight": (4, 16)}
 
@@ -64,7 +64,7 @@ def test_a_small_file_loads_in_three_reads_with_the_same_tensors(small: Path, re
 def test_beyond_preload_max_payloads_are_read_one_by_one(small: Path, reads: list[int],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     expected = one_by_one(small)
-    monkeypatch.setattr(container, "PRELOAD_MAX", 64)
+    monkeypatch.setattr(reader, "PRELOAD_MAX", 64)
     reads.clear()
     assert same(kernelpack.load_numpy(small), expected)
     assert len(reads) > 2 + len(SHAPES)
@@ -86,7 +86,7 @@ def test_no_read_exceeds_max_decoded_bytes(tmp_path: Path, reads: list[int]) -> 
     # hold them, which the format bounds at MAX_GROUP whatever the limits (spec section 2.4)
     with kernelpack.open(path) as c:
         groups = [length for _, length, _ in c._groups]
-    assert groups and max(reads[2:]) <= max(limit, *groups) <= container.MAX_GROUP
+    assert groups and max(reads[2:]) <= max(limit, *groups) <= layout.MAX_GROUP
 
 
 def test_no_tensor_keeps_the_file_bytes_alive(small: Path) -> None:

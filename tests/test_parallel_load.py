@@ -21,7 +21,8 @@ import pytest
 import kernelpack
 from conftest import RawFile, random_array
 from kernelpack import _parallel
-from kernelpack.container import Container, digest
+from kernelpack.layout import digest
+from kernelpack.reader import Container
 
 VECTORS = Path(__file__).parent.parent / "spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text(encoding="utf-8"))

@@ -16,9 +16,9 @@ import pytest
 import kernelpack
 from conftest import RawFile, random_array
 from kernelpack import DCT, Basis, Dense, Linear, Rule, Series
-from kernelpack.container import Container
 from kernelpack.forms import BasisTensor, DCTTensor, DenseTensor, LinearTensor, SeriesTensor
 from kernelpack.forms._base import Stored, quantise, to_stored
+from kernelpack.reader import Container
 
 CONFIGS = {
     "dct": DCT(keep=0.4, step=2.0 ** -8),
@@ -255,8 +255,8 @@ def test_a_reader_that_ignores_step_refuses_the_file_rather_than_misread_it(
 def test_a_reader_of_version_1_1_refuses_a_quantised_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same, with this reader's code made a 1.1 reader: it does not know ``step``."""
     path = packed(tmp_path / "q.kpk", DCT(keep=0.4, step=0.01))
-    monkeypatch.setattr(kernelpack.container, "VERSION", (1, 1))
-    monkeypatch.setattr(kernelpack.container, "ADDED_ARRAY_KEYS", {})
+    monkeypatch.setattr(kernelpack.reader, "VERSION", (1, 1))
+    monkeypatch.setattr(kernelpack.reader, "ADDED_ARRAY_KEYS", {})
     error = refused(path)
     assert (error.tensor, error.field) == ("w", "arrays.coefficients.dtype")
 

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kernelpack.container import Container, digest
 from kernelpack.forms import FORMS
+from kernelpack.layout import digest
+from kernelpack.reader import Container
 
 VECTORS = os.path.join(os.path.dirname(__file__), os.pardir, "spec", "vectors")
 with open(os.path.join(VECTORS, "manifest.json"), encoding="utf-8") as _f:

@@ -18,7 +18,8 @@ import pytest
 import kernelpack
 from conftest import RawFile, random_array
 from kernelpack._backend import get_ops
-from kernelpack.container import Container, digest
+from kernelpack.layout import digest
+from kernelpack.reader import Container
 
 CORPUS = Path(__file__).parent.parent / "spec" / "vectors" / "versions"
 MANIFEST: dict[str, Any] = json.loads((CORPUS / "manifest.json").read_text(encoding="utf-8"))["files"]
@@ -154,7 +155,7 @@ def test_a_compressed_header_needs_1_6_only_when_the_dictionary_makes_it_shorter
     """stored_header keeps the lowest version that makes the file smallest: a plain frame (1.4)
     where the header dictionary does not help, a frame against it (1.6) where it saves a
     64-byte block, msgpack itself where no frame does."""
-    from kernelpack.container import stored_header
+    from kernelpack.writer import stored_header
 
     unlike_a_header = b"abcd" * 4096
     frame, minor = stored_header(unlike_a_header, 0)

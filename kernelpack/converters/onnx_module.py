@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kernelpack.container import DEFAULT_LEVEL
+from kernelpack.codecs import DEFAULT_LEVEL
 from kernelpack.errors import KernelpackError
 from kernelpack.onnx_io import GRAPH, _onnx, checked, read_model, source_name, take_out, tensor_array
 from kernelpack.pack import FormPlan, save

@@ -299,7 +299,7 @@ def _brief(value: Any) -> str:
 def stored_bytes(encoded: Encoded, level: int = BYTES_LEVEL) -> int:
     """Bytes of a tensor's stored arrays and banks as the writer compresses them (at ``level``)."""
     from kernelpack._backend import NUMPY_DTYPES
-    from kernelpack.container import CODECS, _compress
+    from kernelpack.codecs import CODECS, _compress
 
     total = 0
     for stored in list(encoded.arrays().values()) + list(encoded.banks().values()):

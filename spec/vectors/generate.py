@@ -29,13 +29,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from kernelpack import container, entropy
+from kernelpack import entropy, writer
 from kernelpack._backend import NUMPY_DTYPES
-from kernelpack.container import CODECS, Container, codecs_of, digest, write
+from kernelpack.codecs import CODECS, codecs_of
 from kernelpack.forms import (DCT, FORMS, Basis, BasisTensor, Config, DCTTensor, Dense, DenseTensor,
                               Encoded, Linear, LinearTensor, Series, SeriesTensor)
 from kernelpack.forms._base import Stored, to_stored
+from kernelpack.layout import digest
 from kernelpack.pack import encode
+from kernelpack.reader import Container
+from kernelpack.writer import write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "manifest.json"
@@ -448,7 +451,7 @@ def forced(codec: str | None) -> Iterator[None]:
         yield
         return
     assert codec in entropy.DECODERS
-    choose = container._compress
+    choose = writer._compress  # the name write's _payload looks up
 
     def compress(raw: bytes, dtype: np.dtype, level: int, codecs: Any, name: str | None = None,
                  shape: Sequence[int] = ()) -> tuple[str, bytes]:
@@ -456,11 +459,11 @@ def forced(codec: str | None) -> Iterator[None]:
             return codec, entropy.encode_as(codec, np.frombuffer(raw, dtype=dtype), shape)
         return choose(raw, dtype, level, codecs, name, shape)
 
-    container._compress = compress
+    writer._compress = compress
     try:
         yield
     finally:
-        container._compress = choose
+        writer._compress = choose
 
 
 # --- writing and recording ----------------------------------------------------------------

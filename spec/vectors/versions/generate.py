@@ -30,11 +30,14 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from kernelpack import container
-from kernelpack.container import ZSTD_MAGIC, Container, codecs_of, digest, header_block, header_map_bytes, write
+from kernelpack import writer
+from kernelpack.codecs import codecs_of
 from kernelpack.errors import KernelpackError
 from kernelpack.forms import BasisTensor, DCTTensor, DenseTensor, Encoded, LinearTensor, SeriesTensor
 from kernelpack.forms._base import Stored, to_stored
+from kernelpack.layout import ZSTD_MAGIC, digest, header_block, header_map_bytes
+from kernelpack.reader import Container
+from kernelpack.writer import write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = os.path.join(HERE, "manifest.json")
@@ -228,7 +231,7 @@ def compact(path: str) -> None:
     """Format 1.4, compact: every form, the header stored as one zstd frame, compressed and
     empty payloads right after the previous one (raw ones 64-aligned). Written as the 1.4
     writer did: without the hash groups a compact file has had since 1.6."""
-    with unittest.mock.patch.object(container, "hash_groups", lambda placed: []):
+    with unittest.mock.patch.object(writer, "hash_groups", lambda placed: []):
         write(path, {**every_form(), **entropy_coded()}, metadata={"corpus": "1.4 compact"},
               attachments={"onnx.graph": GRAPH, "empty": b""}, compact=True)
     with open(path, "rb") as f:
@@ -240,7 +243,7 @@ def compact(path: str) -> None:
 def dictionary_header(path: str) -> None:
     """Format 1.6 by its header alone: every form, written compact without hash groups, the
     header one zstd frame against the header dictionary (spec/FORMAT.md section 2.2)."""
-    with unittest.mock.patch.object(container, "hash_groups", lambda placed: []):
+    with unittest.mock.patch.object(writer, "hash_groups", lambda placed: []):
         write(path, every_form(), metadata={"corpus": "1.6 header dictionary"}, compact=True)
     with Container(path) as c:
         assert c.version == (1, 6) and not c._groups
