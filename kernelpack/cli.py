@@ -386,7 +386,7 @@ def inspect_report(path: str, original: str | None) -> dict[str, Any]:
             tensors.append(row)
         banks = [{"name": n, "shape": list(r.spec.shape), "dtype": r.spec.dtype, "stored_bytes": r.length}
                  for n, r in c.bank_info().items()]
-        version, metadata = c.version, dict(c.metadata)
+        version, metadata = c.version, c.metadata()
     size = os.path.getsize(path)
     dense = sum(t["dense_float32_bytes"] for t in tensors)
     report = {"file": path, "format_version": f"{version[0]}.{version[1]}", "metadata": metadata,
@@ -507,7 +507,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
               f"{os.path.getsize(args.output)} bytes")
         return 0
     with Container(args.file) as c:
-        metadata = dict(c.metadata)
+        metadata = c.metadata()
         bf16 = any(c.info(n).dtype == "bfloat16" for n in c.keys())
     if bf16:  # safetensors.numpy cannot hold bfloat16: decode with torch (same bits) to keep it
         need_module("torch", "unpacking bfloat16 tensors")

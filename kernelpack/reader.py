@@ -316,7 +316,7 @@ class Container:
         meta = header.get("metadata", {})
         need(isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
                                             for k, v in meta.items()), "metadata", "must map str to str")
-        self.metadata: dict[str, str] = meta
+        self._metadata: dict[str, str] = meta
         banks, tensors = header.get("banks", {}), header.get("tensors")
         need(isinstance(banks, dict), "banks", "must be a map")
         need(isinstance(tensors, dict), "tensors", "must be a map")
@@ -478,6 +478,11 @@ class Container:
                                       path=self.path, field="padding")
 
     # access
+    def metadata(self) -> dict[str, str]:
+        """The header's ``metadata`` (str to str, a copy), as safetensors' ``safe_open(...).metadata()``
+        gives it; ``{}`` when the file has none (safetensors says None: a dict needs no test)."""
+        return dict(self._metadata)
+
     def keys(self) -> list[str]:
         return list(self._tensors)
 

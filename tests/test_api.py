@@ -36,6 +36,14 @@ def test_reprs_say_what_a_container_and_a_tensor_are_without_digest_bytes(tmp_pa
     assert repr(c).endswith("closed>")
 
 
+def test_metadata_is_a_method_giving_a_copy_as_safetensors_users_expect(tmp_path) -> None:
+    kernelpack.save({"w": np.ones(2, np.float32)}, tmp_path / "m.kpk", metadata={"arch": "cnn"})
+    kernelpack.save({"w": np.ones(2, np.float32)}, tmp_path / "none.kpk")
+    with kernelpack.open(tmp_path / "m.kpk") as c, kernelpack.open(tmp_path / "none.kpk") as bare:
+        c.metadata()["arch"] = "changed"
+        assert c.metadata() == {"arch": "cnn"} and bare.metadata() == {}
+
+
 def test_a_plans_repr_says_what_it_costs_and_loses_then_its_configs() -> None:
     weights = {"w": np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)}
     plan = kernelpack.plan(weights, max_error=0.05, progress=False)

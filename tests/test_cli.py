@@ -68,8 +68,8 @@ def test_pack_each_input_type(tmp_path, capsys, kind):
     assert code == 0 and "6 tensors" in stdout
     with kernelpack.open(out) as c:
         forms = {name: c.info(name).form for name in c.keys()}
-        assert c.metadata["note"] == "a=b"
-        assert (c.metadata.get("source") == "unit test") == (kind == "safetensors")
+        assert c.metadata()["note"] == "a=b"
+        assert (c.metadata().get("source") == "unit test") == (kind == "safetensors")
         assert c.info("conv2.weight").fields["harmonics"] == [3, 2]
     assert forms == {"conv1.weight": "series", "conv1.bias": "dense", "conv2.weight": "series",
                      "fc.weight": "dct", "fc.bias": "dense", "steps": "dense"}

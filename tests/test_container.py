@@ -198,7 +198,7 @@ def test_metadata_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "meta.kpk"
     kernelpack.save({"w": np.ones(2, np.float32)}, path, metadata=meta)
     with kernelpack.open(path) as c:
-        assert c.metadata == meta
+        assert c.metadata() == meta
 
 
 def test_a_module_round_trips_to_identical_outputs(tmp_path: Path) -> None:

@@ -110,3 +110,12 @@ def test_import_kernelpack_stays_light() -> None:
     loaded = set(json.loads(done.stdout))
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
     assert "kernelpack.container" not in loaded and not (ROOT / "container.py").exists()
+
+
+@pytest.mark.parametrize("low, high", [("kernelpack.pack", "kernelpack.converters"),
+                                       ("kernelpack.runtime", "kernelpack.ort"),
+                                       ("kernelpack.demo", "kernelpack.cli")])
+def test_the_cycles_the_issue_named_are_gone_even_inside_functions(low: str, high: str) -> None:
+    """The converters build on pack, ort on runtime, the command line on the demo: never the
+    other way round, not even by an import inside a function."""
+    assert not {m for m in imported(MODULES[low], lazy=True) if m == high or m.startswith(high + ".")}

@@ -60,7 +60,7 @@ def test_header_matches_manifest(name: str) -> None:
         assert hashlib.sha256(f.read()).hexdigest() == entry["sha256"]
     with Container(path_of(name)) as c:
         assert c.version == tuple(entry["version"])  # the lowest version that holds the file
-        assert c.metadata == entry["metadata"]
+        assert c.metadata() == entry["metadata"]
         assert sorted(c.bank_info()) == sorted(entry["banks"])
         for tensor, expected in entry["tensors"].items():
             info = c.info(tensor)

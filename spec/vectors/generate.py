@@ -493,7 +493,7 @@ def record(path: str, description: str) -> dict[str, Any]:
                 "fields": info.fields, "arrays": {k: array_entry(r) for k, r in info.arrays.items()},
             }
         banks = {k: array_entry(r) for k, r in c.bank_info().items()}
-        metadata, version = dict(c.metadata), list(c.version)
+        metadata, version = c.metadata(), list(c.version)
     return {"description": description, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
             "version": version, "metadata": metadata, "banks": banks, "tensors": tensors}
 
