@@ -119,3 +119,13 @@ def test_the_cycles_the_issue_named_are_gone_even_inside_functions(low: str, hig
     """The converters build on pack, ort on runtime, the command line on the demo: never the
     other way round, not even by an import inside a function."""
     assert not {m for m in imported(MODULES[low], lazy=True) if m == high or m.startswith(high + ".")}
+
+
+def test_the_readme_layout_names_every_module_of_the_package() -> None:
+    """README's Layout section and the code agree: every module and subpackage is named there."""
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = {word.rstrip(",") for line in layout.splitlines() for word in line.split()}
+    top = {p.name for p in ROOT.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    top |= {p.name + "/" for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert not top - named, sorted(top - named)
