@@ -673,7 +673,7 @@ def test_limits_must_be_counts_of_bytes(settings: dict[str, Any]) -> None:
 # --- the encoder side: bad settings name the tensor ----------------------------------------
 KERNEL = random_array(0, (4, 3, 3, 3))
 ENCODER_CASES = {
-    "series-on-bias": ({"bias": random_array(1, (8,))}, {"*": kernelpack.Series()}, "bias", "shape"),
+    "series-on-bias": ({"bias": random_array(1, (8,))}, {"bias": kernelpack.Series()}, "bias", "shape"),
     "dct-keep": ({"w": KERNEL}, {"w": kernelpack.DCT(keep=1.5)}, "w", "keep"),
     "dct-boundary": ({"w": KERNEL}, {"w": kernelpack.DCT(boundary=109)}, "w", "boundary"),
     "dct-axes": ({"w": KERNEL}, {"w": kernelpack.DCT(axes=(0, 4))}, "w", "axes"),
