@@ -700,9 +700,9 @@ class Service:
 
 class Connection(asyncio.BufferedProtocol):
     """One client connection, a state machine driven by the loop's callbacks (no task, no
-    stream buffers, no ``wait_for`` per read: for the PP-OCR classifier's 0.5 ms a request,
-    asyncio streams and a ThreadPoolExecutor future cost some 380 us of CPU a request, this
-    some 140 us; benchmarks/serve_load.py). ``state``:
+    stream buffers, no ``wait_for`` per read: next to the PP-OCR classifier's 1 ms run on a
+    2-core VM, asyncio streams and a ThreadPoolExecutor future cost some 380 us of CPU a
+    request, this some 140 us; benchmarks/README.md, serve_load.py). ``state``:
 
     ``idle``: waiting for a request's first byte (``idle_timeout``, then closed silently);
     ``head``: the rest of the head (``header_timeout``, then 408; 431 beyond
