@@ -67,15 +67,16 @@ cores; ``workers`` defaults to ``min(4, threads)``), so that concurrent runs do 
 oversubscribe the CPU.
 
 **Why the standard library (asyncio) and not uvicorn/starlette.** Connections are served by
-``asyncio`` streams (an idle connection costs a socket and a small task, no thread), the
-work by a bounded thread pool. uvicorn 0.54, the ASGI server of choice, was checked for
+an ``asyncio`` protocol (:class:`Connection`: an idle connection costs a socket and a small
+object, no thread or task; a body is read straight into its buffer), the work by a bounded
+thread pool. uvicorn 0.54, the ASGI server of choice, was checked for
 these bounds and misses two of them: its keep-alive timer starts only after a first
 response, so a socket that never sends, or sends its head a byte at a time, is never
 closed; and its ``limit_concurrency`` counts open connections, so 1000 idle sockets make
 it answer ``/health`` with 503. Body size, bytes in flight and the JSON depth would be our
 code under either. What remains of HTTP/1.1 here is a request line, header lines and a
 ``Content-Length`` body (no chunked bodies, no pipelining beyond one request at a time):
-some 60 lines, and no dependency beyond the package's own (numpy; onnxruntime from the
+some 200 lines, and no dependency beyond the package's own (numpy; onnxruntime from the
 ``onnx`` extra at start).
 """
 
@@ -88,6 +89,7 @@ import io
 import json
 import math
 import os
+import queue
 import re
 import resource
 import signal
@@ -95,7 +97,7 @@ import struct
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -236,10 +238,36 @@ def _exact_bytes(shape: tuple[int, ...], dtype: np.dtype, got: int) -> None:
         raise BadRequest(f"shape {list(shape)} of {dtype.name} is {wanted} bytes; the body holds {got}")
 
 
+#: .npy headers parsed before (their bytes, magic to padding -> shape, fortran order, dtype):
+#: numpy's parser (``ast.literal_eval``) takes some 50 us a request, and a client sends the
+#: same header again and again. Only headers numpy accepted, of dtypes without objects; at most
+#: ``_NPY_CACHED`` of them of at most 1 KiB each (cleared when full: a client cannot grow it).
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+_NPY_CACHED = 64
+
+
+def _npy_header(body: bytearray) -> bytes | None:
+    """The bytes of a .npy 1.0 / 2.0 body's header, from its preamble (None: no such preamble,
+    or a header beyond 1 KiB)."""
+    if body[:8] == b"\x93NUMPY\x01\x00":
+        end = 10 + int.from_bytes(body[8:10], "little")
+    elif body[:8] == b"\x93NUMPY\x02\x00":
+        end = 12 + int.from_bytes(body[8:12], "little")
+    else:
+        return None
+    return bytes(body[:end]) if end <= min(len(body), 1024) else None
+
+
 def parse_npy(body: bytearray) -> np.ndarray:
     """One ``.npy`` file (format 1.0 or 2.0) as an array over the body's bytes: no pickle, no
     object dtype, and exactly the bytes its header declares (numpy's own header parser, whose
-    header size limit applies)."""
+    header size limit applies; its answer for a header seen before is :data:`_NPY_HEADERS`)."""
+    key = _npy_header(body)
+    known = _NPY_HEADERS.get(key) if key is not None else None
+    if known is not None:
+        shape, fortran, dtype = known
+        _exact_bytes(shape, dtype, len(body) - len(key))
+        return np.frombuffer(body, dtype, offset=len(key)).reshape(shape, order="F" if fortran else "C")
     stream = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(stream)
@@ -254,6 +282,10 @@ def parse_npy(body: bytearray) -> np.ndarray:
     if dtype.hasobject:
         raise BadRequest("a .npy body of objects is refused (it would need pickle)")
     _exact_bytes(tuple(shape), dtype, len(body) - stream.tell())
+    if key is not None and len(key) == stream.tell():
+        if len(_NPY_HEADERS) >= _NPY_CACHED:
+            _NPY_HEADERS.clear()
+        _NPY_HEADERS[key] = (tuple(shape), fortran, dtype)
     flat = np.frombuffer(body, dtype, offset=stream.tell())
     return flat.reshape(shape, order="F" if fortran else "C")
 
@@ -428,23 +460,29 @@ class Load:
         self.now = dict.fromkeys(self.NAMES, 0)
         self.peak = dict.fromkeys(self.NAMES, 0)
 
+    def add(self, **amounts: int) -> None:
+        """Take (> 0) or give back (< 0) amounts by name, at once."""
+        with self._lock:
+            now, peak = self.now, self.peak
+            for name, amount in amounts.items():
+                now[name] += amount
+                if now[name] > peak[name]:
+                    peak[name] = now[name]
+
     @contextlib.contextmanager
     def holding(self, name: str, amount: int = 1) -> Iterator[None]:
-        with self._lock:
-            self.now[name] += amount
-            self.peak[name] = max(self.peak[name], self.now[name])
+        self.add(**{name: amount})
         try:
             yield
         finally:
-            with self._lock:
-                self.now[name] -= amount
+            self.add(**{name: -amount})
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {**self.now, "peak": dict(self.peak)}
 
 
-# --- HTTP/1.1 over asyncio streams -------------------------------------------------------
+# --- HTTP/1.1 over an asyncio protocol -----------------------------------------------------
 Headers = Mapping[str, list]
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
@@ -453,9 +491,13 @@ def reply(status: HTTPStatus, payload: Mapping[str, Any] | bytes, close: bool = 
           extra: Sequence[str] = ()) -> bytes:
     """A complete HTTP/1.1 response with a JSON body."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
-    lines = [f"HTTP/1.1 {status.value} {status.phrase}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", *extra] + (["Connection: close"] if close else [])
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    tail = "".join(f"{line}\r\n" for line in extra) + ("Connection: close\r\n" if close else "")
+    return b"%s%d\r\n%s\r\n%s" % (_STATUS_LINES[status], len(body), tail.encode("latin-1"), body)
+
+
+#: Each status's first response lines, up to the Content-Length value.
+_STATUS_LINES = {s: f"HTTP/1.1 {s.value} {s.phrase}\r\nContent-Type: application/json\r\nContent-Length: ".encode()
+                 for s in HTTPStatus}
 
 
 def parse_head(head: bytes) -> tuple[str, str, Headers]:
@@ -496,19 +538,48 @@ def content_length(headers: Headers) -> int:
     return int(values[0])
 
 
+class Workers:
+    """``count`` threads running, in order, what :meth:`submit` queues: a thread pool without
+    futures (:meth:`Service._work` sends its answer back to the loop itself, by one
+    ``call_soon_threadsafe``: no concurrent future chained to an asyncio one)."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, work: Callable[..., None], *args: Any) -> None:
+        self._queue.put((work, args))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                item[0](*item[1])
+            except Exception:  # noqa: BLE001 - a worker outlives any one job (each answers its own failures)
+                traceback.print_exc()
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
 class Service:
     """The model served over HTTP on an asyncio loop of its own thread; see :func:`start_service`."""
 
     def __init__(self, model: Model, settings: Settings) -> None:
         self.model, self.settings, self.load = model, settings, Load()
-        self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="kernelpack-predict")
+        self.pool = Workers(settings.workers, "kernelpack-predict")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="kernelpack-http", daemon=True)
         self.host, self.port = "", 0
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._idle: set[asyncio.Task] = set()  # connections waiting for a request's first byte
+        self._connections: set[Connection] = set()
+        self.scratch = memoryview(bytearray(1 << 16))  # the loop's read buffer (Connection.get_buffer)
         v2 = f"/v2/models/{model.name}"
         self._gets: dict[str, Callable[[], Mapping[str, Any]]] = {
             "/health": lambda: {**self.model.describe(), "load": self.load.snapshot()},
@@ -524,8 +595,7 @@ class Service:
         asyncio.run_coroutine_threadsafe(self._listen(host, port), self.loop).result()
 
     async def _listen(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._connection, host, port, backlog=1024,
-                                                  limit=self.settings.max_header_bytes)
+        self._server = await self.loop.create_server(lambda: Connection(self), host, port, backlog=1024)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
 
     def shutdown(self) -> None:
@@ -539,10 +609,11 @@ class Service:
         self.draining = True
         if self._server is not None:
             self._server.close()
-        for task in list(self._idle):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.settings.transfer_timeout)
+        for connection in list(self._connections):
+            if connection.state == "idle":
+                connection.transport.close()
+        if self._connections:
+            await asyncio.wait([c.closed for c in self._connections], timeout=self.settings.transfer_timeout)
 
     def close(self) -> None:
         """Stop listening, drop every connection, wait for runs under way, stop the loop."""
@@ -552,84 +623,21 @@ class Service:
             self.thread.join(timeout=60)
         if not self.thread.is_alive():
             self.loop.close()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown()
 
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for connection in list(self._connections):
+            connection.transport.abort()
+        if self._connections:
+            await asyncio.wait([c.closed for c in self._connections], timeout=60)
 
     def __enter__(self) -> Service:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        try:
-            if self.load.now["connections"] >= self.settings.max_connections:
-                await self._send(writer, reply(HTTPStatus.SERVICE_UNAVAILABLE, {
-                    "error": f"{self.settings.max_connections} connections are open; try again"},
-                    close=True, extra=["Retry-After: 1"]))
-                return
-            with self.load.holding("connections"):
-                while not self.draining and await self._exchange(reader, writer):
-                    pass
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            pass  # the client went away or would not take the response
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; whether the connection stays open for another."""
-        try:
-            head = await self._read_head(reader)
-            if head is None:
-                return False
-            method, target, headers = parse_head(head)
-            path = target.partition("?")[0]
-            answer = self._posts.get(path) if method == "POST" else None
-            keep = keeps_alive(headers) and not self.draining and (answer is not None or not has_body(headers))
-            if answer is not None:
-                return await self._predict(reader, writer, headers, keep, answer)
-            if method == "GET" and path in self._gets:
-                await self._send(writer, reply(HTTPStatus.OK, self._gets[path](), not keep))
-            else:
-                await self._send(writer, reply(HTTPStatus.NOT_FOUND, {
-                    "error": f"{method} {path[:80]} is not served: GET {', '.join(self._gets)}; "
-                             f"POST {', '.join(self._posts)}"}, not keep))
-            return keep
-        except Refusal as refusal:
-            extra = ["Retry-After: 1"] if refusal.status == HTTPStatus.SERVICE_UNAVAILABLE else []
-            await self._send(writer, reply(refusal.status, {"error": str(refusal)}, True, extra))
-            return False
-
-    async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
-        """The request line and headers, or None when the client stays silent or leaves (or
-        the service is draining: an idle connection is cancelled here)."""
-        task = asyncio.current_task()
-        self._idle.add(task)
-        try:
-            first = await asyncio.wait_for(reader.read(1), self.settings.idle_timeout)
-        except asyncio.TimeoutError:
-            return None
-        finally:
-            self._idle.discard(task)
-        if not first:
-            return None
-        try:
-            return first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.settings.header_timeout)
-        except asyncio.TimeoutError:
-            raise Refusal(HTTPStatus.REQUEST_TIMEOUT,
-                          f"the request head did not arrive within {self.settings.header_timeout} s") from None
-        except asyncio.LimitOverrunError:
-            raise Refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                          f"the request head exceeds {self.settings.max_header_bytes} bytes") from None
 
     def _admit(self, length: int) -> None:
         """Refuse, before the body is read, what the service cannot hold."""
@@ -644,35 +652,14 @@ class Service:
                           f"{now['body_bytes']} of {s.max_inflight_bytes} body bytes are in flight, "
                           f"no room for {length}; try again")
 
-    async def _predict(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: Headers,
-                       keep: bool, answer: Callable[[bytearray, Headers], Mapping[str, Any]]) -> bool:
-        length = content_length(headers)
-        self._admit(length)  # and then hold the slot and the bytes until the answer is sent
-        with self.load.holding("requests"), self.load.holding("body_bytes", length):
-            if "100-continue" in (v.lower() for v in headers.get("expect", [])):
-                await self._send(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await self._read_body(reader, length)
-            status, payload = await self.loop.run_in_executor(self.pool, self._answer, answer, body, headers)
-            keep = keep and not self.draining
-            await self._send(writer, reply(status, payload, not keep))
-        return keep
-
-    async def _read_body(self, reader: asyncio.StreamReader, length: int) -> bytearray:
-        body, got = bytearray(length), 0
-        deadline = self.loop.time() + self.settings.transfer_timeout
-        with memoryview(body) as view:
-            while got < length:
-                try:
-                    chunk = await asyncio.wait_for(reader.read(min(length - got, 1 << 20)),
-                                                   deadline - self.loop.time())
-                except asyncio.TimeoutError:
-                    raise Refusal(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
-                                                              f"{self.settings.transfer_timeout} s") from None
-                if not chunk:
-                    raise asyncio.IncompleteReadError(bytes(view[:got]), length)
-                view[got:got + len(chunk)] = chunk
-                got += len(chunk)
-        return body
+    def _work(self, connection: Connection, answer: Callable[[bytearray, Headers], Mapping[str, Any]],
+              body: bytearray, headers: Headers) -> None:
+        """On a worker thread: the answer, then back to the loop to send it (no future chain)."""
+        status, payload = self._answer(answer, body, headers)
+        try:
+            self.loop.call_soon_threadsafe(connection.answered, status, payload)
+        except RuntimeError:  # the loop is closed (Service.close): nobody is waiting
+            pass
 
     def _answer(self, answer: Callable[[bytearray, Headers], Mapping[str, Any]], body: bytearray,
                 headers: Headers) -> tuple[HTTPStatus, bytes]:
@@ -710,9 +697,232 @@ class Service:
         feeds = self.model.v2_feeds(request)
         return self._running(feeds, self.model.v2_infer, request.get("id"))
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        await asyncio.wait_for(writer.drain(), self.settings.transfer_timeout)
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection, a state machine driven by the loop's callbacks (no task, no
+    stream buffers, no ``wait_for`` per read: next to the PP-OCR classifier's 1 ms run on a
+    2-core VM, asyncio streams and a ThreadPoolExecutor future cost some 380 us of CPU a
+    request, this some 140 us; benchmarks/README.md, serve_load.py). ``state``:
+
+    ``idle``: waiting for a request's first byte (``idle_timeout``, then closed silently);
+    ``head``: the rest of the head (``header_timeout``, then 408; 431 beyond
+    ``max_header_bytes``); ``body``: the declared bytes, into a buffer of that size
+    (``transfer_timeout``, then 408); ``running``: on a worker, reading paused;
+    ``sending``: the answer written, waiting for the socket to take it all
+    (``transfer_timeout``, then dropped), then ``idle`` again or closed. One request at a
+    time: bytes after it (pipelining) wait in ``pending`` with reading paused."""
+
+    def __init__(self, service: Service) -> None:
+        self.service, self.settings = service, service.settings
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.closed = service.loop.create_future()  # done at connection_lost
+        self.state = "idle"
+        self.pending = bytearray()  # received, not yet part of a request's head or body
+        self.scanned = 0  # bytes of pending searched for the head's end
+        self.body, self.got = bytearray(), 0
+        self.headers: Headers = {}
+        self.keep = False
+        self.held = 0  # body bytes (and one request) this connection holds in the Load, 0 if none
+        self.counted = False
+        self.answer: Callable[[bytearray, Headers], Mapping[str, Any]] | None = None
+        self.then: Callable[[], None] | None = None  # what follows once the answer is sent
+        self.timer: asyncio.TimerHandle | None = None
+        self.expiry: tuple[float, Callable[..., None], tuple] | None = None  # see _deadline
+
+    # --- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=0)  # pause_writing whenever an answer is not taken at once
+        service = self.service
+        service._connections.add(self)
+        if service.load.now["connections"] >= self.settings.max_connections:
+            self.state = "sending"
+            self._send(reply(HTTPStatus.SERVICE_UNAVAILABLE, {
+                "error": f"{self.settings.max_connections} connections are open; try again"},
+                close=True, extra=["Retry-After: 1"]), self.transport.close)
+            return
+        service.load.add(connections=1)
+        self.counted = True
+        self._deadline(self.settings.idle_timeout, self.transport.close)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the socket's next bytes go: a body straight into its buffer (no bytes object
+        per read, no copy), anything else through the loop's one scratch buffer."""
+        if self.state == "body":
+            return memoryview(self.body)[self.got:]
+        return self.service.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state == "body":
+            self.got += nbytes
+            self._body_bytes(b"")
+        else:
+            self.data_received(self.service.scratch[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self.state == "body":
+            self._body_bytes(data)
+        else:
+            self.pending += data
+            if self.state == "idle":
+                self.state = "head"
+                self._head()
+                if self.state == "head":  # the rest of the head within header_timeout of its first byte
+                    self._deadline(self.settings.header_timeout, self._refuse, HTTPStatus.REQUEST_TIMEOUT,
+                                   f"the request head did not arrive within {self.settings.header_timeout} s")
+            elif self.state == "head":
+                self._head()
+            elif len(self.pending) > self.settings.max_header_bytes:
+                self.transport.pause_reading()  # pipelined bytes: wait for this answer first
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline(None)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.state != "running":  # a run under way gives its hold back when it ends
+            self._release()
+        if self.counted:
+            self.service.load.add(connections=-1)
+        self.service._connections.discard(self)
+        self.closed.set_result(None)
+
+    def resume_writing(self) -> None:
+        if self.then is not None:
+            self._deadline(None)
+            then, self.then = self.then, None
+            then()
+
+    # --- the request
+    def _deadline(self, seconds: float | None, callback: Callable[..., None] | None = None, *args: Any) -> None:
+        """Call ``callback(*args)`` in ``seconds`` unless another deadline replaces this one
+        first (None: no deadline). Lazily: a request sets three or four deadlines, and the
+        one timer of the connection moves only when the new deadline is earlier than it; a
+        timer that fires early finds the deadline of the moment and waits for that."""
+        if seconds is None:
+            self.expiry = None
+            return
+        loop = self.service.loop
+        self.expiry = (loop.time() + seconds, callback, args)
+        if self.timer is None or self.timer.when() > self.expiry[0]:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = loop.call_at(self.expiry[0], self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.expiry is not None:
+            when, callback, args = self.expiry
+            if self.service.loop.time() >= when:
+                self.expiry = None
+                callback(*args)
+            else:
+                self.timer = self.service.loop.call_at(when, self._expired)
+
+    def _next(self) -> None:
+        """After an answer: close, or wait for the next request (or start on bytes already here)."""
+        self._release()
+        if not self.keep or self.service.draining:
+            self.transport.close()
+            return
+        self.state = "idle"
+        self._deadline(self.settings.idle_timeout, self.transport.close)
+        self.transport.resume_reading()
+        if self.pending:  # (from the loop, not from here: no recursion over pipelined requests)
+            self.service.loop.call_soon(self._pipelined)
+
+    def _pipelined(self) -> None:
+        if self.state == "idle" and self.pending and not self.transport.is_closing():
+            self.data_received(b"")
+
+    def _head(self) -> None:
+        limit = self.settings.max_header_bytes
+        end = self.pending.find(b"\r\n\r\n", max(0, self.scanned - 3), limit + 4)
+        if end < 0:
+            self.scanned = len(self.pending)  # (a head trickled in is not scanned again from its start)
+            if len(self.pending) >= limit + 4:
+                self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"the request head exceeds {limit} bytes")
+            return
+        self.scanned = 0
+        head = bytes(self.pending[:end + 4])
+        del self.pending[:end + 4]
+        self._deadline(None)
+        try:
+            self._request(head)
+        except Refusal as refusal:
+            self._refuse(refusal.status, str(refusal))
+
+    def _request(self, head: bytes) -> None:
+        service = self.service
+        method, target, headers = parse_head(head)
+        path = target.partition("?")[0]
+        answer = service._posts.get(path) if method == "POST" else None
+        self.keep = keeps_alive(headers) and not service.draining and (answer is not None or not has_body(headers))
+        if answer is None:
+            self.state = "sending"
+            if method == "GET" and path in service._gets:
+                self._send(reply(HTTPStatus.OK, service._gets[path](), not self.keep), self._next)
+            else:
+                self._send(reply(HTTPStatus.NOT_FOUND, {
+                    "error": f"{method} {path[:80]} is not served: GET {', '.join(service._gets)}; "
+                             f"POST {', '.join(service._posts)}"}, not self.keep), self._next)
+            return
+        length = content_length(headers)
+        service._admit(length)  # and then hold the slot and the bytes until the answer is sent
+        service.load.add(requests=1, body_bytes=length)
+        self.held = length or -1  # (-1: a request of no bytes)
+        if "100-continue" in (v.lower() for v in headers.get("expect", [])):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.state, self.answer, self.headers = "body", answer, headers
+        self.body, self.got = bytearray(length), 0
+        rest, self.pending = self.pending, bytearray()
+        self._body_bytes(rest)
+        if self.state == "body":  # the rest of the body within transfer_timeout from now
+            self._deadline(self.settings.transfer_timeout, self._refuse, HTTPStatus.REQUEST_TIMEOUT,
+                           f"the body did not arrive within {self.settings.transfer_timeout} s")
+
+    def _body_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        take = min(len(data), len(self.body) - self.got)
+        self.body[self.got:self.got + take] = data[:take] if take < len(data) else data
+        self.got += take
+        if take < len(data):
+            self.pending += data[take:]
+        if self.got < len(self.body):
+            return
+        self._deadline(None)
+        self.state = "running"
+        self.service.pool.submit(self.service._work, self, self.answer, self.body, self.headers)
+        self.body, self.headers = bytearray(), {}
+
+    def answered(self, status: HTTPStatus, payload: bytes) -> None:
+        """On the loop, from the worker: send the answer (or let go, if the client has)."""
+        if self.transport.is_closing():
+            self._release()
+            return
+        self.state = "sending"
+        self.keep = self.keep and not self.service.draining
+        self._send(reply(status, payload, not self.keep), self._next)
+
+    def _refuse(self, status: HTTPStatus, message: str) -> None:
+        """Answer ``status`` and close (the body, if any, is not read)."""
+        self.state, self.keep = "sending", False
+        self.transport.pause_reading()
+        extra = ["Retry-After: 1"] if status == HTTPStatus.SERVICE_UNAVAILABLE else []
+        self._send(reply(status, {"error": message}, True, extra), self._next)
+
+    def _send(self, data: bytes, then: Callable[[], None]) -> None:
+        """Write ``data``; ``then()`` once the socket has taken it, within ``transfer_timeout``
+        (else the connection is dropped)."""
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size():
+            self.then = then
+            self._deadline(self.settings.transfer_timeout, self.transport.abort)
+        else:
+            then()
+
+    def _release(self) -> None:
+        if self.held:
+            self.service.load.add(requests=-1, body_bytes=-max(self.held, 0))
+            self.held = 0
 
 
 def start_service(container: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
