@@ -29,7 +29,6 @@ OUT/artifacts), and the driver starts a new one on the same corpus.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os

@@ -7,6 +7,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import kernelpack
 

@@ -34,13 +34,13 @@ would otherwise leave the model silently uncompressed). ``kernelpack.plan`` retu
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kernelpack.converters._common import FormWeight, _join, _split, fields, form_weights
+from kernelpack.converters._common import FormWeight, _join, _split, form_weights
 from kernelpack.converters.basis import BasisWeight
 from kernelpack.converters.dct import DCTWeight
 from kernelpack.converters.dense import DenseWeight
@@ -163,30 +163,6 @@ def compress_(model: nn.Module, config: FormPlan) -> nn.Module:
         except KernelpackError as exc:
             raise exc.located(tensor=_join(module_name, tensor)) from None
     return model
-
-
-def encoded_state(model: nn.Module) -> dict[str, Any]:
-    """The model's state for packing: parametrised weights in their stored forms, the rest as is.
-
-    Parametrisation internals (trained fields, banks, indices) are replaced by one entry
-    under the plain weight name, so the file loads into the unparametrised model.
-    """
-    plists = form_weights(model)
-    prefixes = {_join(module, "parametrizations", tensor) + ".": name
-                for name in plists for module, tensor in [_split(name)]}
-    state: dict[str, Any] = {}
-    for key, value in model.state_dict().items():
-        owner = next((prefixes[p] for p in prefixes if key.startswith(p)), None)
-        if owner is None:
-            state[key] = value
-        elif owner not in state:
-            plist = plists[owner]
-            try:
-                with torch.no_grad():
-                    state[owner] = plist[0].to_encoded(*fields(plist))
-            except KernelpackError as exc:  # e.g. a trained value beyond float16's range
-                raise exc.located(tensor=owner) from None
-    return state
 
 
 def finalize_(model: nn.Module) -> nn.Module:
