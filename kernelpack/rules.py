@@ -101,11 +101,16 @@ class Rule:
         structured form (not Dense) takes rank >= 2 only, unless the rule names the tensor
         ``exact``ly: ``{"conv1": Series()}`` means conv1's kernel, not its bias, as in
         ``compress_``; a bias named exactly gets the form's own error."""
-        structured = self.config is not None and not isinstance(self.config, Dense) and not exact
+        structured = not exact and _structured(self.config)
         if self.min_rank == 0 and self.floating is None and not structured:
             return True
         rank, floating = _kind(value)
         return rank >= max(self.min_rank, 2 * structured) and self.floating in (None, floating)
+
+
+def _structured(config: Config | None) -> bool:
+    """A form with a kernel to fit (dct, series, basis, linear): rank >= 2 unless named exactly."""
+    return config is not None and not isinstance(config, Dense)
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,7 @@ class Rules:
             if (fnmatch.fnmatchcase(name, rule.pattern) or module and fnmatch.fnmatchcase(module, rule.pattern)) \
                     and rule.selects(value):
                 return Match(rule.config, "pattern", i)
-        if self.default is None or not isinstance(self.default, Dense) and _kind(value)[0] < 2:
+        if self.default is None or _structured(self.default) and _kind(value)[0] < 2:
             return None  # a structured default, like a pattern's, is for the kernels
         return Match(self.default, "default")
 
