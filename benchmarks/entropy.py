@@ -24,7 +24,9 @@ decode. NNCodec's dependent quantisation moves codes by up to two steps, so at t
 step its error is about 1.75 times kernelpack's; **at equal error** kernelpack's step is
 raised (bisection on the step multiplier) until its error is just at or below NNCodec's,
 and that file's bytes are compared; the same again with the codes rate-distortion rounded
-(``Dense(rd=RD)``, kernelpack.forms._base.rd_round), its step matched the same way.
+(``Dense(rd=RD)``, kernelpack.forms._base.rd_round), its step matched the same way; and
+with dependent quantisation (``Dense(dq=True)``, kernelpack/dq.py, format 1.7), whose step
+is matched in [0.25, 1] x NNCodec's (each grid's levels lie two steps apart).
 
     python benchmarks/entropy.py [--nncodec] [--models NAME,...]
 """
@@ -140,24 +142,26 @@ def measure(model: str, qp: int, codes: dict[str, np.ndarray]) -> str:
 
 # --- whole files ---------------------------------------------------------------------------------
 def step_file(weights: dict[str, np.ndarray], step: float, path: str, codecs: Any,
-              rd: float | None = None) -> tuple[int, float, float]:
+              rd: float | None = None, dq: bool = False) -> tuple[int, float, float]:
     """(bytes, weight error, header bytes per tensor) of the suite's "step of qp" container
-    at ``step`` (``rd``: its codes rate-distortion rounded)."""
+    at ``step`` (``rd``: its codes rate-distortion rounded; ``dq``: dependent-quantised)."""
     import kernelpack
     import suite
 
-    kernelpack.save(weights, path, forms=suite.per_tensor(weights, suite.absolute_step(step, rd), 0), codecs=codecs)
+    kernelpack.save(weights, path, forms=suite.per_tensor(weights, suite.absolute_step(step, rd, dq), 0),
+                    codecs=codecs)
     with open(path, "rb") as f:
         header = struct.unpack("<I", f.read(16)[12:16])[0]
     return os.path.getsize(path), suite.rel_error(weights, kernelpack.load_numpy(path)), header / len(weights)
 
 
-def error_at(weights: dict[str, np.ndarray], step: float, rd: float | None = None) -> float:
+def error_at(weights: dict[str, np.ndarray], step: float, rd: float | None = None, dq: bool = False) -> float:
     """The weight error of the "step of qp" container at ``step``, without writing it: the
-    codes' decode ``float32(q) * float32(step)``, float16 for the small tensors of rank >= 2."""
+    codes' decode (``Stored.values``: ``float32(q) * float32(step)``, or dq's levels), float16
+    for the small tensors of rank >= 2."""
     import suite
 
-    plan = suite.per_tensor(weights, suite.absolute_step(step, rd), 0)
+    plan = suite.per_tensor(weights, suite.absolute_step(step, rd, dq), 0)
     got = {}
     for name, w in weights.items():
         config = plan.get(name)
@@ -166,28 +170,30 @@ def error_at(weights: dict[str, np.ndarray], step: float, rd: float | None = Non
         elif config.step is None:
             got[name] = np.asarray(w, np.float32).astype(np.float16)
         else:
-            codes = config.encode(np.asarray(w, np.float32), "float32").arrays()["data"]
-            got[name] = codes.data.astype(np.float32) * np.float32(codes.step)
+            got[name] = config.encode(np.asarray(w, np.float32), "float32").arrays()["data"].values()
     return suite.rel_error(weights, got)
 
 
-def matched_step(weights: dict[str, np.ndarray], step: float, target: float, rd: float | None = None) -> float:
-    """The largest step (a multiple of ``step`` in [1, 4], 12 bisections) whose error is at
-    most ``target``."""
-    low, high = 1.0, 4.0
-    if error_at(weights, step, rd) > target:
-        return step
+def matched_step(weights: dict[str, np.ndarray], step: float, target: float, rd: float | None = None,
+                 dq: bool = False) -> float:
+    """The largest step (a multiple of ``step`` in [1, 4], or [0.25, 1] for ``dq``, whose
+    levels of one grid are two steps apart; 12 bisections) whose error is at most ``target``."""
+    low, high = (0.25, 1.0) if dq else (1.0, 4.0)
+    if error_at(weights, step * low, rd, dq) > target:
+        return step * low
     for _ in range(12):
         middle = (low + high) / 2
-        low, high = (middle, high) if error_at(weights, step * middle, rd) <= target else (low, middle)
+        low, high = (middle, high) if error_at(weights, step * middle, rd, dq) <= target else (low, middle)
     return step * low
 
 
 FILES_HEADER = ["| model | qp | NNCodec bytes | NNCodec error | kpk same step, default codecs | kpk same step, "
                 "rans-ctx | kpk error | rans-ctx / NNCodec | step x for equal error | kpk equal error, default "
                 "| kpk equal error, rans-ctx | kpk error | default / NNCodec | rans-ctx / NNCodec "
-                f"| kpk equal error, rans-ctx, rd={RD} | its error | rd / NNCodec | header B/tensor |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                f"| kpk equal error, rans-ctx, rd={RD} | its error | rd / NNCodec | kpk equal error, rans-ctx, dq "
+                "| dq step x | its error | dq / NNCodec | header B/tensor |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "---:|"]
 
 
 def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> str:
@@ -206,10 +212,13 @@ def whole_files(name: str, weights: dict[str, np.ndarray], qp: int) -> str:
         equal_default, equal_error, _ = step_file(weights, matched, path, DEFAULT_CODECS)
         equal_ctx, _, header = step_file(weights, matched, path, CODECS)
         rounded = step_file(weights, matched_step(weights, step, their_error, RD), path, CODECS, RD)
+        dq_step = matched_step(weights, step, their_error, dq=True)
+        dependent = step_file(weights, dq_step, path, CODECS, dq=True)
     return (f"| {name} | {qp} | {theirs:,} | {their_error:.3g} | {default:,} | {ctx:,} | {error:.3g} | "
             f"{ctx / theirs:.3f} | {matched / step:.3f} | {equal_default:,} | {equal_ctx:,} | {equal_error:.3g} | "
             f"{equal_default / theirs:.3f} | {equal_ctx / theirs:.3f} | {rounded[0]:,} | {rounded[1]:.3g} | "
-            f"{rounded[0] / theirs:.3f} | {header:.1f} |")
+            f"{rounded[0] / theirs:.3f} | {dependent[0]:,} | {dq_step / step:.3f} | {dependent[1]:.3g} | "
+            f"{dependent[0] / theirs:.3f} | {header:.1f} |")
 
 
 def tables(chosen: list[tuple[str, dict[str, np.ndarray]]], nncodec: bool,

@@ -224,15 +224,18 @@ def dense_q(array: np.ndarray) -> Callable[..., Any] | None:
     return (lambda **kw: Dense(dtype="float16")) if np.all(np.abs(array) < 65504) else None
 
 
-def absolute_step(step: float, rd: float | None = None) -> Callable[[np.ndarray], Callable[..., Any] | None]:
+def absolute_step(step: float, rd: float | None = None,
+                  dq: bool = False) -> Callable[[np.ndarray], Callable[..., Any] | None]:
     """``dense_q`` with one absolute step for every weight (NNCodec's scheme), raised for a
     tensor whose codes would leave int16 (the largest code kernelpack stores); ``rd``: the
-    codes rate-distortion rounded (kernelpack.forms._base.rd_round)."""
+    codes rate-distortion rounded (kernelpack.forms._base.rd_round); ``dq``: dependent
+    quantisation (kernelpack/dq.py; a code is about half a level, so the floor is half)."""
     def pick(array: np.ndarray) -> Callable[..., Any] | None:
         if not matrix_like(array):
             return dense_q(array)
-        floor = float(np.nextafter(np.float32(np.max(np.abs(array)) / 32767), np.float32(np.inf)))
-        return lambda **kw: Dense(dtype="float32", step=max(step, floor), rd=rd)
+        largest = 2 * 32765 if dq else 32767
+        floor = float(np.nextafter(np.float32(np.max(np.abs(array)) / largest), np.float32(np.inf)))
+        return lambda **kw: Dense(dtype="float32", step=max(step, floor), rd=rd, dq=dq)
     return pick
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from kernelpack._backend import NUMPY_DTYPES
 
 MAGIC = b"\x89KPK\r\n\x1a\n"
-VERSION = (1, 6)
+VERSION = (1, 7)
 PREAMBLE = 48
 ALIGN = 64
 #: A header stored as a Zstandard frame (since 1.4) starts with the frame's magic number, which
@@ -62,8 +62,9 @@ GROUP_KEYS = frozenset({"offset", "length", "sha256"})
 MAX_GROUP = 1 << 20
 TENSOR_KEYS = frozenset({"form", "shape", "dtype", "digest", "fields", "arrays"})
 ARRAY_KEYS = frozenset({"dtype", "shape", "offset", "length", "codec", "sha256"})
-#: Array-ref keys added by a minor version (1.2: ``step``, quantised numbers).
-ADDED_ARRAY_KEYS = {2: frozenset({"step"})}
+#: Array-ref keys added by a minor version (1.2: ``step``, quantised numbers; 1.7: ``dq_step``,
+#: dependent-quantised numbers, kernelpack/dq.py).
+ADDED_ARRAY_KEYS = {2: frozenset({"step"}), 7: frozenset({"dq_step"})}
 #: Maps and arrays in a header, in all, and how deep they may nest (spec/FORMAT.md, "Limits").
 MAX_CONTAINERS = 1 << 20
 MAX_DEPTH = 32

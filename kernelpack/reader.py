@@ -118,7 +118,11 @@ def _parse_ref(value: Any, field: str, file_size: int, minor: int, codecs: tuple
     if not (isinstance(dtype, str) and dtype in NUMPY_DTYPES):
         raise KernelpackError(f"unknown dtype {shown(dtype)}", field=f"{field}.dtype")
     step = need_step(value["step"], dtype, f"{field}.step") if "step" in known and "step" in value else None
-    spec = ArraySpec(dtype, need_shape(value.get("shape"), f"{field}.shape"), step)
+    dependent = "dq_step" in known and "dq_step" in value
+    if dependent:
+        need(step is None, f"{field}.dq_step", "an array holds codes of one kind: step or dq_step, not both")
+        step = need_step(value["dq_step"], dtype, f"{field}.dq_step", levels=2)
+    spec = ArraySpec(dtype, need_shape(value.get("shape"), f"{field}.shape"), step, dependent)
     offset = need_int(value.get("offset"), f"{field}.offset", 0, file_size)
     length = need_int(value.get("length"), f"{field}.length", 0, file_size)
     codec = _need_codec(value.get("codec"), spec, f"{field}.codec", minor, codecs)
@@ -551,7 +555,7 @@ class Container:
         if isinstance(body, memoryview):  # preloaded, uncompressed: copied, so that a tensor
             body = bytes(body)  # does not keep the whole preloaded file alive
         data = np.frombuffer(body, dtype=NUMPY_DTYPES[ref.spec.dtype]).reshape(ref.spec.shape)
-        return Stored(data, ref.spec.dtype, ref.spec.step)
+        return Stored(data, ref.spec.dtype, ref.spec.step, ref.spec.dq)
 
     def _grouped(self, ref: ArrayRef, field: str, tensor: str | None) -> bytes | memoryview:
         """A payload of a hash group (1.6): a slice of the group's bytes, read and checked against

@@ -37,7 +37,7 @@ def _payload(stored: Stored, level: int, codecs: Collection[str]) -> tuple[bytes
     ref = {"dtype": stored.dtype, "shape": list(stored.spec.shape), "codec": codec,
            "length": len(body), "sha256": hashlib.sha256(body).digest()}
     if stored.step is not None:
-        ref["step"] = float(stored.step)  # msgpack float 64
+        ref["dq_step" if stored.dq else "step"] = float(stored.step)  # msgpack float 64
     return body, ref
 
 

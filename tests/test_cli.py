@@ -218,7 +218,7 @@ def test_pack_refuses_to_overwrite_without_f_and_names_out_by_default(tmp_path, 
 def test_version_and_unpack_refuses_an_output_type_it_does_not_write(packed, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
-    assert exit_.value.code == 0 and capsys.readouterr().out == f"kernelpack {kernelpack.__version__} (format 1.6)\n"
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"kernelpack {kernelpack.__version__} (format 1.7)\n"
     out = tmp_path / "o.npz"
     code, _, err = run(capsys, "unpack", packed[1], str(out))
     assert_one_error_line(code, err, "unpack writes .safetensors")

@@ -54,7 +54,7 @@ def test_layout_follows_the_spec(tmp_path: Path) -> None:
     blob = mixed_file(tmp_path / "plain.kpk", compact=False, codecs=codecs_of(0)).read_bytes()
     assert blob[:8] == MAGIC
     major, minor, length = struct.unpack("<HHI", blob[8:16])
-    assert kernelpack.FORMAT_VERSION == (1, 6)
+    assert kernelpack.FORMAT_VERSION == (1, 7)
     assert (major, minor) == (1, 0)  # the lowest version that holds it: no attachments, a plain header
     assert blob[16:48] == hashlib.sha256(blob[:16] + blob[48:48 + length]).digest()
     header = msgpack.unpackb(blob[48:48 + length], raw=False)

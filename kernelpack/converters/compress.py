@@ -154,6 +154,10 @@ def compress_(model: nn.Module, config: FormPlan) -> nn.Module:
                 raise KernelpackError("rate-distortion rounding chooses codes from the whole array's statistics "
                                       "at pack time; training quantises to nearest: use rd in save's forms, "
                                       "not in compress_", field="rd")
+            if chosen.dq:  # the parametrisations' forward is codes x step
+                raise KernelpackError("dependent quantisation chooses codes by a trellis search at pack time; "
+                                      "training quantises to nearest: use dq in save's forms, not in compress_",
+                                      field="dq")
             form = PARAMETRISATIONS[type(chosen)](getattr(module, tensor).shape, chosen)
             form.hessian = hessians.get(_join(module_name, tensor))
             try:

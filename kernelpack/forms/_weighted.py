@@ -240,6 +240,8 @@ def feedback_store(config: Quantisable, values: np.ndarray, h: np.ndarray, group
     shape = values.shape if shape is None else shape
     need(not config.rd, "rd", "rate-distortion rounding and error feedback (a hessian) both choose the codes: "
          "give one of them")
+    need(not config.dq, "dq", "dependent quantisation and error feedback (a hessian) both choose the codes: "
+         "give one of them")
     step = config.step_for(values)
     if step is None:
         return to_stored(values.reshape(shape), getattr(config, "dtype"))

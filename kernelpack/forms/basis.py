@@ -113,7 +113,7 @@ class BasisTensor(Encoded):
         # shared by many tensors is never widened whole per tensor (the same bits: widening and
         # dequantising are elementwise).
         n_slices = self.index.data.shape[0]
-        chosen = Stored(self.bank.data[self.index.data.astype(np.intp)], self.bank.dtype, self.bank.step)
+        chosen = self.bank.rows(self.index.data.astype(np.intp))
         filters = ops.reshape(ops.float64(*chosen.numbers()), (n_slices, -1))
         a = ops.reshape(ops.float64(*self.a.numbers()), (n_slices, 1))
         b = ops.reshape(ops.float64(*self.b.numbers()), (n_slices, 1))
@@ -204,7 +204,7 @@ class Basis(Quantisable):
 
 def content_name(bank: Stored) -> str:
     """The default name of a bank: from its stored bytes (and step), so equal banks share one entry."""
-    step = b"" if bank.step is None else np.float64(bank.step).tobytes()
+    step = b"" if bank.step is None else np.float64(bank.step).tobytes() + (b"dq" if bank.dq else b"")
     return "bank-" + hashlib.sha256(bank.data.tobytes() + step).hexdigest()[:16]
 
 

@@ -193,10 +193,11 @@ def signed_zero_file() -> dict[str, Entry]:
     }
 
 
-def codes(values: list[int], dtype: str, step: float, shape: tuple[int, ...] | None = None) -> Stored:
-    """Exact quantised numbers: integer codes and their step (format 1.2)."""
+def codes(values: list[int], dtype: str, step: float, shape: tuple[int, ...] | None = None,
+          dq: bool = False) -> Stored:
+    """Exact quantised numbers: integer codes and their step (format 1.2; ``dq``: dependent, 1.7)."""
     data = np.array(values, dtype=NUMPY_DTYPES[dtype])
-    return Stored(data if shape is None else data.reshape(shape), dtype, step)
+    return Stored(data if shape is None else data.reshape(shape), dtype, step, dq)
 
 
 def quant_file() -> dict[str, Entry]:
@@ -224,6 +225,32 @@ def quant_file() -> dict[str, Entry]:
         "dense_near_float32_max": DenseTensor(codes([-32768, 32767, 1], "int16", 2.0 ** 112), "float32"),
         "linear_quantised_and_float": LinearTensor((3, 2), codes([3, -5], "int8", 0.25, (1, 2)),
                                                    (to_stored(np.array([[0.5, -1.5]], np.float32), "float16"),)),
+    }
+
+
+def dq_file() -> dict[str, Entry]:
+    """Format 1.7, dependent-quantised numbers (``dq_step``, FORMAT.md 3.2): every number array
+    of every form from the encoders (``dq=True`` with ``step``, ``rel_step`` and ``rd``), the
+    grid example of section 3.2, rows that restart the state machine (a dense tensor of 3 rows
+    whose rows hold the same codes), a 1-D array as one row (dct coefficients); by hand, the
+    extreme codes -128/127 and -32768/32767 on both grids, subnormal products (step 2^-149)
+    and levels of 2^16 near the float32 limit (step 2^111)."""
+    shared = normal(811, (5, 3, 3))
+    row = [1, 1, 2, -1, 3, -128, 127, -128, 127, 0, -1]
+    return {
+        "dct_dq": (normal(812, (6, 4, 3, 3)) * 0.1, DCT(keep=0.2, step=2.0 ** -8, dq=True)),
+        "series_dq_rel": (normal(813, (4, 3, 3, 3)) * 0.1, Series("cosine", (3, 2), "cgl", rel_step=0.01, dq=True)),
+        "basis_dq": (normal(814, (6, 3, 3, 3)), Basis(shared, bank_name="dq_bank", rel_step=0.02, dq=True)),
+        "linear_dq_low_rank": (normal(815, (10, 12)), Linear(primaries=4, rank=2, rel_step=0.01, dq=True)),
+        "dense_dq": (normal(816, (8, 3, 3, 3)) * 0.1, Dense(step=0.002, dq=True)),
+        "dense_dq_rd_int16": (normal(817, (6, 40)), Dense(step=2.0 ** -10, dq=True, rd=0.3)),
+        "dense_grid_example": DenseTensor(codes(row, "int8", 0.5, None, True), "float32"),
+        "dense_rows_restart": DenseTensor(codes(row * 3, "int8", 0.25, (3, len(row)), True), "float32"),
+        "dense_extreme_int16": DenseTensor(codes([-32768, 32767, -32768, 32767, 1, -32768], "int16",
+                                                 float(np.float32(0.1)), None, True), "float32"),
+        "dense_subnormal": DenseTensor(codes([1, 3, -2, 100, -32768], "int16", 2.0 ** -149, None, True), "float32"),
+        "dense_near_float32_max": DenseTensor(codes([1, -32768, 32767, 1], "int16", 2.0 ** 111, None, True),
+                                              "float32"),
     }
 
 
@@ -433,6 +460,7 @@ FILES = (
     VectorFile("signed_zero.kpk", signed_zero_file.__doc__ or "", signed_zero_file),
     VectorFile("empty.kpk", "No tensors: metadata only.", dict, (("empty", "true"),)),
     VectorFile("quant.kpk", quant_file.__doc__ or "", quant_file, minor=2),
+    VectorFile("dq.kpk", dq_file.__doc__ or "", dq_file, minor=7),
     VectorFile("shuffle.kpk", shuffle_file.__doc__ or "", shuffle_file, minor=2),
     VectorFile("nan.kpk", nan_file.__doc__ or "", nan_file),
     VectorFile("rans.kpk", rans_file.__doc__ or "", rans_file, minor=3, force="rans"),
@@ -499,9 +527,9 @@ def record(path: str, description: str) -> dict[str, Any]:
 
 
 def array_entry(ref: Any) -> dict[str, Any]:
-    """A stored array in the manifest: dtype, shape, codec and, if quantised, its step."""
+    """A stored array in the manifest: dtype, shape, codec and, if quantised, its step (``dq_step``)."""
     entry = {"dtype": ref.spec.dtype, "shape": list(ref.spec.shape), "codec": ref.codec}
-    return entry if ref.spec.step is None else {**entry, "step": ref.spec.step}
+    return entry if ref.spec.step is None else {**entry, "dq_step" if ref.spec.dq else "step": ref.spec.step}
 
 
 def check_coverage(manifest: dict[str, Any]) -> None:
@@ -530,6 +558,11 @@ def check_coverage(manifest: dict[str, Any]) -> None:
         "every form quantised": {t["form"] for (f, _), t in tensors.items() if f == "quant.kpk"
                                  and any("step" in a for a in t["arrays"].values())} == set(FORMS),
         "quantised bank": "step" in manifest["files"]["quant.kpk"]["banks"]["quant_bank"],
+        "every form dependent-quantised": {t["form"] for (f, _), t in tensors.items() if f == "dq.kpk"
+                                           and any("dq_step" in a for a in t["arrays"].values())} == set(FORMS),
+        "dq: int8 and int16 codes": {a["dtype"] for (f, _), t in tensors.items() if f == "dq.kpk"
+                                     for a in t["arrays"].values() if "dq_step" in a} == {"int8", "int16"},
+        "dependent-quantised bank": "dq_step" in manifest["files"]["dq.kpk"]["banks"]["dq_bank"],
         "each file is the version it is written for": all(
             manifest["files"][v.name]["version"] == [1, v.minor] for v in FILES),
     }

@@ -65,13 +65,14 @@ def every_form() -> dict[str, Encoded]:
     }
 
 
-def quantised_forms() -> dict[str, Encoded]:
+def quantised_forms(dq: bool = False) -> dict[str, Encoded]:
     """Format 1.2: every kind of number array quantised (int8 and int16 codes times a float32
-    step), one small tensor per form, beside float arrays in the same tensor (basis ``b``)."""
+    step), one small tensor per form, beside float arrays in the same tensor (basis ``b``).
+    ``dq``: the same codes dependent-quantised (``dq_step``, format 1.7)."""
     def codes(shape: tuple[int, ...], dtype: str, step: float) -> Stored:
         count, top = int(np.prod(shape)), 127 if dtype == "int8" else 32767
         values = (np.arange(count, dtype=np.int64) * 7919) % (2 * top + 1) - top
-        return Stored(values.astype(dtype).reshape(shape), dtype, step)
+        return Stored(values.astype(dtype).reshape(shape), dtype, step / 2 if dq else step, dq)
 
     tenth = float(np.float32(0.1))
     return {
@@ -193,6 +194,13 @@ def quantised(path: str) -> None:
     write(path, quantised_forms(), metadata={"corpus": "1.2"}, compact=False)
 
 
+def dependent(path: str) -> None:
+    """Format 1.7: ``quantised_forms``' codes as dependent-quantised numbers, every form."""
+    write(path, quantised_forms(dq=True), metadata={"corpus": "1.7 dq"}, compact=False)
+    with Container(path) as c:
+        assert c.version == (1, 7) and c.info("dense").arrays["data"].spec.dq
+
+
 def shuffled(path: str) -> None:
     write(path, byte_planes(), metadata={"corpus": "1.2 zstd-shuffle"}, compact=False)
     with Container(path) as c:  # the codec really is in the file
@@ -311,6 +319,10 @@ FILES: dict[str, tuple[Callable[[str], None], dict[str, Any]]] = {
     "v1.5-rans-ctx.kpk": (context_coded, LOAD),
     "v1.6-groups.kpk": (grouped, LOAD),
     "v1.6-dictionary.kpk": (dictionary_header, LOAD),
+    "v1.7-dq.kpk": (dependent, LOAD),
+    "v1.6-dq.kpk": (edited(dependent, 1, 6, keep), {
+        "expect": "refuse", "tensor": None, "field": "banks.bank0.dq_step",
+        "message": "is not a field of a stored array in a version 1.6 file"}),
     "v1.5-dictionary.kpk": (as_minor(dictionary_header, 5), {
         "expect": "refuse", "tensor": None, "field": "header", "message": "bad compressed header"}),
     "v1.5-groups.kpk": (edited(grouped, 1, 5, keep), {

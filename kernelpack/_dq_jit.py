@@ -1,0 +1,68 @@
+"""The compiled Viterbi search of kernelpack/dq.py (``choose``), used when numba is installed.
+
+Why: the numpy search steps one element of every row at a time (some 30 array operations a
+step), which is slow for long rows and arrays of one row; this loop does the same
+arithmetic per element in machine code, in the same order, so the codes are the same
+(tests/test_dq.py compares them). Imported lazily, as kernelpack/_rans_jit.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from kernelpack.dq import MAX_CODE, STATES
+
+
+@numba.njit(cache=True, nogil=True)
+def _candidate(v: float, g: int, c: int) -> float:
+    """Candidate ``c`` (0, 1, 2) of a state of grid ``g`` for the value ``v``: dq.candidates."""
+    if c == 2:
+        return 0.0
+    if g == 0:
+        return math.floor(v / 2) + c
+    sign = 1.0 if v >= 0 else -1.0
+    return sign * (math.floor((abs(v) + 1) / 2) + c)
+
+
+@numba.njit(cache=True, nogil=True)
+def viterbi(x: np.ndarray, lam: float, bits: np.ndarray, out: np.ndarray) -> None:
+    """dq._numpy_viterbi for every row of ``x`` into ``out``: the same candidates, costs, ties
+    (the first of the (state, candidate) pairs in order wins) and back-tracking."""
+    rows, length = x.shape
+    back = np.zeros((length, STATES), dtype=np.uint8)
+    cost = np.empty(STATES)
+    new = np.empty(STATES)
+    for r in range(rows):
+        cost[:] = np.inf
+        cost[0] = 0.0
+        for t in range(length):
+            v = x[r, t]
+            new[:] = np.inf
+            back[t, :] = 0  # a state no candidate reaches points at (0, 0), as numpy's argmin
+            for s in range(STATES):
+                g, low_grid = s >> 1, s & 1
+                for c in range(3):
+                    k = _candidate(v, g, c)
+                    sign = 1.0 if k > 0 else (-1.0 if k < 0 else 0.0)
+                    d = v - (2 * k - g * sign)
+                    price = 0.0
+                    if lam:
+                        price = lam * bits[min(max(int(k) + MAX_CODE, 0), 2 * MAX_CODE)]
+                    total = cost[s] + d * d + price
+                    target = 2 * ((int(k) & 1) ^ low_grid) + g
+                    if total < new[target]:
+                        new[target] = total
+                        back[t, target] = 3 * s + c
+            cost[:] = new
+        state = 0
+        for s in range(1, STATES):
+            if cost[s] < cost[state]:
+                state = s
+        for t in range(length - 1, -1, -1):
+            chosen = back[t, state]
+            source = chosen // 3
+            out[r, t] = np.int64(_candidate(x[r, t], source >> 1, chosen % 3))
+            state = source
