@@ -99,7 +99,7 @@ class Dense(Quantisable):
             if hessian is not None:
                 return DenseTensor(_feedback(self, array, positions, h), "float32")
             return DenseTensor(self.store(array), "float32")
-        self.check_rd(None)
+        self.check_choice(None)
         if self.dtype is None or self.dtype == source_dtype:
             need(array.dtype == NUMPY_DTYPES[source_dtype], "dtype", f"the array's numpy dtype {array.dtype} is "
                  f"not {source_dtype}'s {NUMPY_DTYPES[source_dtype]}, which dense stores as it is")
