@@ -66,3 +66,18 @@ def viterbi(x: np.ndarray, lam: float, bits: np.ndarray, out: np.ndarray) -> Non
             source = chosen // 3
             out[r, t] = np.int64(_candidate(x[r, t], source >> 1, chosen % 3))
             state = source
+
+
+@numba.njit(cache=True, nogil=True)
+def dequantise(codes: np.ndarray, step: np.float32, out: np.ndarray) -> None:
+    """dq.dequantise over rows (``codes`` and ``out`` of shape (rows, length)): the state machine
+    element by element, each level one float32 product, as numpy's (no fast-math, so no
+    flush to zero and no fused operations)."""
+    rows, length = codes.shape
+    for r in range(rows):
+        g, low_grid = 0, 0
+        for t in range(length):
+            q = np.int32(codes[r, t])
+            level = 2 * q - (g if q > 0 else (-g if q < 0 else 0))
+            out[r, t] = np.float32(level) * step
+            g, low_grid = (q & 1) ^ low_grid, g

@@ -62,8 +62,17 @@ def levels(codes: np.ndarray) -> np.ndarray:
 
 def dequantise(codes: np.ndarray, step: float) -> np.ndarray:
     """``float32(level) * float32(step)``: the level is exact in float32 (at most 2^16), the
-    product one IEEE binary32 rounding, the same on every machine."""
-    return np.multiply(levels(codes), np.float32(step), dtype=np.float32)
+    product one IEEE binary32 rounding, the same on every machine. Compiled when numba is
+    installed (one pass; numpy's four passes made a load of PP-OCRv4 rec 1.5 times as long
+    as with uniform codes), else numpy: the same bits (tests/test_dq.py)."""
+    jit = _jit()
+    if jit is None:
+        return np.multiply(levels(codes), np.float32(step), dtype=np.float32)
+    q = np.ascontiguousarray(codes)
+    out = np.empty(q.shape, dtype=np.float32)
+    rows = row_count(q.shape)
+    jit.dequantise(q.reshape(rows, -1), np.float32(step), out.reshape(rows, -1))
+    return out
 
 
 def choose(x: np.ndarray, lam: float = 0.0) -> np.ndarray:

@@ -59,6 +59,17 @@ def test_levels_follow_the_state_table(shape: tuple[int, ...]) -> None:
     assert np.array_equal(dq.levels(wide), spec_levels(wide))
 
 
+@pytest.mark.parametrize("step", [0.375, float(2.0 ** -149), float(2.0 ** 111), float(np.float32(0.1))])
+def test_the_compiled_and_numpy_decodes_give_the_same_bits(step: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    codes = np.random.default_rng(7).integers(-32768, 32768, (6, 501)).astype(np.int16)
+    compiled = dq.dequantise(codes, step)
+    monkeypatch.setattr(dq, "_jit", lambda: None)
+    numpy = dq.dequantise(codes, step)
+    assert numpy.dtype == compiled.dtype == np.float32 and numpy.tobytes() == compiled.tobytes()
+    assert numpy.tobytes() == (spec_levels(codes).astype(np.float32) * np.float32(step)).tobytes()
+
+
 def test_every_row_restarts_the_state_machine() -> None:
     row = np.array([3, -1, 2, 5, -7, 0, 1], np.int8)
     assert np.array_equal(dq.levels(np.stack([row] * 4)), np.stack([dq.levels(row)] * 4))
