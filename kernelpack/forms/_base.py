@@ -138,7 +138,7 @@ def quantise(values: Any, step: float, rd: float | None = None, dependent: bool 
     [-127, 127], else int16; codes beyond [-32767, 32767] are an error (a larger step, or
     float storage, is needed). ``rd``: rate-distortion rounding (:func:`rd_round`).
     ``dependent``: dependent quantisation instead (kernelpack/dq.py), the codes chosen by
-    its trellis search, ``rd`` its Lagrangian weight."""
+    its trellis search, ``rd`` its Lagrangian weight (None: dq.DEFAULT_LAMBDA)."""
     step = as_step(step)
     x = np.asarray(values, dtype=np.float64) / step
     need(bool(np.all(np.isfinite(x))), "values", "holds a NaN or infinity, which cannot be quantised")
@@ -147,7 +147,7 @@ def quantise(values: Any, step: float, rd: float | None = None, dependent: bool 
         need(peak < 2 * (CODE_DTYPES["int16"] - 2) and step * 2 * CODE_DTYPES["int16"] <= FLOAT32_MAX, "step",
              f"step {step!r} does not fit these numbers in dependent quantisation: a level of {peak:.0f} "
              f"steps needs a code beyond int16, or twice the largest code overflows float32")
-        codes = dq.choose(x, float(rd or 0.0)).astype(np.float64)
+        codes = dq.choose(x, dq.DEFAULT_LAMBDA if rd is None else float(rd)).astype(np.float64)
     else:
         codes = np.rint(x)
         if rd:
@@ -214,7 +214,8 @@ class Quantisable:
     codes, and a trellis search chooses the codes. Each grid's levels are two steps apart, so
     the weight error of uniform codes at step s is reached near step 0.56 s, in 2-3% fewer
     bytes on the suite's real models (benchmarks/entropy.py), at the cost of a search at
-    pack time. With ``rd``, ``rd`` is the search's Lagrangian weight.
+    pack time. ``rd`` is then the search's Lagrangian weight (default 0.5, kernelpack/dq.py;
+    0: least squared error).
     Keyword-only, so the forms' positional settings keep their order.
     """
 

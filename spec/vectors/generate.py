@@ -230,7 +230,8 @@ def quant_file() -> dict[str, Entry]:
 
 def dq_file() -> dict[str, Entry]:
     """Format 1.7, dependent-quantised numbers (``dq_step``, FORMAT.md 3.2): every number array
-    of every form from the encoders (``dq=True`` with ``step``, ``rel_step`` and ``rd``), the
+    of every form from the encoders (``dq=True`` with ``step``, ``rel_step``, ``rd`` 0, 0.3 and the
+    default 0.5), the
     grid example of section 3.2, rows that restart the state machine (a dense tensor of 3 rows
     whose rows hold the same codes), a 1-D array as one row (dct coefficients); by hand, the
     extreme codes -128/127 and -32768/32767 on both grids, subnormal products (step 2^-149)
@@ -243,6 +244,7 @@ def dq_file() -> dict[str, Entry]:
         "basis_dq": (normal(814, (6, 3, 3, 3)), Basis(shared, bank_name="dq_bank", rel_step=0.02, dq=True)),
         "linear_dq_low_rank": (normal(815, (10, 12)), Linear(primaries=4, rank=2, rel_step=0.01, dq=True)),
         "dense_dq": (normal(816, (8, 3, 3, 3)) * 0.1, Dense(step=0.002, dq=True)),
+        "dense_dq_least_error": (normal(818, (8, 3, 3, 3)) * 0.1, Dense(step=0.002, dq=True, rd=0)),
         "dense_dq_rd_int16": (normal(817, (6, 40)), Dense(step=2.0 ** -10, dq=True, rd=0.3)),
         "dense_grid_example": DenseTensor(codes(row, "int8", 0.5, None, True), "float32"),
         "dense_rows_restart": DenseTensor(codes(row * 3, "int8", 0.25, (3, len(row)), True), "float32"),
