@@ -223,3 +223,18 @@ def test_a_reader_of_version_1_6_refuses_a_dq_file_rather_than_misread_it(
     monkeypatch.setattr(kernelpack.reader, "ADDED_ARRAY_KEYS", {2: frozenset({"step"})})
     error = refused(path)
     assert (error.tensor, error.field) == ("w", "dtype")
+
+
+def test_a_plan_may_choose_dq_and_fits_it_weight_only(tmp_path: Path) -> None:
+    """A dq candidate given to the planner is measured like any other; with calibration
+    statistics it is fitted weight-only (a trellis and error feedback both choose codes)."""
+    from kernelpack.converters.planner import fits_with_h
+    w = {"w": laplace(6, (16, 8, 3, 3))}
+    chosen = kernelpack.plan(w, max_error=0.05, candidates=lambda name, shape: [
+        Dense(), Dense(rel_step=0.1), Dense(rel_step=0.056, dq=True)])
+    assert dict(chosen)["w"] == Dense(rel_step=0.056, dq=True)  # the smaller at about the same error
+    kernelpack.save(w, tmp_path / "p.kpk", forms=chosen)
+    with kernelpack.open(tmp_path / "p.kpk") as c:
+        assert c.version == (1, 7)
+    assert not fits_with_h(Dense(step=0.01, dq=True), np.eye(72), (16, 8, 3, 3))
+    assert fits_with_h(Dense(step=0.01), np.eye(72), (16, 8, 3, 3))

@@ -399,8 +399,8 @@ def fits_with_h(config: Config, stats: Any, shape: tuple[int, ...]) -> bool:
     k = np.shape(stats.h if hasattr(stats, "h") else stats)[-1]
     if k > MAX_FIT_K:
         return False
-    if isinstance(config, Dense):
-        return config.quantised  # float storage rounds to nearest whatever H is
+    if isinstance(config, Dense):  # float storage rounds to nearest whatever H is; dq's trellis
+        return config.quantised and not config.dq  # chooses codes itself
     if getattr(stats, "layout", "rows") != "rows":
         return False
     if isinstance(config, DCT):  # CG_ITERATIONS products with H
@@ -834,9 +834,12 @@ def _map_tensors(fn: Callable[[str], Any], names: list[str], threads: int | None
     BLAS runs on one thread for the duration, whatever ``threads`` is (a process-wide setting,
     restored after: the fits are many small products, where BLAS's own threads only collide
     with the tensor threads, and a product's sums would otherwise depend on how many there
-    are: on one tensor thread the measured output errors moved in the 9th digit). A failure is raised once every started
-    tensor has finished: that of the first failing tensor in the order of ``names`` among
-    those that ran (the ones not started are cancelled)."""
+    are: on one tensor thread the measured output errors moved in the 9th digit). A failure is
+    that of the first failing tensor in the order of ``names``, as in a loop: once one fails,
+    the tensors after it in that order are cancelled (those running finish), the ones before
+    it still run, and an earlier failure among them is raised instead. (Cancelling every
+    tensor not yet started made the error depend on which threads had started: a test saw
+    the later of two failing tensors one run in ten.)"""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     from kernelpack._parallel import one_blas_thread, worker_count
@@ -854,9 +857,12 @@ def _map_tensors(fn: Callable[[str], Any], names: list[str], threads: int | None
         for name in sorted(names, key=cost, reverse=True):
             futures[name] = pool.submit(fn, name)
             futures[name].add_done_callback(lambda f: f.cancelled() or bar.update())
-        _, pending = wait(futures.values(), return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
+        wait(futures.values(), return_when=FIRST_EXCEPTION)
+        first = next((i for i, n in enumerate(names) if futures[n].done() and futures[n].exception() is not None),
+                     None)
+        if first is not None:
+            for name in names[first + 1:]:
+                futures[name].cancel()
     failed = [futures[n] for n in names if futures[n].done() and not futures[n].cancelled()
               and futures[n].exception() is not None]
     if failed:
