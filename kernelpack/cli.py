@@ -228,13 +228,14 @@ def short(value: Any, nested: bool = False) -> str:
 
 
 def settings(info: TensorInfo) -> str:
-    """A tensor's settings in one short string: fields, linear's p and r, stored number dtype."""
+    """A tensor's settings in one short string: fields, linear's p and r, stored number dtype
+    (``int8 dq``: dependent-quantised codes, format 1.7)."""
     parts = [f"{k}={short(v)}" for k, v in sorted(info.fields.items())]
     cls = FORMS.get(info.form)
     specs = {k: r.spec for k, r in info.arrays.items()}
     parts += cls.describe(info.fields, specs) if cls is not None else []
     indices = cls.INDEX_ARRAYS if cls is not None else frozenset()
-    numbers = sorted({spec.dtype for k, spec in specs.items() if k not in indices})
+    numbers = sorted({spec.dtype + (" dq" if spec.dq else "") for k, spec in specs.items() if k not in indices})
     return " ".join(parts + ["/".join(numbers)])
 
 

@@ -238,3 +238,11 @@ def test_a_plan_may_choose_dq_and_fits_it_weight_only(tmp_path: Path) -> None:
         assert c.version == (1, 7)
     assert not fits_with_h(Dense(step=0.01, dq=True), np.eye(72), (16, 8, 3, 3))
     assert fits_with_h(Dense(step=0.01), np.eye(72), (16, 8, 3, 3))
+
+
+def test_inspect_says_the_codes_are_dq(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kernelpack.cli import main
+    kernelpack.save({"w": laplace()}, tmp_path / "d.kpk", forms={"w": Dense(step=0.004, dq=True)})
+    assert main(["inspect", str(tmp_path / "d.kpk")]) == 0
+    out = capsys.readouterr().out
+    assert "format 1.7" in out and "int8 dq" in out
