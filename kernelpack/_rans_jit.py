@@ -36,55 +36,71 @@ from kernelpack.entropy import MAX_CLASSES, MAX_PRECISION, MAX_SPLIT, MAX_VARINT
 #: the token's frequency (at most 2^15), its value with the raw bits zero, and k, the number
 #: of raw bits (at most 15).
 BIAS, FREQ, HIGH, RAW = 0, 16, 32, 48
+#: Slots (classes x 2^precision) over which ``decode_loop`` reads a token's entry through a
+#: byte per slot (``token_entries``) rather than an entry per slot (``entries``), if the
+#: tokens fit a byte: 8 bytes a slot is then 512 KiB or more, and a row's reads of it miss
+#: the caches (3.4 ns a code at 2 MiB, 16 classes of 2^14, against 2.1 through bytes); under
+#: it the second read costs about 15%.
+LARGE_TABLE = 1 << 16
+
+
+@numba.njit(cache=True, nogil=True)
+def _token_entry(freq: np.ndarray, g: int, t: int, split: int, msb: int) -> int:
+    """Token ``t`` of table ``g`` as a decode table entry without its offset: its frequency,
+    its value with the raw bits zero and their number k (the token-to-value arithmetic of
+    FORMAT.md 2.3 done once per token, not once per element; tokens below 2^split are values
+    of their own)."""
+    high, k = t, 0
+    if t >= 1 << split:
+        d = t - (1 << split)
+        k = split + (d >> msb) - msb
+        high = ((1 << msb) + (d & ((1 << msb) - 1))) << k
+    return freq[g, t] << FREQ | high << HIGH | k << RAW
 
 
 @numba.njit(cache=True, nogil=True)
 def entries(freq: np.ndarray, precision: int, split: int, msb: int) -> np.ndarray:
     """The decode table of ``decode_loop`` from the frequency tables (rows of ``freq``, each
     summing to 2^precision): slot ``g * 2^precision + s`` of table ``g`` describes the token
-    ``t`` whose range holds ``s``, in one int64 so that a step makes one table read (one
-    read, not three arrays, and the token-to-value arithmetic of FORMAT.md 2.3 done once per
-    token, not once per element; tokens below 2^split are values of their own)."""
+    whose range holds ``s``, with ``s``'s offset in that range, in one int64 so that a step
+    makes one table read (one read, not three arrays)."""
     classes, size = freq.shape
-    m = 1 << precision
-    table = np.empty(classes * m, dtype=np.int64)
-    base = 1 << split
+    table = np.empty(classes << precision, dtype=np.int64)
+    slot = 0
     for g in range(classes):
-        slot = g * m
         for t in range(size):
-            f = freq[g, t]
-            high, k = t, 0
-            if t >= base:
-                d = t - base
-                k = split + (d >> msb) - msb
-                high = ((1 << msb) + (d & ((1 << msb) - 1))) << k
-            entry = f << FREQ | high << HIGH | k << RAW
-            for j in range(f):
+            entry = _token_entry(freq, g, t, split, msb)
+            for j in range(freq[g, t]):
                 table[slot + j] = entry + (j << BIAS)
-            slot += f
+            slot += freq[g, t]
     return table
 
 
 @numba.njit(cache=True, nogil=True)
-def _words(body: np.ndarray, at: int) -> np.ndarray:
-    """The little-endian 16-bit words from byte ``at`` of ``body`` to its end, then a zero
-    word: the decode reads a word at every step and keeps it only where it needs one."""
-    n = (body.shape[0] - at) // 2
-    words = np.empty(n + 1, dtype=np.uint16)
-    for j in range(n):
-        words[j] = np.uint16(body[at + 2 * j]) | np.uint16(body[at + 2 * j + 1]) << np.uint16(8)
-    words[n] = 0
-    return words
+def token_entries(freq: np.ndarray, precision: int, split: int, msb: int) -> tuple[np.ndarray, np.ndarray]:
+    """``entries`` in two reads, for tables over LARGE_TABLE slots of at most 256 tokens: the
+    token of slot ``g * 2^precision + s`` (a byte), and the entry of token ``t`` of table ``g``
+    at ``g * T + t`` less the token's first slot, so that entry + ``s`` is ``entries``'."""
+    classes, size = freq.shape
+    slots = np.empty(classes << precision, dtype=np.uint8)
+    tokens = np.empty(classes * size, dtype=np.int64)
+    for g in range(classes):
+        first = 0
+        for t in range(size):
+            tokens[g * size + t] = _token_entry(freq, g, t, split, msb) - first
+            slots[(g << precision) + first:(g << precision) + first + freq[g, t]] = t
+            first += freq[g, t]
+    return slots, tokens
 
 
 @numba.njit(cache=True, nogil=True)
-def _raw_words(body: np.ndarray, at: int, size: int) -> np.ndarray:
-    """The ``size`` bytes at ``at`` as little-endian 32-bit words, then two zero words: the
-    decode reads the 64 bits at every element's raw bits, k of them or none."""
-    raw = np.zeros(size // 4 + 2, dtype=np.uint32)
-    for j in range(size):
-        raw[j >> 2] |= np.uint32(body[at + j]) << np.uint32(8 * (j & 3))
-    return raw
+def _padded(body: np.ndarray, at: int, size: int, pad: int) -> np.ndarray:
+    """The ``size`` bytes at ``at`` of ``body``, then at least ``pad`` zero bytes, in a whole
+    number of 32-bit words (to be viewed as little-endian words: a copy and a view, where a
+    loop assembling the words byte by byte cost a quarter of a small array's decode)."""
+    padded = np.zeros(4 * ((size + pad) // 4 + 1), dtype=np.uint8)
+    padded[:size] = body[at:at + size]
+    return padded
 
 
 @numba.njit(cache=True, nogil=True)
@@ -95,50 +111,127 @@ def decode_loop(body: np.ndarray, words_at: int, extra_at: int, extra_size: int,
     the words from byte ``words_at`` of ``body`` to its end; row ``r``'s elements read table
     ``row_class[r]`` of ``freq``), every token made its value with its raw bits (the
     ``extra_size`` bytes at ``extra_at``, in element order), then, if ``signed``, the zigzag
-    undone. Returns (words read, or ``-1 - i`` if element ``i`` needed a word after the
-    last one; raw bits read, or ``-1 - i`` if element ``i``'s run past the end).
+    undone. Returns (words read, or ``-1 - i`` if the step of ``lanes`` elements from ``i``
+    needed a word after the last one; raw bits read, or ``-1 - i`` if element ``i``'s run
+    past the end).
 
     One pass, without branches on the data (the renormalisation and the raw bits are read at
     every element and kept or masked): separate token and value passes, and branches taken
-    at random, each cost about as much as the rANS arithmetic. Indices are unsigned, which
-    spares numba's negative-index test; every one is in range by construction (row classes
-    and tables were checked, the raw bits' word index is clamped), and raw bits past the end
-    are found after the loop, from the values (``_first_overrun``)."""
-    table = entries(freq, precision, split, msb)
-    words = _words(body, words_at)
-    raw = _raw_words(body, extra_at, extra_size)
-    mask = (1 << precision) - 1
+    at random, each cost about as much as the rANS arithmetic. No read needs a clamp: the
+    words are checked after each step (``_rows``), not at each element, and copied with the
+    padding a step can read past their end; the raw bits are copied with what every element
+    could read (15 bits each, zeros; memory 2 bytes an element), and checked after the loop
+    as before, so that a payload refused for its raw bits is still decoded to the end (the
+    reader checks its words and states first). The zigzag is a pass of its own, which numba
+    vectorises."""
     lanes = x.shape[0]
-    available = words.shape[0] - 1
-    last = raw.shape[0] - 2
-    p, pos = 0, 0
-    i, lane = 0, 0
-    for r in range(row_class.shape[0]):
-        start = np.int64(row_class[r]) << precision
-        for _ in range(row_length):
-            state = np.int64(x[np.uint64(lane)])
-            e = table[np.uint64(start + (state & mask))]
-            state = ((e >> FREQ) & 0xFFFF) * (state >> precision) + ((e >> BIAS) & 0xFFFF)
-            need = state < 1 << 16
-            if need & (p >= available):
-                return -1 - i, pos
-            word = np.int64(words[np.uint64(p)])  # read before the test: no branch
-            state = (state << 16 | word) if need else state
-            p += need
-            x[np.uint64(lane)] = state
-            k = e >> RAW
-            at = np.uint64(min(pos >> 5, last))
-            window = np.int64(raw[at]) | np.int64(raw[at + np.uint64(1)]) << 32
-            out[np.uint64(i)] = (e >> HIGH) & 0xFFFF | (window >> (pos & 31)) & ((np.int64(1) << k) - 1)
-            pos += k
-            lane = lane + 1 if lane + 1 < lanes else 0
-            i += 1
-    if pos > 8 * extra_size:
-        return p, -1 - _first_overrun(out, split, msb, 8 * extra_size)
+    available, bits = (body.shape[0] - words_at) // 2, 8 * extra_size
+    words = _padded(body, words_at, 2 * available, 2 * lanes).view(np.uint16)
+    raw = _padded(body, extra_at, extra_size, 2 * out.shape[0] + 8).view(np.uint32)
+    classes, size = freq.shape
+    if size <= 256 and classes << precision > LARGE_TABLE:
+        slots, tokens = token_entries(freq, precision, split, msb)
+        p, pos, i = _rows(words, raw, slots, tokens, size, precision, x, row_class, row_length, out, available)
+    else:
+        p, pos, i = _rows(words, raw, None, entries(freq, precision, split, msb), 0, precision, x, row_class,
+                          row_length, out, available)
+    if p > available:
+        return -1 - (i - 1) // lanes * lanes, pos
+    if pos > bits:
+        return p, -1 - _first_overrun(out, split, msb, bits)
     if signed:
         for j in range(out.shape[0]):
             out[j] = (out[j] >> 1) ^ (0 - (out[j] & 1))
     return p, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows(words: np.ndarray, raw: np.ndarray, slots: np.ndarray | None, table: np.ndarray, size: int,
+          precision: int, x: np.ndarray, row_class: np.ndarray, row_length: int, out: np.ndarray,
+          available: int) -> tuple[int, int, int]:
+    """``decode_loop``'s rANS loop over ``out`` (table ``table``, through ``slots`` unless None:
+    ``_entry``), up to the end or the first step after which more than ``available`` words
+    were read. Returns the words read, the raw bits read and the elements decoded.
+
+    Consecutive rows of a class are one run, and a run goes by whole steps (``_steps``)
+    where it can, in pieces of a step (``_segment``) where it starts or ends inside one: the
+    inner loop carries no lane or row arithmetic, and its trip count, the lanes, is the same
+    at every step (pieces of varying length, cut at the rows and the lanes, cost 15% more
+    at 4 to 9 lanes)."""
+    lanes, rows = x.shape[0], row_class.shape[0]
+    p, pos, i, lane, r = 0, 0, 0, 0, 0
+    while r < rows:
+        g = row_class[r]
+        end = r + 1
+        while end < rows and row_class[end] == g:
+            end += 1
+        at = (np.int64(g) << precision, np.int64(g) * size)
+        left = (end - r) * row_length
+        r = end
+        while left:
+            if lane == 0 and left >= lanes:
+                p, pos, n = _steps(words, raw, slots, table, at, precision, x, out, i, left // lanes, p, pos,
+                                   available)
+            else:
+                n = min(left, lanes - lane)
+                p, pos = _segment(words, raw, slots, table, at, precision, x, lane, out, i, n, p, pos)
+            i += n
+            if p > available:
+                return p, pos, i
+            left -= n
+            lane = lane + n if lane + n < lanes else 0
+    return p, pos, i
+
+
+@numba.njit(cache=True, nogil=True)
+def _steps(words: np.ndarray, raw: np.ndarray, slots: np.ndarray | None, table: np.ndarray, at: tuple[int, int],
+           precision: int, x: np.ndarray, out: np.ndarray, i: int, steps: int, p: int, pos: int,
+           available: int) -> tuple[int, int, int]:
+    """``steps`` whole steps of ``_rows`` (every lane once) from element ``i``, word ``p`` and
+    raw bit ``pos``, up to the first after which more than ``available`` words were read;
+    returns the next ``p``, ``pos`` and the elements decoded."""
+    lanes = x.shape[0]
+    for s in range(steps):
+        p, pos = _segment(words, raw, slots, table, at, precision, x, 0, out, i + s * lanes, lanes, p, pos)
+        if p > available:
+            return p, pos, (s + 1) * lanes
+    return p, pos, steps * lanes
+
+
+@numba.njit(cache=True, nogil=True)
+def _segment(words: np.ndarray, raw: np.ndarray, slots: np.ndarray | None, table: np.ndarray, at: tuple[int, int],
+             precision: int, x: np.ndarray, lane: int, out: np.ndarray, i: int, n: int, p: int,
+             pos: int) -> tuple[int, int]:
+    """``_rows``' elements ``i .. i + n - 1`` (lanes ``lane .. lane + n - 1``, one class's, its
+    tables ``at``), from word ``p`` and raw bit ``pos``; returns the next ``p`` and ``pos``.
+    Indices are unsigned, which spares numba's negative-index test; every one is in range:
+    states stay in [2^16, 2^32), row classes and tables were checked, and the words and the
+    raw bits are padded for what ``decode_loop`` lets a step read past their end."""
+    mask = (1 << precision) - 1
+    for j in range(n):
+        state = np.int64(x[np.uint64(lane + j)])
+        e = _entry(slots, table, at, state & mask)
+        state = ((e >> FREQ) & 0xFFFF) * (state >> precision) + ((e >> BIAS) & 0xFFFF)
+        need = state < 1 << 16
+        word = np.int64(words[np.uint64(p)])  # read before the test: no branch
+        x[np.uint64(lane + j)] = (state << 16 | word) if need else state
+        p += need
+        k = e >> RAW
+        w = np.uint64(pos >> 5)
+        window = np.int64(raw[w]) | np.int64(raw[w + np.uint64(1)]) << 32
+        out[np.uint64(i + j)] = (e >> HIGH) & 0xFFFF | (window >> (pos & 31)) & ((np.int64(1) << k) - 1)
+        pos += k
+    return p, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _entry(slots: np.ndarray | None, table: np.ndarray, at: tuple[int, int], s: int) -> int:
+    """The ``entries`` entry of slot ``s`` of the class whose tables start ``at`` (its slots,
+    its tokens): read from ``table`` (``entries``), or through ``slots`` (``token_entries``).
+    numba compiles the two apart (``slots is None`` is known when it types the call)."""
+    if slots is None:
+        return table[np.uint64(at[0] + s)]
+    return table[np.uint64(at[1] + np.int64(slots[np.uint64(at[0] + s)]))] + s
 
 
 @numba.njit(cache=True, nogil=True)
