@@ -20,11 +20,11 @@ CODECS = ("none", "zstd", "zstd-shuffle", "rans", "rans-ctx")
 #: tokens with a table per class of rows; both kernelpack/entropy.py).
 ADDED_CODECS = {2: frozenset({"zstd-shuffle"}), 3: frozenset({"rans"}), 5: frozenset({"rans-ctx"})}
 #: What the writer tries unless told otherwise: not ``rans`` or ``rans-ctx``, opt-in (``codecs=CODECS``):
-#: ``rans-ctx`` is 2-5% smaller than zstd-shuffle on quantised real models but decodes at 65-165 MB/s
-#: with numba (``kernelpack[fast]``), 1-15 MB/s without, against zstd's 600-1800 (benchmarks/README.md).
-#: Measured on the suite's real models at NNCodec's steps (benchmarks/entropy.py) it is 0.97 to
-#: 1.07 times the size of the better zstd codec and decodes some 100 times slower in numpy, so
-#: by default it would make files 1.3 (unreadable by 1.2 readers) for about 1%.
+#: ``rans-ctx`` is 1-5% smaller than zstd-shuffle on quantised real models (benchmarks/entropy.py)
+#: and, compiled, decodes at 400-1000 MB/s of codes (since b54c702) against zstd's 600-1700; but
+#: numba is an extra (``kernelpack[fast]``), and without it the decode is 1-15 MB/s, so a reader
+#: installed with the core dependencies alone would load a default file some 100 times slower.
+#: By default it would also make files 1.5 (unreadable by 1.4 readers) for those few percent.
 DEFAULT_CODECS = ("none", "zstd", "zstd-shuffle")
 
 
