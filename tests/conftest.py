@@ -16,7 +16,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import msgpack
 import numpy as np
@@ -211,6 +211,17 @@ class RawFile:
             r.update(offset=len(data), length=len(bodies[k]), sha256=hashlib.sha256(bodies[k]).digest())
             data += bodies[k]
         self.data = data
+
+    @classmethod
+    def edit(cls, path: Any, change: Callable[[dict], None], minor: int | None = None) -> Any:
+        """``path`` with its header changed in place by ``change`` (and its minor version set to
+        ``minor`` if given), all else as the spec lays it out; returns ``path``."""
+        raw = cls.read(path)
+        change(raw.header)
+        if minor is not None:
+            raw.minor = minor
+        raw.write(path)
+        return path
 
     def write(self, path: str | os.PathLike, head: bytes | None = None,
               length: int | None = None, checksum: bytes | None = None) -> None:

@@ -171,13 +171,7 @@ def test_error_feedback_and_training_refuse_dq(tmp_path: Path) -> None:
 
 
 # --- the header ----------------------------------------------------------------------------
-def edited(path: Path, change: Any, minor: int | None = None) -> Path:
-    raw = RawFile.read(path)
-    change(raw.header)
-    if minor is not None:
-        raw.minor = minor
-    raw.write(path)
-    return path
+edited = RawFile.edit
 
 
 def written(tmp_path: Path) -> Path:

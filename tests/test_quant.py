@@ -171,13 +171,7 @@ def test_dense_quantisation_is_for_float32_tensors_only(tmp_path: Path) -> None:
 
 
 # --- readers: bad steps, versions -------------------------------------------------------
-def edited(path: Path, change: Any, minor: int | None = None) -> Path:
-    raw = RawFile.read(path)
-    change(raw.header)
-    if minor is not None:
-        raw.minor = minor
-    raw.write(path)
-    return path
+edited = RawFile.edit
 
 
 def refused(path: Path) -> kernelpack.KernelpackError:
