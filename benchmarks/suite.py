@@ -835,7 +835,8 @@ def write_report(path: str, command: str, minutes: float, machine: list[str], mo
           "encode <= 5 s per 10 MB. Columns and method: `benchmarks/entropy.py` (its docstring). "
           "NNCodec's dependent quantisation has about 1.75x kernelpack's weight error at the same step, so "
           "the equal-error columns raise kernelpack's step until its error is at or just below NNCodec's; "
-          "header B/tensor is that rans-ctx file's.")
+          "the dq columns store kernelpack's own dependent quantisation (`Dense(dq=True)`, format 1.7) with "
+          "its step matched the same way; header B/tensor is that rans-ctx file's.")
         w()
         for line in same_step:
             w(line)
