@@ -212,7 +212,7 @@ class Quantisable:
     ``dq`` (with a step): dependent quantisation (kernelpack/dq.py, format 1.7): each
     number is a level ``2q`` or ``2q - sgn(q)`` of the step, by a state machine over the
     codes, and a trellis search chooses the codes. Each grid's levels are two steps apart, so
-    the weight error of uniform codes at step s is reached near step 0.56 s, in 2-3% fewer
+    the weight error of uniform codes at step s is reached near step 0.56 s, in 1-3.5% fewer
     bytes on the suite's real models (benchmarks/entropy.py), at the cost of a search at
     pack time. ``rd`` is then the search's Lagrangian weight (default 0.5, kernelpack/dq.py;
     0: least squared error).
