@@ -1,9 +1,11 @@
-"""The compiled Viterbi search of kernelpack/dq.py (``choose``), used when numba is installed.
+"""The compiled Viterbi search and decode of kernelpack/dq.py (``choose``, ``dequantise``),
+used when numba is installed.
 
 Why: the numpy search steps one element of every row at a time (some 30 array operations a
-step), which is slow for long rows and arrays of one row; this loop does the same
-arithmetic per element in machine code, in the same order, so the codes are the same
-(tests/test_dq.py compares them). Imported lazily, as kernelpack/_rans_jit.py.
+step), which is slow for long rows and arrays of one row, and the numpy decode makes four
+passes; these loops do the same arithmetic per element in machine code, in the same order,
+so the codes and the bits are the same (tests/test_dq.py compares them). Imported lazily,
+as kernelpack/_rans_jit.py.
 """
 
 from __future__ import annotations

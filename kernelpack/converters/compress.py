@@ -150,14 +150,11 @@ def compress_(model: nn.Module, config: FormPlan) -> nn.Module:
                 raise KernelpackError("is already parametrised", field=tensor)
             if type(chosen) not in PARAMETRISATIONS:
                 raise KernelpackError(f"{chosen!r} is not a form config", field="config")
-            if chosen.rd:  # the straight-through forward rounds each number alone, to nearest
-                raise KernelpackError("rate-distortion rounding chooses codes from the whole array's statistics "
-                                      "at pack time; training quantises to nearest: use rd in save's forms, "
-                                      "not in compress_", field="rd")
-            if chosen.dq:  # the parametrisations' forward is codes x step
-                raise KernelpackError("dependent quantisation chooses codes by a trellis search at pack time; "
-                                      "training quantises to nearest: use dq in save's forms, not in compress_",
-                                      field="dq")
+            choice = chosen.code_choice  # the straight-through forward rounds each number alone, to nearest
+            if choice is not None:
+                raise KernelpackError(f"{choice[1]} chooses codes from the whole array at pack time; training "
+                                      f"quantises to nearest: use {choice[0]} in save's forms, not in compress_",
+                                      field=choice[0])
             form = PARAMETRISATIONS[type(chosen)](getattr(module, tensor).shape, chosen)
             form.hessian = hessians.get(_join(module_name, tensor))
             try:

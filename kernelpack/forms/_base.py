@@ -228,6 +228,17 @@ class Quantisable:
     def quantised(self) -> bool:
         return self.step is not None or self.rel_step is not None
 
+    @property
+    def code_choice(self) -> tuple[str, str] | None:
+        """(field, what) of the setting that chooses codes at pack time from the whole array,
+        ``dq`` or ``rd``, or None (codes rounded to nearest): what error feedback and training,
+        which choose or round codes themselves, refuse."""
+        if self.dq:
+            return "dq", "dependent quantisation (a trellis search)"
+        if self.rd:
+            return "rd", "rate-distortion rounding"
+        return None
+
     def step_for(self, values: Any) -> float | None:
         """The step this config quantises ``values`` with (None: not quantised)."""
         if self.rel_step is None:

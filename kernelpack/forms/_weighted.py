@@ -238,10 +238,10 @@ def feedback_store(config: Quantisable, values: np.ndarray, h: np.ndarray, group
     config's, the code dtype the one round-to-nearest takes (float storage is rounded to
     nearest: H does not change it)."""
     shape = values.shape if shape is None else shape
-    need(not config.rd, "rd", "rate-distortion rounding and error feedback (a hessian) both choose the codes: "
-         "give one of them")
-    need(not config.dq, "dq", "dependent quantisation and error feedback (a hessian) both choose the codes: "
-         "give one of them")
+    choice = config.code_choice
+    if choice is not None:
+        raise KernelpackError(f"{choice[1]} and error feedback (a hessian) both choose the codes: give one of them",
+                              field=choice[0])
     step = config.step_for(values)
     if step is None:
         return to_stored(values.reshape(shape), getattr(config, "dtype"))
